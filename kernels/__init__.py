@@ -1,0 +1,1 @@
+"""Triton kernels (installed as ``nextrec_fast.kernels``). They know nothing of nextrec."""
