@@ -1,6 +1,20 @@
-"""nextrec_fast: fast drop-in ESMM / MMoE / PLE for nextrec 0.3.1."""
+"""nextrec_fast: fast drop-in ESMM / MMoE / PLE for nextrec 0.3.1.
+
+    from nextrec_fast import MMOE, SparseFeature      # same arguments as nextrec's
+    model = MMOE(...)                                  # same state_dict keys as nextrec's
+    model.load_state_dict(nextrec_model.state_dict())  # strict
+"""
+from nextrec_fast.backend import get_backend, set_backend, use_backend
 from nextrec_fast.features import DenseFeature, SequenceFeature, SparseFeature
+from nextrec_fast.models import ESMM, MMOE, PLE
+from nextrec_fast.validation import MissingFeatureError
 
 __version__ = "0.1.0"
 
-__all__ = ["DenseFeature", "SequenceFeature", "SparseFeature", "__version__"]
+__all__ = [
+    "ESMM", "MMOE", "PLE",
+    "DenseFeature", "SequenceFeature", "SparseFeature",
+    "MissingFeatureError",
+    "get_backend", "set_backend", "use_backend",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Fast building blocks: the same parameters as nextrec's layers, batched computation."""

@@ -1,0 +1,226 @@
+"""Many structurally identical nextrec MLPs (experts, towers) run as one batched MLP.
+
+The parameters stay where nextrec keeps them (one ``MLP`` module per expert, so state_dict keys,
+optimiser state and parameter identity are untouched); each forward gathers them into stacked
+tensors (a few MB of copies, negligible beside the GEMMs) and runs:
+- the first Linear of all experts that read the same input as ONE matmul over concatenated weights,
+- deeper Linears as one batched matmul,
+- BatchNorm of all experts at once (per-channel statistics are exactly per-expert BatchNorm's;
+  running stats are written back to every expert's buffers),
+- the activation and dropout once over all experts.
+Layout between layers is ``[B, E * N]`` (expert-major columns), which is also what the gate
+mixture wants (``[B, E, N]``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class _Layer:
+    linears: list[nn.Linear]
+    norms: list[nn.BatchNorm1d] | None
+    acts: list[nn.Module] | None
+    dropouts: list[nn.Dropout] | None
+
+
+def _split_blocks(mlp: nn.Module) -> list[tuple]:
+    """An MLP's Sequential as [(Linear, BatchNorm|None, activation|None, Dropout|None), ...]."""
+    seq = mlp.mlp if hasattr(mlp, "mlp") else mlp
+    blocks, current = [], None
+    for module in seq:
+        if isinstance(module, nn.Linear):
+            if current is not None:
+                blocks.append(tuple(current))
+            current = [module, None, None, None]
+        elif current is None:
+            raise ValueError(f"an MLP must start with nn.Linear, got {type(module).__name__}")
+        elif isinstance(module, nn.BatchNorm1d) and current[1] is None and current[2] is None:
+            current[1] = module
+        elif isinstance(module, nn.Dropout):
+            current[3] = module
+        elif current[2] is None and current[3] is None:
+            current[2] = module
+        else:
+            raise ValueError(f"unexpected module {type(module).__name__} in an MLP")
+    if current is not None:
+        blocks.append(tuple(current))
+    return blocks
+
+
+def _module_signature(module: nn.Module | None):
+    if module is None:
+        return None
+    if isinstance(module, nn.BatchNorm1d):
+        return ("bn", module.num_features, module.eps, module.momentum, module.affine,
+                module.track_running_stats, module.training)
+    if isinstance(module, nn.Linear):
+        return ("linear", module.in_features, module.out_features, module.bias is not None)
+    if isinstance(module, nn.PReLU):
+        return ("prelu", module.weight.numel())
+    if isinstance(module, nn.Dropout):
+        return ("dropout", module.p, module.training)
+    return (type(module).__name__, module.extra_repr())
+
+
+def mlp_signature(mlp: nn.Module) -> tuple:
+    """Two MLPs with the same signature can be batched together."""
+    return tuple(tuple(_module_signature(m) for m in block) for block in _split_blocks(mlp))
+
+
+class ExpertBank:
+    """A plan over E MLP modules with one signature. Holds references, no parameters."""
+
+    def __init__(self, mlps: Sequence[nn.Module]):
+        if not mlps:
+            raise ValueError("ExpertBank needs at least one MLP")
+        signatures = {mlp_signature(m) for m in mlps}
+        if len(signatures) != 1:
+            raise ValueError("ExpertBank: all MLPs must have the same structure; group them with mlp_signature")
+        self.mlps = list(mlps)
+        per_mlp = [_split_blocks(m) for m in mlps]
+        self.layers: list[_Layer] = []
+        for depth in range(len(per_mlp[0])):
+            blocks = [b[depth] for b in per_mlp]
+            self.layers.append(_Layer(
+                linears=[b[0] for b in blocks],
+                norms=[b[1] for b in blocks] if blocks[0][1] is not None else None,
+                acts=[b[2] for b in blocks] if blocks[0][2] is not None else None,
+                dropouts=[b[3] for b in blocks] if blocks[0][3] is not None else None,
+            ))
+        self.num_experts = len(mlps)
+        last = self.layers[-1].linears[0] if self.layers else None
+        self.out_features = last.out_features if last is not None else None
+
+    def forward(self, inputs: Sequence[torch.Tensor] | torch.Tensor, input_of: Sequence[int] | None = None) -> torch.Tensor:
+        """Run all experts.
+
+        ``inputs``: a list of ``[B, K]`` tensors with ``input_of[e]`` naming expert e's input
+        (None: all read ``inputs[0]``), or a ``[E, B, K]`` tensor, one input per expert.
+        Returns ``[B, E * N]`` (view it as ``[B, E, N]``).
+        """
+        if not self.layers:  # MLP(dims=[], output_layer=False) is the identity
+            if isinstance(inputs, torch.Tensor):
+                return inputs.transpose(0, 1).reshape(inputs.shape[1], -1)
+            xs = [inputs[i] for i in (input_of or [0] * self.num_experts)]
+            return torch.cat(xs, dim=1)
+        h = self._first_linear(inputs, input_of)
+        h = self._post_linear(self.layers[0], h)
+        for layer in self.layers[1:]:
+            h = self._batched_linear(layer, h)
+            h = self._post_linear(layer, h)
+        return h
+
+    __call__ = forward
+
+    # -- linears ---------------------------------------------------------------------------
+    def _first_linear(self, inputs, input_of) -> torch.Tensor:
+        linears = self.layers[0].linears
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 3:
+            batch = inputs.shape[1]
+            return self._bmm(linears, inputs).transpose(0, 1).reshape(batch, -1)
+        input_of = list(input_of) if input_of is not None else [0] * len(linears)
+        # Runs of consecutive experts that read the same tensor share one GEMM.
+        outputs, start = [], 0
+        while start < len(linears):
+            stop = start
+            while stop < len(linears) and inputs[input_of[stop]] is inputs[input_of[start]]:
+                stop += 1
+            group = linears[start:stop]
+            weight = torch.cat([lin.weight for lin in group]) if len(group) > 1 else group[0].weight
+            bias = None
+            if group[0].bias is not None:
+                bias = torch.cat([lin.bias for lin in group]) if len(group) > 1 else group[0].bias
+            outputs.append(F.linear(inputs[input_of[start]], weight, bias))
+            start = stop
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+    def _batched_linear(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        batch, experts = h.shape[0], len(layer.linears)
+        x = h.view(batch, experts, -1).transpose(0, 1)  # [E, B, K], strided view
+        return self._bmm(layer.linears, x).transpose(0, 1).reshape(batch, -1)
+
+    @staticmethod
+    def _bmm(linears, x: torch.Tensor) -> torch.Tensor:
+        """``[E, B, K] -> [E, B, N]`` with each expert's own weight."""
+        weight_t = torch.stack([lin.weight for lin in linears]).transpose(1, 2)  # [E, K, N]
+        if linears[0].bias is None:
+            return torch.bmm(x, weight_t)
+        bias = torch.stack([lin.bias for lin in linears]).unsqueeze(1)  # [E, 1, N]
+        return torch.baddbmm(bias, x, weight_t)
+
+    # -- BatchNorm, activation, dropout ------------------------------------------------------
+    def _post_linear(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        if layer.norms is not None:
+            h = self._batch_norm(layer.norms, h)
+        if layer.acts is not None:
+            h = self._activation(layer.acts, h)
+        if layer.dropouts is not None:
+            drop = layer.dropouts[0]
+            if drop.p > 0 and drop.training:
+                h = F.dropout(h, drop.p, training=True)
+        return h
+
+    @staticmethod
+    def _batch_norm(norms: list[nn.BatchNorm1d], h: torch.Tensor) -> torch.Tensor:
+        """nn.BatchNorm1d.forward over all experts' channels at once."""
+        first = norms[0]
+        factor = 0.0 if first.momentum is None else first.momentum
+        if first.training and first.track_running_stats and first.num_batches_tracked is not None:
+            counts = [bn.num_batches_tracked for bn in norms]
+            torch._foreach_add_(counts, 1)
+            if first.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(first.num_batches_tracked)
+        use_batch_stats = first.training or first.running_mean is None
+        track = first.running_mean is not None and (not first.training or first.track_running_stats)
+        running_mean = torch.cat([bn.running_mean for bn in norms]) if track else None
+        running_var = torch.cat([bn.running_var for bn in norms]) if track else None
+        weight = torch.cat([bn.weight for bn in norms]) if first.affine else None
+        bias = torch.cat([bn.bias for bn in norms]) if first.affine else None
+        if use_batch_stats and h.shape[0] < 2:
+            raise ValueError("BatchNorm in training mode needs more than one sample per batch "
+                             f"(got a batch of {h.shape[0]}); call model.eval() for single-row inference")
+        out = F.batch_norm(h, running_mean, running_var, weight, bias, use_batch_stats, factor, first.eps)
+        if track and use_batch_stats:
+            n = first.num_features
+            torch._foreach_copy_([bn.running_mean for bn in norms], list(running_mean.split(n)))
+            torch._foreach_copy_([bn.running_var for bn in norms], list(running_var.split(n)))
+        return out
+
+    @staticmethod
+    def _activation(acts: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
+        if isinstance(acts[0], nn.PReLU):
+            experts = len(acts)
+            width = h.shape[1] // experts
+            slopes = torch.cat([a.weight.expand(width) if a.weight.numel() == 1 else a.weight for a in acts])
+            return F.prelu(h, slopes)
+        return acts[0](h)  # parameter-free: the same function for every expert
+
+
+def build_banks(mlps: Sequence[nn.Module]) -> list[tuple[int, int, ExpertBank]]:
+    """Split a list of MLPs into runs of equal signature: [(start, stop, bank), ...]."""
+    banks, start = [], 0
+    signatures = [mlp_signature(m) for m in mlps]
+    while start < len(mlps):
+        stop = start
+        while stop < len(mlps) and signatures[stop] == signatures[start]:
+            stop += 1
+        banks.append((start, stop, ExpertBank(mlps[start:stop])))
+        start = stop
+    return banks
+
+
+def run_experts(mlps: Sequence[nn.Module], inputs, input_of: Sequence[int] | None = None) -> torch.Tensor:
+    """All ``mlps`` on their inputs, as few batched banks as their structures allow: ``[B, E * N]``."""
+    outputs = []
+    for start, stop, bank in build_banks(mlps):
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 3:
+            outputs.append(bank(inputs[start:stop]))
+        else:
+            outputs.append(bank(inputs, None if input_of is None else list(input_of)[start:stop]))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

@@ -1,0 +1,101 @@
+"""Drop-in fast ESMM, MMOE and PLE.
+
+Each takes nextrec 0.3.1's constructor arguments and owns exactly the modules nextrec's model
+owns (so ``state_dict`` keys are nextrec's and a nextrec checkpoint loads with ``strict=True``);
+only ``forward`` differs: embeddings pooled in one call, experts and towers batched, all gates
+of a level in one GEMM and their weighted sums in one bmm.
+"""
+from __future__ import annotations
+
+import torch
+
+from nextrec_fast import reference
+from nextrec_fast.backend import get_backend
+from nextrec_fast.layers.embedding import FastEmbeddingLayer
+from nextrec_fast.layers.experts import run_experts
+from nextrec_fast.layers.gates import gate_mixture, gate_weights
+
+__all__ = ["ESMM", "MMOE", "PLE"]
+
+
+class _FastModelMixin:
+    def _use_fast_embedding(self):
+        # Same parameters, same state_dict keys: only the class (and so the forward) changes.
+        self.embedding.__class__ = FastEmbeddingLayer
+        self.embedding._build_plan()
+
+    def _embed(self, x) -> torch.Tensor:
+        return self.embedding(x=x, features=self.all_features, squeeze_dim=True)
+
+
+class ESMM(_FastModelMixin, reference.ESMM):
+    __doc__ = reference.ESMM.__doc__
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._use_fast_embedding()
+
+    def forward(self, x):
+        if get_backend() == "reference":
+            return reference.ESMM.forward(self, x)
+        logits = run_experts([self.ctr_tower, self.cvr_tower], [self._embed(x)])  # [B, 2]
+        ctr, cvr = self.prediction_layer(logits).chunk(2, dim=1)
+        return torch.cat([ctr, ctr * cvr], dim=1)
+
+
+class MMOE(_FastModelMixin, reference.MMOE):
+    __doc__ = reference.MMOE.__doc__
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._use_fast_embedding()
+
+    def forward(self, x):
+        if get_backend() == "reference":
+            return reference.MMOE.forward(self, x)
+        features = self._embed(x)
+        batch = features.shape[0]
+        experts = run_experts(self.experts, [features]).view(batch, self.num_experts, -1)  # [B, E, D]
+        weights = gate_weights(self.gates, [features] * self.num_tasks)
+        gated = gate_mixture(weights, experts)  # [B, T, D]
+        logits = run_experts(self.towers, gated.transpose(0, 1))  # [B, T]
+        return self.prediction_layer(logits)
+
+
+class PLE(_FastModelMixin, reference.PLE):
+    __doc__ = reference.PLE.__doc__
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._use_fast_embedding()
+
+    def forward(self, x):
+        if get_backend() == "reference":
+            return reference.PLE.forward(self, x)
+        features = self._embed(x)
+        batch, tasks = features.shape[0], self.num_tasks
+        n_shared, n_specific = self.num_shared_experts, self.num_specific_experts
+        # Expert order inside a level: shared experts, then task 0's specific ones, task 1's, ...
+        task_gate_index = [list(range(n_shared)) + [n_shared + t * n_specific + j for j in range(n_specific)]
+                           for t in range(tasks)]
+        shared_gate_index = [list(range(n_shared, n_shared + tasks * n_specific)) + list(range(n_shared))]
+        task_inputs, shared_input = [features] * tasks, features
+        gated = None
+        for level, layer in enumerate(self.cgc_layers):
+            last = level == len(self.cgc_layers) - 1
+            mlps = list(layer.shared_experts) + [e for task_experts in layer.specific_experts for e in task_experts]
+            if level == 0:
+                experts = run_experts(mlps, [features])
+            else:
+                input_of = [0] * n_shared + [1 + t for t in range(tasks) for _ in range(n_specific)]
+                experts = run_experts(mlps, [shared_input] + task_inputs, input_of)
+            experts = experts.view(batch, len(mlps), -1)
+            # The last level's shared gate feeds nothing in nextrec either: skip it.
+            gates = list(layer.task_gates) + ([] if last else [layer.shared_gate])
+            gate_inputs = task_inputs + ([] if last else [shared_input])
+            index = task_gate_index + ([] if last else shared_gate_index)
+            gated = gate_mixture(gate_weights(gates, gate_inputs), experts, index)  # [B, G, D]
+            task_inputs = list(gated[:, :tasks].unbind(1))
+            shared_input = None if last else gated[:, tasks]
+        logits = run_experts(self.towers, gated[:, :tasks].transpose(0, 1))  # [B, T]
+        return self.prediction_layer(logits)
