@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nextrec_fast import reference
+from nextrec_fast.backend import get_backend
 from nextrec_fast.features import DENSE, SEQUENCE, SPARSE, feature_kind
 from nextrec_fast.validation import check_batch_inputs
 
@@ -33,7 +34,10 @@ class PooledSlot:
 
 
 def _pooling_backend():
-    """The C++/CUDA pooling op module, or None when the extension is unavailable."""
+    """The C++/CUDA pooling op module, or None when the extension is unavailable (or the
+    ``torch`` backend is forced)."""
+    if get_backend() not in ("auto", "triton"):
+        return None
     try:
         from nextrec_fast.ops import pooled_embedding as op
     except ImportError:
@@ -84,7 +88,7 @@ class FastEmbeddingLayer(reference.EmbeddingLayer):
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: dict, features: list | None = None, squeeze_dim: bool = True) -> torch.Tensor:
-        if not squeeze_dim or (features is not None and list(features) != self.features):
+        if get_backend() == "reference" or not squeeze_dim or (features is not None and list(features) != self.features):
             return super().forward(x, features, squeeze_dim)  # layouts the models never ask for
         param = next(self.parameters(), None)
         if param is not None and not torch.compiler.is_compiling():

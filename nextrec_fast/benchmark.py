@@ -1,0 +1,198 @@
+"""``nextrec-fast bench``: reference (nextrec's computation) vs fast models, side by side.
+
+The default configuration is a realistic CTR setup: 26 sparse features (vocabularies log-spaced
+from 1e3 to 1e6, dim 16), 3 sequence features (max_len 50, about half padding), 13 dense
+features; MMOE 8 experts [256, 128] with [64] towers, PLE 2 levels of 2 shared + 2 specific
+experts [256, 128], ESMM towers [256, 128, 64]. Timings are medians of repeats that alternate
+reference and fast, so machine noise hits both alike; speed-ups are ratios within one run.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nextrec_fast import reference
+from nextrec_fast.features import DenseFeature, SequenceFeature, SparseFeature
+
+MODEL_NAMES = ("mmoe", "ple", "esmm")
+MODES = ("forward_eval", "forward_backward", "train_step")
+
+
+def default_features(num_sparse: int = 26, num_sequence: int = 3, num_dense: int = 13, dim: int = 16,
+                     min_vocab: float = 1e3, max_vocab: float = 1e6, seq_vocab: int = 100_000, max_len: int = 50):
+    sparse = []
+    for i in range(num_sparse):
+        frac = i / max(num_sparse - 1, 1)
+        vocab = int(round(math.exp(math.log(min_vocab) + frac * (math.log(max_vocab) - math.log(min_vocab)))))
+        sparse.append(SparseFeature(f"C{i + 1}", vocab_size=vocab, embedding_dim=dim))
+    sequence = [SequenceFeature(f"hist{i + 1}", vocab_size=seq_vocab, max_len=max_len, embedding_dim=dim,
+                                combiner="mean", padding_idx=0) for i in range(num_sequence)]
+    dense = [DenseFeature(f"I{i + 1}") for i in range(num_dense)]
+    return dense, sparse, sequence
+
+
+def default_model_kwargs(model: str) -> dict:
+    towers = [{"dims": [64]}, {"dims": [64]}]
+    common = dict(target=["click", "conversion"], task=["binary", "binary"])
+    if model == "mmoe":
+        return dict(expert_params={"dims": [256, 128]}, num_experts=8, tower_params_list=towers, **common)
+    if model == "ple":
+        return dict(shared_expert_params={"dims": [256, 128]}, specific_expert_params={"dims": [256, 128]},
+                    num_shared_experts=2, num_specific_experts=2, num_levels=2, tower_params_list=towers, **common)
+    if model == "esmm":
+        return dict(ctr_params={"dims": [256, 128, 64]}, cvr_params={"dims": [256, 128, 64]},
+                    target=["ctr", "ctcvr"])
+    raise ValueError(f"unknown model {model!r}: expected one of {', '.join(MODEL_NAMES)}")
+
+
+def make_batch(dense, sparse, sequence, batch: int, device, seed: int = 0, padding_fraction: float = 0.5):
+    gen = torch.Generator().manual_seed(seed)
+    x = {}
+    for f in sparse:
+        x[f.name] = torch.randint(0, f.vocab_size, (batch,), generator=gen)
+    for f in sequence:
+        # Variable-length histories, left-aligned and padded with padding_idx: about half padding.
+        lengths = torch.randint(0, int(2 * (1 - padding_fraction) * f.max_len) + 1, (batch, 1), generator=gen)
+        ids = torch.randint(1, f.vocab_size, (batch, f.max_len), generator=gen)
+        keep = torch.arange(f.max_len).unsqueeze(0) < lengths
+        x[f.name] = torch.where(keep, ids, torch.full_like(ids, f.padding_idx or 0))
+    for f in dense:
+        x[f.name] = torch.randn(batch, generator=gen)
+    labels = torch.randint(0, 2, (batch, 2), generator=gen).float()
+    return {k: v.to(device) for k, v in x.items()}, labels.to(device)
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str
+    batch: int
+    reference_ms: float
+    fast_ms: float
+    speedup: float
+    reference_samples_ms: list = field(default_factory=list)
+    fast_samples_ms: list = field(default_factory=list)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step_fn(model, mode, x, labels):
+    if mode == "forward_eval":
+        model.eval()
+
+        def run():
+            with torch.no_grad():
+                model(x)
+        return run
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3) if mode == "train_step" else None
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = F.binary_cross_entropy(out.clamp(1e-7, 1 - 1e-7), labels)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+    return run
+
+
+def time_pair(ref_fn, fast_fn, device, warmup: int, repeats: int):
+    for _ in range(warmup):
+        ref_fn()
+        fast_fn()
+    samples = {"reference": [], "fast": []}
+    for _ in range(repeats):
+        for name, fn in (("reference", ref_fn), ("fast", fast_fn)):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def build_models(model: str, device, features=None, seed: int = 0):
+    import nextrec_fast
+    dense, sparse, sequence = features or default_features()
+    kwargs = default_model_kwargs(model)
+    fast_cls = {"mmoe": nextrec_fast.MMOE, "ple": nextrec_fast.PLE, "esmm": nextrec_fast.ESMM}[model]
+    ref_cls = {"mmoe": reference.MMOE, "ple": reference.PLE, "esmm": reference.ESMM}[model]
+    torch.manual_seed(seed)
+    ref = ref_cls(dense_features=dense, sparse_features=sparse, sequence_features=sequence, device=str(device), **kwargs)
+    fast = fast_cls(dense_features=dense, sparse_features=sparse, sequence_features=sequence, device=str(device), **kwargs)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    return ref, fast
+
+
+def environment(device) -> dict:
+    info = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        from nextrec_fast.layers.embedding import _pooling_backend
+        info["pooling_op"] = "C++/CUDA extension" if _pooling_backend() is not None else "torch embedding_bag"
+    except Exception as exc:  # pragma: no cover - diagnostic only
+        info["pooling_op"] = f"unavailable ({exc})"
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def run(models=MODEL_NAMES, modes=MODES, batch: int = 2048, device: str | None = None, repeats: int = 5,
+        warmup: int = 2, progress=True) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows, total, done = [], len(models) * len(modes), 0
+    for model in models:
+        ref, fast = build_models(model, device)
+        features = (ref.dense_features, ref.sparse_features, ref.sequence_features)
+        x, labels = make_batch(*features, batch=batch, device=device)
+        for mode in modes:
+            done += 1
+            if progress:
+                print(f"[{done}/{total}] {model} {mode} (batch {batch}) ...", file=sys.stderr, flush=True)
+            # Fresh copies of the weights for training modes so both start from the same state.
+            samples = time_pair(_step_fn(ref, mode, x, labels), _step_fn(fast, mode, x, labels), device, warmup, repeats)
+            ref_ms, fast_ms = statistics.median(samples["reference"]), statistics.median(samples["fast"])
+            rows.append(Row(model, mode, batch, ref_ms, fast_ms, ref_ms / fast_ms,
+                            [round(s, 3) for s in samples["reference"]], [round(s, 3) for s in samples["fast"]]))
+        del ref, fast, x, labels
+        gc.collect()
+    return {"environment": environment(device), "rows": [asdict(r) for r in rows]}
+
+
+def format_table(result: dict) -> str:
+    env = result["environment"]
+    lines = [f"nextrec-fast bench | device {env['device']} ({env['device_name']}) | torch {env['torch']} | "
+             f"triton {env['triton']} | threads {env['threads']} | pooling: {env['pooling_op']}",
+             f"{'model':<6} {'mode':<17} {'batch':>6} {'reference ms':>13} {'fast ms':>10} {'speed-up':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r['model']:<6} {r['mode']:<17} {r['batch']:>6} {r['reference_ms']:>13.1f} "
+                     f"{r['fast_ms']:>10.1f} {r['speedup']:>8.2f}x")
+    return "\n".join(lines)
+
+
+def save_json(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=2)

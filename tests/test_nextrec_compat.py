@@ -1,0 +1,141 @@
+"""Against the real nextrec 0.3.1 package: weights copied both ways, outputs and gradients equal."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import nextrec_fast
+from nextrec_fast import features as our_features
+from nextrec_fast import reference
+from model_factory import random_features, random_inputs, random_model_kwargs
+
+nextrec = pytest.importorskip("nextrec", reason="nextrec 0.3.1 is not installed (CI installs it: see .ci/run)")
+from nextrec.basic import features as nr_features  # noqa: E402
+from nextrec.models.multi_task.esmm import ESMM as NrESMM  # noqa: E402
+from nextrec.models.multi_task.mmoe import MMOE as NrMMOE  # noqa: E402
+from nextrec.models.multi_task.ple import PLE as NrPLE  # noqa: E402
+
+pytestmark = pytest.mark.nextrec
+NEXTREC = {"esmm": NrESMM, "mmoe": NrMMOE, "ple": NrPLE}
+FAST = {"esmm": nextrec_fast.ESMM, "mmoe": nextrec_fast.MMOE, "ple": nextrec_fast.PLE}
+REF = {"esmm": reference.ESMM, "mmoe": reference.MMOE, "ple": reference.PLE}
+SEEDS = [random.randrange(2**31) for _ in range(4)]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nextrec writes a session folder into the working directory
+
+
+def _build(model, seed):
+    rng = random.Random(seed)
+    # The same random configuration, once with nextrec's feature classes, once with ours.
+    nr_feats = random_features(random.Random(seed), nr_features)
+    kwargs = random_model_kwargs(model, random.Random(seed + 1))
+    torch.manual_seed(seed)
+    nr_model = NEXTREC[model](*nr_feats, **kwargs)
+    fast = FAST[model](*nr_feats, **kwargs)  # nextrec's own feature objects, duck-typed
+    gen = torch.Generator().manual_seed(seed)
+    x = random_inputs(*nr_feats, batch=rng.randint(2, 24), generator=gen)
+    return nr_model, fast, x
+
+
+def _grads(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _float64_truth(model, nr_model, x, seed, mode):
+    """Our reference (== nextrec bit for bit, see test_reference_is_nextrec) in float64."""
+    feats = (nr_model.dense_features, nr_model.sparse_features, nr_model.sequence_features)
+    ref = REF[model](*feats, **random_model_kwargs(model, random.Random(seed + 1))).double()
+    ref.load_state_dict(nr_model.state_dict(), strict=True)
+    ref.train(mode == "train")
+    return _grads(ref, {k: v.double() if v.is_floating_point() else v for k, v in x.items()})
+
+
+def _assert_as_accurate(name, fast, nr, truth, scale):
+    """float32 results of the fast model are about as close to the float64 truth as nextrec's
+    own float32 results (train-mode BatchNorm over small batches amplifies rounding alike in
+    both); ``scale`` is the magnitude of the whole output/gradient set, the floor of fp32 noise."""
+    err_fast = (fast.double() - truth).abs().max().item()
+    err_nr = (nr.double() - truth).abs().max().item()
+    assert err_fast <= 10 * err_nr + 1e-5 * scale, f"{name}: fast error {err_fast:.3g}, nextrec error {err_nr:.3g}"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("model", list(NEXTREC))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_nextrec_weights_into_fast_model(model, seed, mode):
+    nr_model, fast, x = _build(model, seed)
+    assert list(fast.state_dict()) == list(nr_model.state_dict())
+    fast.load_state_dict(nr_model.state_dict(), strict=True)
+    truth_out, truth_grads = _float64_truth(model, nr_model, x, seed, mode)
+    nr_model.train(mode == "train")
+    fast.train(mode == "train")
+    out_nr, g_nr = _grads(nr_model, x)
+    out_fast, g_fast = _grads(fast, x)
+    torch.testing.assert_close(out_fast, out_nr, rtol=1e-4, atol=1e-5)
+    _assert_as_accurate("output", out_fast, out_nr, truth_out, truth_out.abs().max().item())
+    grad_scale = max(g.abs().max().item() for g in truth_grads.values() if g is not None)
+    for name, g in g_nr.items():
+        if g is None:
+            assert g_fast[name] is None or not g_fast[name].any(), name
+        else:
+            _assert_as_accurate(name, g_fast[name], g, truth_grads[name], grad_scale)
+    for (name, b_nr), b_fast in zip(nr_model.state_dict().items(), fast.state_dict().values()):
+        torch.testing.assert_close(b_fast, b_nr, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("model", list(NEXTREC))
+def test_fast_weights_into_nextrec_model(model):
+    seed = random.randrange(2**31)
+    nr_model, fast, x = _build(model, seed)
+    with torch.no_grad():  # make the fast model's weights differ from nextrec's init
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    nr_model.load_state_dict(fast.state_dict(), strict=True)
+    nr_model.eval()
+    fast.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), nr_model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model", list(NEXTREC))
+def test_reference_is_nextrec(model):
+    """The oracle itself: our reference computes exactly what nextrec computes."""
+    seed = random.randrange(2**31)
+    nr_model, _, x = _build(model, seed)
+    nr_feats = (nr_model.dense_features, nr_model.sparse_features, nr_model.sequence_features)
+    ref = REF[model](*nr_feats, **random_model_kwargs(model, random.Random(seed + 1)))
+    ref.load_state_dict(nr_model.state_dict(), strict=True)
+    for mode in (True, False):
+        nr_model.train(mode)
+        ref.train(mode)
+        out_nr, g_nr = _grads(nr_model, x)
+        out_ref, g_ref = _grads(ref, x)
+        torch.testing.assert_close(out_ref, out_nr, rtol=0, atol=0)
+        for name, g in g_nr.items():
+            if g is None:
+                assert g_ref[name] is None, name
+            else:
+                torch.testing.assert_close(g_ref[name], g, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_feature_classes_match_nextrec():
+    rng = random.Random()
+    for _ in range(50):
+        vocab = rng.randint(1, 10**6)
+        dim = rng.choice([None, 0, 4, 9])
+        pad = rng.choice([None, 0, 3])
+        kw = dict(embedding_dim=dim, padding_idx=pad, embedding_name=rng.choice(["", "shared"]))
+        assert vars(our_features.SparseFeature("f", vocab, **kw)) == vars(nr_features.SparseFeature("f", vocab, **kw))
+        seq_kw = dict(kw, max_len=rng.randint(1, 60), combiner=rng.choice(["mean", "sum", "concat"]))
+        assert vars(our_features.SequenceFeature("s", vocab, **seq_kw)) == vars(nr_features.SequenceFeature("s", vocab, **seq_kw))
+        dense_kw = dict(embedding_dim=rng.choice([None, 0, 1, 3]), input_dim=rng.choice([0, 1, 4]),
+                        use_embedding=rng.random() < 0.5)
+        assert vars(our_features.DenseFeature("d", **dense_kw)) == vars(nr_features.DenseFeature("d", **dense_kw))
