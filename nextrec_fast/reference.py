@@ -292,6 +292,8 @@ class MultiTaskModel(nn.Module):
         self.sparse_features = list(sparse_features or [])
         self.sequence_features = list(sequence_features or [])
         self.all_features = self.dense_features + self.sparse_features + self.sequence_features
+        for feature in self.all_features:
+            feature_kind(feature)  # a clear TypeError for anything that is not a feature
         self.feature_names = [f.name for f in self.all_features]
         self.target = [target] if isinstance(target, str) else list(target or [])
         self.task = task
