@@ -125,6 +125,13 @@ def time_pair(ref_fn, fast_fn, device, warmup: int, repeats: int):
     return samples
 
 
+CONFIGS = {
+    "default": {},
+    # Same structure, small tables and sequences: a smoke test that runs in seconds.
+    "small": dict(num_sparse=6, num_sequence=2, num_dense=3, max_vocab=1e4, seq_vocab=1000, max_len=10),
+}
+
+
 def build_models(model: str, device, features=None, seed: int = 0):
     import nextrec_fast
     dense, sparse, sequence = features or default_features()
@@ -160,11 +167,11 @@ def environment(device) -> dict:
 
 
 def run(models=MODEL_NAMES, modes=MODES, batch: int = 2048, device: str | None = None, repeats: int = 5,
-        warmup: int = 2, progress=True) -> dict:
+        warmup: int = 2, progress=True, config: str = "default") -> dict:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows, total, done = [], len(models) * len(modes), 0
     for model in models:
-        ref, fast = build_models(model, device)
+        ref, fast = build_models(model, device, features=default_features(**CONFIGS[config]))
         features = (ref.dense_features, ref.sparse_features, ref.sequence_features)
         x, labels = make_batch(*features, batch=batch, device=device)
         for mode in modes:
@@ -178,13 +185,13 @@ def run(models=MODEL_NAMES, modes=MODES, batch: int = 2048, device: str | None =
                             [round(s, 3) for s in samples["reference"]], [round(s, 3) for s in samples["fast"]]))
         del ref, fast, x, labels
         gc.collect()
-    return {"environment": environment(device), "rows": [asdict(r) for r in rows]}
+    return {"environment": {**environment(device), "config": config}, "rows": [asdict(r) for r in rows]}
 
 
 def format_table(result: dict) -> str:
     env = result["environment"]
     lines = [f"nextrec-fast bench | device {env['device']} ({env['device_name']}) | torch {env['torch']} | "
-             f"triton {env['triton']} | threads {env['threads']} | pooling: {env['pooling_op']}",
+             f"triton {env['triton']} | threads {env['threads']} | pooling: {env['pooling_op']} | config {env['config']}",
              f"{'model':<6} {'mode':<17} {'batch':>6} {'reference ms':>13} {'fast ms':>10} {'speed-up':>9}"]
     for r in result["rows"]:
         lines.append(f"{r['model']:<6} {r['mode']:<17} {r['batch']:>6} {r['reference_ms']:>13.1f} "

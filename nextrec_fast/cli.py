@@ -11,7 +11,7 @@ def _bench(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
     result = benchmark.run(models=args.model, modes=args.mode, batch=args.batch_size, device=args.device,
-                           repeats=args.repeats, warmup=args.warmup, progress=not args.quiet)
+                           repeats=args.repeats, warmup=args.warmup, progress=not args.quiet, config=args.config)
     print(benchmark.format_table(result))
     if args.json:
         benchmark.save_json(result, args.json)
@@ -20,7 +20,7 @@ def _bench(args) -> int:
 
 
 def main(argv=None) -> int:
-    from nextrec_fast.benchmark import MODEL_NAMES, MODES
+    from nextrec_fast.benchmark import CONFIGS, MODEL_NAMES, MODES
     parser = argparse.ArgumentParser(prog="nextrec-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="time reference vs fast ESMM/MMOE/PLE on the default config")
@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     bench.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
     bench.add_argument("--batch-size", type=int, default=2048)
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    bench.add_argument("--config", choices=sorted(CONFIGS), default="default",
+                       help="default: the realistic config of the README; small: a seconds-long smoke test")
     bench.add_argument("--repeats", type=int, default=5)
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")

@@ -8,6 +8,7 @@ of a level in one GEMM and their weighted sums in one bmm.
 from __future__ import annotations
 
 import torch
+from torch.profiler import record_function
 
 from nextrec_fast import reference
 from nextrec_fast.backend import get_backend
@@ -25,7 +26,8 @@ class _FastModelMixin:
         self.embedding._build_plan()
 
     def _embed(self, x) -> torch.Tensor:
-        return self.embedding(x=x, features=self.all_features, squeeze_dim=True)
+        with record_function("nextrec_fast.embedding"):
+            return self.embedding(x=x, features=self.all_features, squeeze_dim=True)
 
 
 class ESMM(_FastModelMixin, reference.ESMM):
@@ -38,7 +40,9 @@ class ESMM(_FastModelMixin, reference.ESMM):
     def forward(self, x):
         if get_backend() == "reference":
             return reference.ESMM.forward(self, x)
-        logits = run_experts([self.ctr_tower, self.cvr_tower], [self._embed(x)])  # [B, 2]
+        features = self._embed(x)
+        with record_function("nextrec_fast.towers"):
+            logits = run_experts([self.ctr_tower, self.cvr_tower], [features])  # [B, 2]
         ctr, cvr = self.prediction_layer(logits).chunk(2, dim=1)
         return torch.cat([ctr, ctr * cvr], dim=1)
 
@@ -55,10 +59,12 @@ class MMOE(_FastModelMixin, reference.MMOE):
             return reference.MMOE.forward(self, x)
         features = self._embed(x)
         batch = features.shape[0]
-        experts = run_experts(self.experts, [features]).view(batch, self.num_experts, -1)  # [B, E, D]
-        weights = gate_weights(self.gates, [features] * self.num_tasks)
-        gated = gate_mixture(weights, experts)  # [B, T, D]
-        logits = run_experts(self.towers, gated.transpose(0, 1))  # [B, T]
+        with record_function("nextrec_fast.experts"):
+            experts = run_experts(self.experts, [features]).view(batch, self.num_experts, -1)  # [B, E, D]
+        with record_function("nextrec_fast.gates"):
+            gated = gate_mixture(gate_weights(self.gates, [features] * self.num_tasks), experts)  # [B, T, D]
+        with record_function("nextrec_fast.towers"):
+            logits = run_experts(self.towers, gated.transpose(0, 1))  # [B, T]
         return self.prediction_layer(logits)
 
 
@@ -84,18 +90,21 @@ class PLE(_FastModelMixin, reference.PLE):
         for level, layer in enumerate(self.cgc_layers):
             last = level == len(self.cgc_layers) - 1
             mlps = list(layer.shared_experts) + [e for task_experts in layer.specific_experts for e in task_experts]
-            if level == 0:
-                experts = run_experts(mlps, [features])
-            else:
-                input_of = [0] * n_shared + [1 + t for t in range(tasks) for _ in range(n_specific)]
-                experts = run_experts(mlps, [shared_input] + task_inputs, input_of)
-            experts = experts.view(batch, len(mlps), -1)
+            with record_function("nextrec_fast.experts"):
+                if level == 0:
+                    experts = run_experts(mlps, [features])
+                else:
+                    input_of = [0] * n_shared + [1 + t for t in range(tasks) for _ in range(n_specific)]
+                    experts = run_experts(mlps, [shared_input] + task_inputs, input_of)
+                experts = experts.view(batch, len(mlps), -1)
             # The last level's shared gate feeds nothing in nextrec either: skip it.
             gates = list(layer.task_gates) + ([] if last else [layer.shared_gate])
             gate_inputs = task_inputs + ([] if last else [shared_input])
             index = task_gate_index + ([] if last else shared_gate_index)
-            gated = gate_mixture(gate_weights(gates, gate_inputs), experts, index)  # [B, G, D]
+            with record_function("nextrec_fast.gates"):
+                gated = gate_mixture(gate_weights(gates, gate_inputs), experts, index)  # [B, G, D]
             task_inputs = list(gated[:, :tasks].unbind(1))
             shared_input = None if last else gated[:, tasks]
-        logits = run_experts(self.towers, gated[:, :tasks].transpose(0, 1))  # [B, T]
+        with record_function("nextrec_fast.towers"):
+            logits = run_experts(self.towers, gated[:, :tasks].transpose(0, 1))  # [B, T]
         return self.prediction_layer(logits)
