@@ -1,0 +1,58 @@
+"""Small helpers shared by the launchers: interpreter detection, autotune spaces, output
+allocation (optionally NaN-poisoned so tests catch elements a kernel forgot to write)."""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# triton.jit reads TRITON_INTERPRET when a kernel is decorated, so this is fixed at import.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# NEXTREC_FAST_AUTOTUNE=0: GPU kernels use the first config of each space (quick test runs:
+# autotuning every shape a test suite touches would take minutes of compilation).
+AUTOTUNE = os.environ.get("NEXTREC_FAST_AUTOTUNE", "1") != "0"
+
+
+def autotune_configs(gpu_space: list[dict], interpret_config: dict, num_warps=4, num_stages=3):
+    """The interpreter fails with more than one autotune config: give it exactly one."""
+    if INTERPRET:
+        return [triton.Config(interpret_config, num_warps=1, num_stages=1)]
+    if not AUTOTUNE:
+        gpu_space = gpu_space[:1]
+    return [
+        triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+                      num_warps=c.get("num_warps", num_warps), num_stages=c.get("num_stages", num_stages))
+        for c in gpu_space
+    ]
+
+
+def poison_outputs() -> bool:
+    """NEXTREC_FAST_POISON=1 (tests): new outputs start as NaN instead of uninitialised memory."""
+    return os.environ.get("NEXTREC_FAST_POISON") == "1"
+
+
+def new_tensor(shape, dtype, device) -> torch.Tensor:
+    if poison_outputs() and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def accumulator_dtype(dtype: torch.dtype):
+    """fp32 accumulation for fp32/fp16/bf16; fp64 stays fp64 (interpreter tests)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def allow_tf32(dtype: torch.dtype) -> bool:
+    """Mirror nn.Linear: TF32 only where torch itself allows it for fp32 matmuls."""
+    return dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET
+
+
+def min_block(n: int, lo: int = 16) -> int:
+    """Power-of-two block of at least `lo` (GPU tl.dot needs >= 16 per dimension)."""
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
