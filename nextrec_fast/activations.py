@@ -41,3 +41,16 @@ def activation_layer(activation: str) -> nn.Module:
         raise ValueError(
             f"Unsupported activation function: {activation!r}; expected one of {', '.join(ACTIVATION_NAMES)}"
         ) from None
+
+
+_DEFAULT_REPR = {cls: cls().extra_repr() for cls in set(_ACTIVATIONS.values()) if cls is not nn.PReLU}
+
+
+def activation_name(module: nn.Module) -> str | None:
+    """The nextrec name of an activation module built with default arguments, else None."""
+    for name, cls in _ACTIVATIONS.items():
+        if type(module) is cls:
+            if cls is nn.PReLU or module.extra_repr() == _DEFAULT_REPR[cls]:
+                return name
+            return None
+    return None

@@ -40,3 +40,18 @@ def use_backend(name: str):
         yield
     finally:
         _override = previous
+
+
+def use_triton(tensor) -> bool:
+    """Whether the Triton kernels handle ``tensor``'s computation: the ``triton`` backend forces
+    them (an error where they cannot run), ``auto`` takes them for CUDA tensors when available."""
+    backend = get_backend()
+    if backend in ("torch", "reference"):
+        return False
+    from nextrec_fast.ops import triton_ops
+    if backend == "triton":
+        if not triton_ops.is_available(tensor.device):
+            raise RuntimeError(f"NEXTREC_FAST_BACKEND=triton, but the Triton kernels cannot run on {tensor.device} "
+                               "(they need CUDA, or TRITON_INTERPRET=1 set before import for CPU tensors)")
+        return True
+    return tensor.is_cuda and triton_ops.is_available(tensor.device)

@@ -14,7 +14,7 @@ from nextrec_fast import reference
 from nextrec_fast.backend import get_backend
 from nextrec_fast.layers.embedding import FastEmbeddingLayer
 from nextrec_fast.layers.experts import run_experts
-from nextrec_fast.layers.gates import gate_mixture, gate_weights
+from nextrec_fast.layers.gates import gate_logits, mix_experts
 
 __all__ = ["ESMM", "MMOE", "PLE"]
 
@@ -42,7 +42,7 @@ class ESMM(_FastModelMixin, reference.ESMM):
             return reference.ESMM.forward(self, x)
         features = self._embed(x)
         with record_function("nextrec_fast.towers"):
-            logits = run_experts([self.ctr_tower, self.cvr_tower], [features])  # [B, 2]
+            logits = run_experts([self.ctr_tower, self.cvr_tower], [features]).flatten(1)  # [B, 2]
         ctr, cvr = self.prediction_layer(logits).chunk(2, dim=1)
         return torch.cat([ctr, ctr * cvr], dim=1)
 
@@ -58,13 +58,12 @@ class MMOE(_FastModelMixin, reference.MMOE):
         if get_backend() == "reference":
             return reference.MMOE.forward(self, x)
         features = self._embed(x)
-        batch = features.shape[0]
         with record_function("nextrec_fast.experts"):
-            experts = run_experts(self.experts, [features]).view(batch, self.num_experts, -1)  # [B, E, D]
+            experts = run_experts(self.experts, [features])  # [B, E, D]
         with record_function("nextrec_fast.gates"):
-            gated = gate_mixture(gate_weights(self.gates, [features] * self.num_tasks), experts)  # [B, T, D]
+            gated = mix_experts(gate_logits(self.gates, [features] * self.num_tasks), experts)  # [B, T, D]
         with record_function("nextrec_fast.towers"):
-            logits = run_experts(self.towers, gated.transpose(0, 1))  # [B, T]
+            logits = run_experts(self.towers, gated.transpose(0, 1)).flatten(1)  # [B, T]
         return self.prediction_layer(logits)
 
 
@@ -79,7 +78,7 @@ class PLE(_FastModelMixin, reference.PLE):
         if get_backend() == "reference":
             return reference.PLE.forward(self, x)
         features = self._embed(x)
-        batch, tasks = features.shape[0], self.num_tasks
+        tasks = self.num_tasks
         n_shared, n_specific = self.num_shared_experts, self.num_specific_experts
         # Expert order inside a level: shared experts, then task 0's specific ones, task 1's, ...
         task_gate_index = [list(range(n_shared)) + [n_shared + t * n_specific + j for j in range(n_specific)]
@@ -96,15 +95,14 @@ class PLE(_FastModelMixin, reference.PLE):
                 else:
                     input_of = [0] * n_shared + [1 + t for t in range(tasks) for _ in range(n_specific)]
                     experts = run_experts(mlps, [shared_input] + task_inputs, input_of)
-                experts = experts.view(batch, len(mlps), -1)
             # The last level's shared gate feeds nothing in nextrec either: skip it.
             gates = list(layer.task_gates) + ([] if last else [layer.shared_gate])
             gate_inputs = task_inputs + ([] if last else [shared_input])
             index = task_gate_index + ([] if last else shared_gate_index)
             with record_function("nextrec_fast.gates"):
-                gated = gate_mixture(gate_weights(gates, gate_inputs), experts, index)  # [B, G, D]
+                gated = mix_experts(gate_logits(gates, gate_inputs), experts, index)  # [B, G, D]
             task_inputs = list(gated[:, :tasks].unbind(1))
             shared_input = None if last else gated[:, tasks]
         with record_function("nextrec_fast.towers"):
-            logits = run_experts(self.towers, gated[:, :tasks].transpose(0, 1))  # [B, T]
+            logits = run_experts(self.towers, gated[:, :tasks].transpose(0, 1)).flatten(1)  # [B, T]
         return self.prediction_layer(logits)

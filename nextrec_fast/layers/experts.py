@@ -8,8 +8,10 @@ tensors (a few MB of copies, negligible beside the GEMMs) and runs:
 - BatchNorm of all experts at once (per-channel statistics are exactly per-expert BatchNorm's;
   running stats are written back to every expert's buffers),
 - the activation and dropout once over all experts.
-Layout between layers is ``[B, E * N]`` (expert-major columns), which is also what the gate
-mixture wants (``[B, E, N]``).
+Layout between layers is ``[B, E * N]`` (expert-major columns); results are returned as
+``[B, E, N]``. On CUDA (or with the ``triton`` backend) each layer is one fused Triton op
+(``nextrec_fast.ops.triton_ops.expert_layer``) working in ``[E, B, N]``; the result is then a
+transposed view, so nothing is copied between the layouts.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nextrec_fast.activations import activation_name
+from nextrec_fast.backend import use_triton
 
 
 @dataclass
@@ -102,21 +107,98 @@ class ExpertBank:
 
         ``inputs``: a list of ``[B, K]`` tensors with ``input_of[e]`` naming expert e's input
         (None: all read ``inputs[0]``), or a ``[E, B, K]`` tensor, one input per expert.
-        Returns ``[B, E * N]`` (view it as ``[B, E, N]``).
+        Returns ``[B, E, N]`` (possibly a transposed view).
         """
+        first = inputs if isinstance(inputs, torch.Tensor) else inputs[0]
         if not self.layers:  # MLP(dims=[], output_layer=False) is the identity
             if isinstance(inputs, torch.Tensor):
-                return inputs.transpose(0, 1).reshape(inputs.shape[1], -1)
-            xs = [inputs[i] for i in (input_of or [0] * self.num_experts)]
-            return torch.cat(xs, dim=1)
+                return inputs.transpose(0, 1)
+            return torch.stack([inputs[i] for i in (input_of or [0] * self.num_experts)], dim=1)
+        if use_triton(first) and self._triton_supported():
+            return self._forward_triton(inputs, input_of).transpose(0, 1)
         h = self._first_linear(inputs, input_of)
         h = self._post_linear(self.layers[0], h)
         for layer in self.layers[1:]:
             h = self._batched_linear(layer, h)
             h = self._post_linear(layer, h)
-        return h
+        return h.view(h.shape[0], self.num_experts, -1)
 
     __call__ = forward
+
+    # -- Triton path ----------------------------------------------------------------------
+    def _triton_supported(self) -> bool:
+        for layer in self.layers:
+            if layer.acts is not None and activation_name(layer.acts[0]) is None:
+                return False  # a non-default activation module: only the PyTorch path knows it
+            if layer.acts is not None and isinstance(layer.acts[0], nn.PReLU) and layer.acts[0].weight.numel() != 1:
+                return False
+            if layer.linears[0].bias is None:
+                return False
+            if layer.norms is not None and not layer.norms[0].affine:
+                return False
+        return True
+
+    def _forward_triton(self, inputs, input_of) -> torch.Tensor:
+        from nextrec_fast.ops import triton_ops
+        index = None
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 3:
+            x = inputs
+        else:
+            input_of = list(input_of) if input_of is not None else [0] * self.num_experts
+            distinct = []  # each distinct tensor once: experts reading the same input share its reads
+            for i in input_of:
+                if not any(inputs[i] is d for d in distinct):
+                    distinct.append(inputs[i])
+            if len(distinct) == 1:
+                x = distinct[0]
+            else:
+                x = torch.stack(distinct)
+                group = [next(g for g, d in enumerate(distinct) if inputs[i] is d) for i in input_of]
+                index = torch.tensor(group, device=x.device)
+        for layer in self.layers:
+            x = self._triton_layer(triton_ops, layer, x, index)
+            index = None  # deeper layers: one input per expert
+        return x  # [E, B, N]
+
+    @staticmethod
+    def _triton_layer(triton_ops, layer: _Layer, x: torch.Tensor, index) -> torch.Tensor:
+        weight = torch.stack([lin.weight for lin in layer.linears])
+        bias = torch.stack([lin.bias for lin in layer.linears])
+        bn = {}
+        norms = layer.norms
+        update_stats = False
+        if norms is not None:
+            first = norms[0]
+            use_batch_stats = first.training or first.running_mean is None
+            bn = dict(bn_weight=torch.stack([n.weight for n in norms]), bn_bias=torch.stack([n.bias for n in norms]),
+                      bn_eps=first.eps, bn_training=use_batch_stats)
+            if not use_batch_stats:
+                bn.update(bn_running_mean=torch.stack([n.running_mean for n in norms]),
+                          bn_running_var=torch.stack([n.running_var for n in norms]))
+            update_stats = first.training and first.track_running_stats and first.running_mean is not None
+        act = layer.acts[0] if layer.acts is not None else None
+        prelu = torch.cat([a.weight for a in layer.acts]) if isinstance(act, nn.PReLU) else None
+        drop = layer.dropouts[0] if layer.dropouts is not None else None
+        y, mean, var = triton_ops.expert_layer(
+            x, weight, bias, input_index=index, activation=activation_name(act) if act is not None else "identity",
+            prelu_weight=prelu, dropout_p=drop.p if drop is not None else 0.0,
+            training=drop is not None and drop.training, **bn)
+        if update_stats:
+            ExpertBank._update_running_stats(norms, mean, var, batch=x.shape[-2])
+        return y
+
+    @staticmethod
+    @torch.no_grad()
+    def _update_running_stats(norms, mean: torch.Tensor, var: torch.Tensor, batch: int) -> None:
+        """nn.BatchNorm1d's update from the op's batch statistics (unbiased variance)."""
+        first = norms[0]
+        if first.num_batches_tracked is not None:
+            torch._foreach_add_([n.num_batches_tracked for n in norms], 1)
+        factor = first.momentum if first.momentum is not None else 1.0 / float(first.num_batches_tracked)
+        unbiased = var * (batch / (batch - 1))
+        for e, norm in enumerate(norms):
+            norm.running_mean.lerp_(mean[e].to(norm.running_mean.dtype), factor)
+            norm.running_var.lerp_(unbiased[e].to(norm.running_var.dtype), factor)
 
     # -- linears ---------------------------------------------------------------------------
     def _first_linear(self, inputs, input_of) -> torch.Tensor:
@@ -216,7 +298,7 @@ def build_banks(mlps: Sequence[nn.Module]) -> list[tuple[int, int, ExpertBank]]:
 
 
 def run_experts(mlps: Sequence[nn.Module], inputs, input_of: Sequence[int] | None = None) -> torch.Tensor:
-    """All ``mlps`` on their inputs, as few batched banks as their structures allow: ``[B, E * N]``."""
+    """All ``mlps`` on their inputs, as few batched banks as their structures allow: ``[B, E, N]``."""
     outputs = []
     for start, stop, bank in build_banks(mlps):
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 3:

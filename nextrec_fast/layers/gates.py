@@ -1,4 +1,9 @@
-"""Softmax gates of a level computed together, and their weighted sums as one batched matmul."""
+"""Softmax gates of a level computed together, and their weighted sums of expert outputs.
+
+All gates reading the same input share one GEMM for their logits. The mixture runs as one
+fused Triton op on CUDA (softmax + weighted sum, no ``[G, B, S, D]`` intermediate), else as one
+batched matmul (PLE's gates that see a subset of experts get zero weight on the others).
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,6 +11,8 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nextrec_fast.backend import use_triton
 
 
 def _gate_linear(gate: nn.Module) -> nn.Linear:
@@ -15,43 +22,55 @@ def _gate_linear(gate: nn.Module) -> nn.Linear:
     return linear
 
 
-def gate_weights(gates: Sequence[nn.Module], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Softmax weights ``[B, S_g]`` of every gate; gates reading the same tensor share one GEMM."""
+def gate_logits(gates: Sequence[nn.Module], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Logits ``[B, S_g]`` of every gate; consecutive gates reading the same tensor share one GEMM."""
     linears = [_gate_linear(g) for g in gates]
-    weights, start = [], 0
+    logits, start = [], 0
     while start < len(linears):
         stop = start
         while stop < len(linears) and inputs[stop] is inputs[start]:
             stop += 1
         group = linears[start:stop]
-        logits = F.linear(inputs[start], torch.cat([l.weight for l in group]), torch.cat([l.bias for l in group]))
-        sizes = [l.out_features for l in group]
-        if len(set(sizes)) == 1:
-            probs = logits.view(logits.shape[0], len(group), sizes[0]).softmax(dim=-1)
-            weights += list(probs.unbind(1))
+        if len(group) == 1:
+            logits.append(F.linear(inputs[start], group[0].weight, group[0].bias))
         else:
-            weights += [chunk.softmax(dim=-1) for chunk in logits.split(sizes, dim=1)]
+            joint = F.linear(inputs[start], torch.cat([l.weight for l in group]), torch.cat([l.bias for l in group]))
+            logits += list(joint.split([l.out_features for l in group], dim=1))
         start = stop
-    return weights
+    return logits
 
 
-def gate_mixture(weights: Sequence[torch.Tensor], experts: torch.Tensor,
-                 expert_index: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
-    """``out[b, g] = sum_s weights[g][b, s] * experts[b, expert_index[g][s]]`` as one bmm.
+def mix_experts(logits: Sequence[torch.Tensor], experts: torch.Tensor,
+                expert_index: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """``out[b, g] = sum_s softmax(logits[g][b])[s] * experts[b, expert_index[g][s]]``: ``[B, G, D]``.
 
-    ``experts`` is ``[B, E, D]``. Gates that see a subset of the experts (PLE) get zero weight
-    on the others, so all gates of a level share one ``[B, G, E] @ [B, E, D]`` product.
+    ``experts`` is ``[B, E, D]``; ``expert_index`` None means every gate sees all experts in order.
     """
     batch, num_experts = experts.shape[0], experts.shape[1]
-    if expert_index is None:
-        mix = torch.stack(list(weights), dim=1)  # [B, G, E]
-    else:
-        rows = []
-        for w, index in zip(weights, expert_index):
-            if list(index) == list(range(num_experts)):
-                rows.append(w)
-            else:
-                idx = torch.as_tensor(list(index), device=w.device).expand(batch, -1)
-                rows.append(w.new_zeros(batch, num_experts).scatter(1, idx, w))
-        mix = torch.stack(rows, dim=1)
-    return torch.bmm(mix, experts)
+    index = [list(range(num_experts))] * len(logits) if expert_index is None else [list(i) for i in expert_index]
+    if use_triton(experts):
+        return _mix_triton(logits, experts, index)
+    rows = []
+    for lg, idx in zip(logits, index):
+        weights = lg.softmax(dim=-1)
+        if idx == list(range(num_experts)):
+            rows.append(weights)
+        else:
+            where = torch.tensor(idx, device=lg.device).expand(batch, -1)
+            rows.append(weights.new_zeros(batch, num_experts).scatter(1, where, weights))
+    return torch.bmm(torch.stack(rows, dim=1), experts)
+
+
+def _mix_triton(logits, experts: torch.Tensor, index) -> torch.Tensor:
+    from nextrec_fast.ops import triton_ops
+    experts_ebd = experts.transpose(0, 1)  # the Triton expert bank's own [E, B, D] layout
+    outputs: list[torch.Tensor | None] = [None] * len(logits)
+    # One launch per gate width (MMOE: one; PLE: task gates, then the wider shared gate).
+    for width in dict.fromkeys(lg.shape[1] for lg in logits):
+        members = [g for g, lg in enumerate(logits) if lg.shape[1] == width]
+        stacked = torch.stack([logits[g] for g in members])  # [G', B, S]
+        where = torch.tensor([index[g] for g in members], device=experts.device)
+        mixed = triton_ops.gate_mixture(stacked, experts_ebd, where)  # [G', B, D]
+        for slot, g in enumerate(members):
+            outputs[g] = mixed[slot]
+    return torch.stack(outputs, dim=1)
