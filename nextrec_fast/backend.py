@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 
+import torch
+
 BACKENDS = ("auto", "triton", "torch", "reference")
 _override: str | None = None
 
@@ -48,10 +50,16 @@ def use_triton(tensor) -> bool:
     backend = get_backend()
     if backend in ("torch", "reference"):
         return False
-    from nextrec_fast.ops import triton_ops
     if backend == "triton":
-        if not triton_ops.is_available(tensor.device):
+        if not _triton_available(str(tensor.device)):
             raise RuntimeError(f"NEXTREC_FAST_BACKEND=triton, but the Triton kernels cannot run on {tensor.device} "
                                "(they need CUDA, or TRITON_INTERPRET=1 set before import for CPU tensors)")
         return True
-    return tensor.is_cuda and triton_ops.is_available(tensor.device)
+    return tensor.is_cuda and _triton_available(str(tensor.device))
+
+
+@torch.compiler.assume_constant_result
+def _triton_available(device: str) -> bool:
+    # A constant for torch.compile: the check imports modules, which dynamo should not trace.
+    from nextrec_fast.ops import triton_ops
+    return triton_ops.is_available(device)

@@ -51,6 +51,12 @@ def _kernels():
     return _kernel_modules
 
 
+@torch.compiler.assume_constant_result
+def _activation_id(name: str) -> int:
+    # A compile-time constant: torch.compile must not trace the lazy kernel import.
+    return int(_kernels().activations.activation_id(name))
+
+
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -393,8 +399,8 @@ def expert_layer(
     elif x.dim() == 3 and x.shape[0] != E:
         raise ValueError(f"x is [G={x.shape[0]}, B, K] but there are E={E} experts: pass input_index [E]")
 
-    act = _kernels().activations.activation_id(activation)
-    is_prelu = act == _kernels().activations.PRELU.value
+    act = _activation_id(activation)
+    is_prelu = act == _activation_id("prelu")
     if is_prelu:
         if prelu_weight is None:
             raise ValueError("activation 'prelu' needs prelu_weight [E] (one slope per expert)")
