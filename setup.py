@@ -21,13 +21,19 @@ def _extensions():
         print("nextrec-fast: torch not importable at build time; the C++ extension is skipped "
               "(reference and PyTorch paths still work; the JIT build runs on first use)")
         return [], {}
+    from torch.utils import cpp_extension
+    if CUDA_HOME and not os.path.isdir(os.path.join(CUDA_HOME, "lib64")) \
+            and os.path.isdir("/usr/local/cuda/lib64"):
+        # torch derives CUDA_HOME from the nvcc on PATH; a wrapper script (/usr/local/bin/nvcc)
+        # makes that /usr/local, which has no CUDA libraries to link against.
+        CUDA_HOME = cpp_extension.CUDA_HOME = "/usr/local/cuda"
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     if not cpp:
         return [], {}
     use_cuda = bool(cu) and CUDA_HOME is not None and torch.version.cuda is not None \
         and os.environ.get("NEXTREC_FAST_NO_CUDA") != "1"
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     define = [("Py_LIMITED_API", None)] if False else []
     if use_cuda:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -38,7 +44,7 @@ def _extensions():
             "nextrec_fast._C", cpp + cu,
             include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=define + [("NEXTREC_FAST_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -1,0 +1,810 @@
+// nextrec_fast::pooled_embedding_* ops: schema, host-side plan (validation, output layout)
+// and the CPU kernels. CUDA kernels live in pooled_embedding_cuda.cu.
+//
+// One call pools every feature of a model into one [B, total_dim] output, written once.
+#include "pooled_embedding.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <numeric>
+#include <type_traits>
+
+namespace nextrec_fast {
+
+namespace {
+
+bool is_index_dtype(at::ScalarType t) { return t == at::kInt || t == at::kLong; }
+
+}  // namespace
+
+PoolingPlan make_plan(const PoolingArgs& a, at::IntArrayRef grad_padding_idx) {
+  const int64_t num_features = static_cast<int64_t>(a.ids.size());
+  const int64_t num_tables = static_cast<int64_t>(a.tables.size());
+  TORCH_CHECK_VALUE(num_features > 0, "pooled_embedding: no features given");
+  TORCH_CHECK_VALUE(num_tables > 0, "pooled_embedding: no tables given");
+  for (const auto& [n, what] : std::initializer_list<std::pair<int64_t, const char*>>{
+           {static_cast<int64_t>(a.offsets.size()), "offsets"},
+           {static_cast<int64_t>(a.table_index.size()), "table_index"},
+           {static_cast<int64_t>(a.combiners.size()), "combiners"},
+           {static_cast<int64_t>(a.mask_ids.size()), "mask_ids"},
+           {static_cast<int64_t>(a.max_lens.size()), "max_lens"},
+           {static_cast<int64_t>(a.names.size()), "feature_names"}}) {
+    TORCH_CHECK_VALUE(n == num_features, "pooled_embedding: ", what, " has ", n,
+                      " entries but there are ", num_features, " features (ids)");
+  }
+  TORCH_CHECK_VALUE(grad_padding_idx.empty() || static_cast<int64_t>(grad_padding_idx.size()) == num_tables,
+                    "pooled_embedding: grad_padding_idx has ", grad_padding_idx.size(),
+                    " entries but there are ", num_tables, " tables");
+
+  PoolingPlan plan;
+  TORCH_CHECK_VALUE(a.weights.size() == a.weighted_features.size(), "pooled_embedding: ", a.weights.size(),
+                    " per_id_weights for ", a.weighted_features.size(), " weighted_features");
+  plan.weight_slot.assign(num_features, -1);
+  for (size_t k = 0; k < a.weighted_features.size(); ++k) {
+    const int64_t f = a.weighted_features[k];
+    TORCH_CHECK_VALUE(f >= 0 && f < num_features && plan.weight_slot[f] < 0, "pooled_embedding: weighted_features[",
+                      k, "]=", f, " is out of range or repeated");
+    plan.weight_slot[f] = static_cast<int64_t>(k);
+  }
+  const at::Tensor& first = a.tables[0];
+  plan.dtype = first.scalar_type();
+  plan.device = first.device();
+  TORCH_CHECK_TYPE(plan.dtype == at::kFloat || plan.dtype == at::kHalf || plan.dtype == at::kBFloat16 ||
+                       (plan.dtype == at::kDouble && plan.device.is_cpu()),
+                   "pooled_embedding: tables must be float32, float16 or bfloat16 (float64 on CPU), got ",
+                   plan.dtype);
+  for (int64_t t = 0; t < num_tables; ++t) {
+    const at::Tensor& w = a.tables[t];
+    TORCH_CHECK_VALUE(w.dim() == 2, "pooled_embedding: table ", t, " must be 2-D [num_embeddings, dim], got shape ",
+                      w.sizes());
+    TORCH_CHECK_TYPE(w.scalar_type() == plan.dtype, "pooled_embedding: all tables must have one dtype; table ", t,
+                     " is ", w.scalar_type(), ", table 0 is ", plan.dtype);
+    TORCH_CHECK_VALUE(w.device() == plan.device, "pooled_embedding: all tables must be on one device; table ", t,
+                      " is on ", w.device(), ", table 0 on ", plan.device);
+    plan.tables.push_back(w.contiguous());
+  }
+
+  plan.batch = -1;
+  int64_t out_col = 0;
+  for (int64_t f = 0; f < num_features; ++f) {
+    const std::string& name = a.names[f];
+    const at::Tensor& ids = a.ids[f];
+    const int64_t t = a.table_index[f];
+    TORCH_CHECK_VALUE(t >= 0 && t < num_tables, "pooled_embedding: feature '", name, "': table_index ", t,
+                      " is out of range for ", num_tables, " tables");
+    const int64_t combiner = a.combiners[f];
+    TORCH_CHECK_VALUE(combiner == kSum || combiner == kMean || combiner == kConcat, "pooled_embedding: feature '",
+                      name, "': unknown combiner code ", combiner, " (0 sum, 1 mean, 2 concat)");
+    TORCH_CHECK_TYPE(is_index_dtype(ids.scalar_type()), "pooled_embedding: feature '", name,
+                     "': ids must be int32 or int64, got ", ids.scalar_type());
+    TORCH_CHECK_VALUE(ids.device() == plan.device, "pooled_embedding: feature '", name, "': ids are on ",
+                      ids.device(), " but the tables are on ", plan.device);
+    const at::Tensor& table = plan.tables[t];
+
+    FeatureMeta m{};
+    m.feature = f;
+    m.table_index = t;
+    m.vocab = table.size(0);
+    m.dim = table.size(1);
+    m.combiner = combiner;
+    m.mask_id = a.mask_ids[f];
+    m.max_len = a.max_lens[f];
+    // max_len=0 is rejected: nextrec's seq[:, -0:] would keep everything, which is surely not meant.
+    TORCH_CHECK_VALUE(m.max_len >= 1 || m.max_len == -1, "pooled_embedding: feature '", name,
+                      "': max_len must be >= 1 or -1 (keep all), got ", m.max_len);
+    m.grad_padding_idx = grad_padding_idx.empty() ? -1 : grad_padding_idx[t];
+    m.table = table.data_ptr();
+
+    at::Tensor ids_c = ids.contiguous();
+    int64_t rows;
+    const std::optional<at::Tensor>& offsets = a.offsets[f];
+    if (offsets.has_value()) {
+      TORCH_CHECK_VALUE(combiner != kConcat, "pooled_embedding: feature '", name,
+                        "': the concat combiner needs the padded layout [B, L], not jagged offsets");
+      TORCH_CHECK_VALUE(ids.dim() == 1, "pooled_embedding: feature '", name,
+                        "': jagged ids must be 1-D values, got shape ", ids.sizes());
+      TORCH_CHECK_TYPE(is_index_dtype(offsets->scalar_type()), "pooled_embedding: feature '", name,
+                       "': offsets must be int32 or int64, got ", offsets->scalar_type());
+      TORCH_CHECK_VALUE(offsets->dim() == 1 && offsets->numel() >= 1, "pooled_embedding: feature '", name,
+                        "': offsets must be 1-D [B + 1], got shape ", offsets->sizes());
+      TORCH_CHECK_VALUE(offsets->device() == plan.device, "pooled_embedding: feature '", name,
+                        "': offsets are on ", offsets->device(), " but the tables are on ", plan.device);
+      at::Tensor off_c = offsets->contiguous();
+      rows = off_c.numel() - 1;
+      m.offsets = off_c.data_ptr();
+      m.offsets_int64 = off_c.scalar_type() == at::kLong;
+      m.seq_len = ids_c.numel();
+      m.out_width = m.dim;
+      plan.offsets.push_back(off_c);
+    } else {
+      TORCH_CHECK_VALUE(ids.dim() == 1 || ids.dim() == 2, "pooled_embedding: feature '", name,
+                        "': padded ids must be [B], [B, 1] or [B, L], got shape ", ids.sizes());
+      rows = ids.size(0);
+      m.seq_len = ids.dim() == 2 ? ids.size(1) : 1;
+      const int64_t kept = m.max_len >= 0 ? std::min(m.seq_len, m.max_len) : m.seq_len;
+      if (combiner == kConcat) {
+        TORCH_CHECK_VALUE(m.max_len < 0 || m.seq_len >= m.max_len, "pooled_embedding: feature '", name,
+                          "': concat needs at least max_len=", m.max_len, " positions per row but ids have ",
+                          m.seq_len, " (shape ", ids.sizes(), "); pad the sequences to max_len");
+        m.out_width = kept * m.dim;
+      } else {
+        m.out_width = m.dim;
+      }
+    }
+    if (plan.batch < 0) plan.batch = rows;
+    TORCH_CHECK_VALUE(rows == plan.batch, "pooled_embedding: feature '", name, "' has batch size ", rows,
+                      " but feature '", a.names[0], "' has ", plan.batch);
+    m.ids = ids_c.data_ptr();
+    m.ids_int64 = ids_c.scalar_type() == at::kLong;
+    plan.ids.push_back(ids_c);
+
+    if (plan.weight_slot[f] >= 0) {
+      const at::Tensor* weights = &a.weights[plan.weight_slot[f]];
+      TORCH_CHECK_VALUE(combiner != kConcat, "pooled_embedding: feature '", name,
+                        "': per_id_weights apply to sum/mean only, not concat");
+      TORCH_CHECK_TYPE(weights->scalar_type() == plan.dtype, "pooled_embedding: feature '", name,
+                       "': per_id_weights must have the tables' dtype ", plan.dtype, ", got ",
+                       weights->scalar_type());
+      TORCH_CHECK_VALUE(weights->sizes() == ids.sizes(), "pooled_embedding: feature '", name,
+                        "': per_id_weights must have the shape of the ids ", ids.sizes(), ", got ",
+                        weights->sizes());
+      TORCH_CHECK_VALUE(weights->device() == plan.device, "pooled_embedding: feature '", name,
+                        "': per_id_weights are on ", weights->device(), " but the tables are on ", plan.device);
+      at::Tensor w_c = weights->contiguous();
+      m.weights = w_c.data_ptr();
+      plan.weights.push_back(w_c);
+    }
+    m.out_offset = out_col;
+    out_col += m.out_width;
+    plan.features.push_back(m);
+  }
+  plan.total_dim = out_col;
+  return plan;
+}
+
+void raise_kernel_error(const PoolingPlan& plan, const std::vector<std::string>& names, int64_t kind,
+                        int64_t feature, int64_t row, int64_t value) {
+  const std::string& name = names.at(feature);
+  const FeatureMeta& f = plan.features.at(feature);
+  switch (kind) {
+    case kIdOutOfRange:
+      TORCH_CHECK_VALUE(false, "pooled_embedding: feature '", name, "': id ", value, " in row ", row,
+                        " is out of range for its table (num_embeddings=", f.vocab, ")");
+    case kOffsetsNotMonotone:
+      TORCH_CHECK_VALUE(false, "pooled_embedding: feature '", name, "': offsets must be non-decreasing; offsets[",
+                        row + 1, "]=", value, " is below offsets[", row, "]");
+    case kOffsetsBadEnds:
+      TORCH_CHECK_VALUE(false, "pooled_embedding: feature '", name, "': offsets must start at 0 and end at ",
+                        "the number of ids (", f.seq_len, "); offsets[", row, "]=", value);
+    default:
+      TORCH_CHECK(false, "pooled_embedding: feature '", name, "': kernel error ", kind);
+  }
+}
+
+void attach_grads(PoolingPlan& plan, const TensorList& grads, at::IntArrayRef table_needs_grad) {
+  TORCH_CHECK_VALUE(table_needs_grad.size() == plan.tables.size(), "pooled_embedding backward: table_needs_grad has ",
+                    table_needs_grad.size(), " entries for ", plan.tables.size(), " tables");
+  std::vector<void*> grad_ptr(plan.tables.size(), nullptr);
+  size_t k = 0;
+  for (size_t t = 0; t < plan.tables.size(); ++t) {
+    if (!table_needs_grad[t]) continue;
+    TORCH_CHECK_VALUE(k < grads.size(), "pooled_embedding backward: fewer gradient buffers than tables needing grad");
+    const at::Tensor& g = grads[k++];
+    TORCH_CHECK_VALUE(g.sizes() == plan.tables[t].sizes() && g.scalar_type() == plan.dtype &&
+                          g.device() == plan.device && g.is_contiguous(),
+                      "pooled_embedding backward: gradient buffer for table ", t,
+                      " must be a contiguous tensor like the table");
+    grad_ptr[t] = g.data_ptr();
+  }
+  TORCH_CHECK_VALUE(k == grads.size(), "pooled_embedding backward: more gradient buffers than tables needing grad");
+  for (auto& f : plan.features) f.grad = grad_ptr[f.table_index];
+  plan.table_grads = grad_ptr;
+}
+
+// ------------------------------------------------------------------------------------------
+// CPU kernels
+// ------------------------------------------------------------------------------------------
+namespace {
+
+// First problem any thread finds; the kernels skip the bad id (never read out of bounds) and
+// the host raises after the parallel region.
+struct ErrorSink {
+  std::atomic<int64_t> kind{kNoError};
+  int64_t feature = 0, row = 0, value = 0;
+  void report(int64_t k, int64_t f, int64_t r, int64_t v) {
+    int64_t expected = kNoError;
+    if (kind.compare_exchange_strong(expected, k)) {
+      feature = f;
+      row = r;
+      value = v;
+    }
+  }
+  bool failed() const { return kind.load(std::memory_order_relaxed) != kNoError; }
+};
+
+// Offsets are host data on CPU: check them before any kernel reads a bag.
+void check_offsets_cpu(const PoolingPlan& plan, const std::vector<std::string>& names) {
+  for (const FeatureMeta& f : plan.features) {
+    if (f.offsets == nullptr) continue;
+    const int64_t first = load_index(f.offsets, f.offsets_int64, 0);
+    const int64_t last = load_index(f.offsets, f.offsets_int64, plan.batch);
+    if (first != 0) raise_kernel_error(plan, names, kOffsetsBadEnds, f.feature, 0, first);
+    if (last != f.seq_len) raise_kernel_error(plan, names, kOffsetsBadEnds, f.feature, plan.batch, last);
+    for (int64_t b = 0; b < plan.batch; ++b) {
+      const int64_t e = load_index(f.offsets, f.offsets_int64, b + 1);
+      if (e < load_index(f.offsets, f.offsets_int64, b)) raise_kernel_error(plan, names, kOffsetsNotMonotone,
+                                                                           f.feature, b, e);
+    }
+  }
+}
+
+#ifndef NEXTREC_FAST_PREFETCH
+#define NEXTREC_FAST_PREFETCH 16
+#endif
+constexpr int64_t kPrefetchDistance = NEXTREC_FAST_PREFETCH;
+
+// Pools rows [row_begin, row_end) of one feature into out (row stride out_stride).
+// `acc` is scratch of at least dim elements in the accumulation type.
+template <typename scalar_t, typename index_t>
+void pool_feature_rows(const FeatureMeta& f, scalar_t* out, int64_t out_stride, int64_t batch, int64_t row_begin,
+                       int64_t row_end, at::opmath_type<scalar_t>* acc, ErrorSink& err) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t* ids = static_cast<const index_t*>(f.ids);
+  const scalar_t* table = static_cast<const scalar_t*>(f.table);
+  const scalar_t* weights = static_cast<const scalar_t*>(f.weights);
+  const int64_t D = f.dim;
+
+  // Single-id lookup (sparse features): a plain row copy, prefetching rows a few bags ahead
+  // because the reads are random over a possibly large table.
+  const bool plain_copy = f.offsets == nullptr && f.seq_len == 1 && weights == nullptr &&
+                          (f.combiner == kConcat || (f.combiner == kSum && f.mask_id == -1));
+  if (plain_copy) {
+    for (int64_t b = row_begin; b < row_end; ++b) {
+      if (b + kPrefetchDistance < batch) {  // may run into the next task's rows: harmless
+        const int64_t ahead = static_cast<int64_t>(ids[b + kPrefetchDistance]);
+        if (id_in_range(ahead, f.vocab)) __builtin_prefetch(table + ahead * D);
+      }
+      const int64_t id = static_cast<int64_t>(ids[b]);
+      scalar_t* dst = out + b * out_stride + f.out_offset;
+      if (!id_in_range(id, f.vocab)) {
+        err.report(kIdOutOfRange, f.feature, b, id);
+        continue;
+      }
+      std::memcpy(dst, table + id * D, D * sizeof(scalar_t));
+    }
+    return;
+  }
+
+  for (int64_t b = row_begin; b < row_end; ++b) {
+    int64_t begin, end;
+    bag_bounds(f, b, &begin, &end);
+    begin = kept_begin(begin, end, f.max_len);
+    scalar_t* dst = out + b * out_stride + f.out_offset;
+    if (f.combiner == kConcat) {  // no mask: rows flattened in position order
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t id = static_cast<int64_t>(ids[p]);
+        if (!id_in_range(id, f.vocab)) {
+          err.report(kIdOutOfRange, f.feature, b, id);
+          continue;
+        }
+        std::memcpy(dst + (p - begin) * D, table + id * D, D * sizeof(scalar_t));
+      }
+      continue;
+    }
+    std::fill(acc, acc + D, acc_t(0));
+    int64_t count = 0;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t id = static_cast<int64_t>(ids[p]);
+      if (!id_in_range(id, f.vocab)) {
+        err.report(kIdOutOfRange, f.feature, b, id);
+        continue;
+      }
+      if (!is_pooled(id, f.mask_id)) continue;
+      ++count;
+      const scalar_t* row = table + id * D;
+      if (weights != nullptr) {
+        const acc_t w = static_cast<acc_t>(weights[p]);
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<acc_t>(row[d]);
+      } else {
+        for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(row[d]);
+      }
+    }
+    if (f.combiner == kMean) {
+      const acc_t denom = mean_denominator<acc_t>(count);
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d] / denom);
+    } else {
+      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+    }
+  }
+}
+
+template <typename scalar_t>
+using PoolFn = void (*)(const FeatureMeta&, scalar_t*, int64_t, int64_t, int64_t, int64_t, at::opmath_type<scalar_t>*,
+                        ErrorSink&);
+
+template <typename scalar_t>
+PoolFn<scalar_t> pool_fn(const FeatureMeta& f) {
+  return f.ids_int64 ? &pool_feature_rows<scalar_t, int64_t> : &pool_feature_rows<scalar_t, int32_t>;
+}
+
+// Rows per parallel chunk: all features of a chunk of rows, so each output row is written by
+// one thread while its cache lines are hot.
+constexpr int64_t kRowsPerTask = 64;
+
+template <typename scalar_t>
+void forward_cpu_kernel(const PoolingPlan& plan, at::Tensor& out, ErrorSink& err) {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t* out_ptr = out.data_ptr<scalar_t>();
+  const int64_t stride = plan.total_dim;
+  int64_t max_dim = 1;
+  std::vector<PoolFn<scalar_t>> fns;
+  for (const auto& f : plan.features) {
+    max_dim = std::max(max_dim, f.dim);
+    fns.push_back(pool_fn<scalar_t>(f));
+  }
+  at::parallel_for(0, plan.batch, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(max_dim);
+    for (int64_t b0 = begin; b0 < end; b0 += kRowsPerTask) {
+      const int64_t b1 = std::min(end, b0 + kRowsPerTask);
+      for (size_t i = 0; i < plan.features.size(); ++i)
+        fns[i](plan.features[i], out_ptr, stride, plan.batch, b0, b1, acc.data(), err);
+    }
+  });
+}
+
+#define NEXTREC_FAST_DISPATCH_FLOATING(dtype, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, NAME, __VA_ARGS__)
+
+at::Tensor forward_cpu(const TensorList& tables, const TensorList& ids, const OptTensorList& offsets,
+                       const TensorList& weights, at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners,
+                       at::IntArrayRef mask_ids, at::IntArrayRef max_lens, const std::vector<std::string>& names,
+                       at::IntArrayRef grad_padding_idx, bool check_ids, bool deterministic, bool sparse_grad) {
+  // grad_padding_idx, deterministic and sparse_grad are for the autograd formula only.
+  (void)grad_padding_idx, (void)deterministic, (void)sparse_grad;
+  // CPU ids are always range-checked: the check is a compare per id and it keeps every read in
+  // bounds; check_ids=False only matters on CUDA, where it saves a device sync.
+  (void)check_ids;
+  PoolingPlan plan = make_plan({tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens, names});
+  check_offsets_cpu(plan, names);
+  at::Tensor out = at::empty({plan.batch, plan.total_dim}, plan.tables[0].options());
+  ErrorSink err;
+  NEXTREC_FAST_DISPATCH_FLOATING(plan.dtype, "pooled_embedding_forward_cpu",
+                                 [&] { forward_cpu_kernel<scalar_t>(plan, out, err); });
+  if (err.failed()) raise_kernel_error(plan, names, err.kind.load(), err.feature, err.row, err.value);
+  return out;
+}
+
+// ---- backward: dense table gradients ----------------------------------------------------
+
+// A block of one table's rows owned by a single task: the task zeroes the block, then adds
+// every contribution whose id falls inside it, visiting features, rows and positions in a
+// fixed order. Each gradient row is therefore accumulated in the same order whatever the
+// thread count or partition: the CPU backward is always deterministic.
+struct RowBlock {
+  int64_t table;
+  int64_t row_begin, row_end;
+  int64_t bytes;
+};
+
+// Adds the block's contributions of one feature into `block` (rows [row_begin, row_end) of the
+// gradient, in the accumulation type).
+template <typename scalar_t, typename index_t>
+void scatter_feature_block(const FeatureMeta& f, const scalar_t* grad_out, int64_t out_stride, int64_t batch,
+                           const at::opmath_type<scalar_t>* denoms, int64_t row_begin, int64_t row_end,
+                           at::opmath_type<scalar_t>* block, at::opmath_type<scalar_t>* scaled) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t* ids = static_cast<const index_t*>(f.ids);
+  const scalar_t* weights = static_cast<const scalar_t*>(f.weights);
+  const int64_t D = f.dim;
+  auto owned = [&](int64_t id) { return id >= row_begin && id < row_end && receives_grad(f, id); };
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t begin, end;
+    bag_bounds(f, b, &begin, &end);
+    begin = kept_begin(begin, end, f.max_len);
+    const scalar_t* g = grad_out + b * out_stride;
+    if (f.combiner == kConcat) {
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t id = static_cast<int64_t>(ids[p]);
+        if (!owned(id)) continue;
+        const scalar_t* src = g + out_column(f, p - begin);
+        acc_t* dst = block + (id - row_begin) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] += static_cast<acc_t>(src[d]);
+      }
+      continue;
+    }
+    // Materialise grad_out / denominator lazily: most bags have no id in this block.
+    bool have_scaled = false;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t id = static_cast<int64_t>(ids[p]);
+      if (!owned(id)) continue;
+      if (!have_scaled) {
+        const scalar_t* src = g + f.out_offset;
+        if (f.combiner == kMean) {
+          const acc_t denom = denoms[b];
+          for (int64_t d = 0; d < D; ++d) scaled[d] = static_cast<acc_t>(src[d]) / denom;
+        } else {
+          for (int64_t d = 0; d < D; ++d) scaled[d] = static_cast<acc_t>(src[d]);
+        }
+        have_scaled = true;
+      }
+      acc_t* dst = block + (id - row_begin) * D;
+      if (weights != nullptr) {
+        const acc_t w = static_cast<acc_t>(weights[p]);
+        for (int64_t d = 0; d < D; ++d) dst[d] += scaled[d] * w;
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] += scaled[d];
+      }
+    }
+  }
+}
+
+// Mean denominators (count of pooled positions + 1e-16) per row of a mean feature.
+template <typename scalar_t, typename index_t>
+void mean_denominators(const FeatureMeta& f, int64_t batch, at::opmath_type<scalar_t>* denoms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t* ids = static_cast<const index_t*>(f.ids);
+  at::parallel_for(0, batch, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t begin, end;
+      bag_bounds(f, b, &begin, &end);
+      begin = kept_begin(begin, end, f.max_len);
+      int64_t count = 0;
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t id = static_cast<int64_t>(ids[p]);
+        count += id_in_range(id, f.vocab) && is_pooled(id, f.mask_id);
+      }
+      denoms[b] = mean_denominator<acc_t>(count);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t num_tables = static_cast<int64_t>(plan.tables.size());
+  const int64_t batch = plan.batch;
+  const scalar_t* g = grad_out.data_ptr<scalar_t>();
+
+  std::vector<std::vector<const FeatureMeta*>> readers(num_tables);
+  // Every table with a buffer is zeroed, even one that no feature reads.
+  const std::vector<void*>& grad_of = plan.table_grads;
+  int64_t max_dim = 1;
+  for (const auto& f : plan.features) {
+    if (f.grad == nullptr) continue;
+    readers[f.table_index].push_back(&f);
+    max_dim = std::max(max_dim, f.dim);
+  }
+  std::vector<std::vector<acc_t>> denoms(plan.features.size());
+  for (size_t i = 0; i < plan.features.size(); ++i) {
+    const FeatureMeta& f = plan.features[i];
+    if (f.grad == nullptr || f.combiner != kMean) continue;
+    denoms[i].resize(batch);
+    if (f.ids_int64) mean_denominators<scalar_t, int64_t>(f, batch, denoms[i].data());
+    else mean_denominators<scalar_t, int32_t>(f, batch, denoms[i].data());
+  }
+
+  // Split tables into row blocks. Blocks are large (every block rescans its table's ids) but
+  // numerous enough to balance threads; they are dealt round-robin, largest first.
+  const int64_t threads = at::get_num_threads();
+  int64_t total_bytes = 0;
+  for (int64_t t = 0; t < num_tables; ++t)
+    if (grad_of[t] != nullptr) total_bytes += plan.tables[t].numel() * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t block_bytes = std::max<int64_t>(total_bytes / (4 * threads), 1 << 20);
+  std::vector<RowBlock> blocks;
+  for (int64_t t = 0; t < num_tables; ++t) {
+    if (grad_of[t] == nullptr) continue;
+    const int64_t V = plan.tables[t].size(0);
+    const int64_t row_bytes = std::max<int64_t>(plan.tables[t].size(1) * sizeof(scalar_t), 1);
+    const int64_t rows_per_block = std::max<int64_t>(block_bytes / row_bytes, 1);
+    for (int64_t r = 0; r < V; r += rows_per_block) {
+      const int64_t e = std::min(V, r + rows_per_block);
+      blocks.push_back({t, r, e, (e - r) * row_bytes});
+    }
+  }
+  std::stable_sort(blocks.begin(), blocks.end(), [](const RowBlock& x, const RowBlock& y) { return x.bytes > y.bytes; });
+
+  const int64_t num_blocks = static_cast<int64_t>(blocks.size());
+  const int64_t workers = std::max<int64_t>(1, std::min(threads, num_blocks));
+  // fp32/fp64 gradients accumulate in place; half types accumulate in an fp32 scratch block
+  // that is rounded once into the gradient.
+  constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<acc_t> scaled(max_dim), scratch;
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t i = w; i < num_blocks; i += workers) {
+        const RowBlock& blk = blocks[i];
+        const int64_t D = plan.tables[blk.table].size(1);
+        const int64_t n = (blk.row_end - blk.row_begin) * D;
+        scalar_t* grad = static_cast<scalar_t*>(grad_of[blk.table]) + blk.row_begin * D;
+        acc_t* block;
+        if constexpr (in_place) {
+          block = grad;
+        } else {
+          scratch.resize(n);
+          block = scratch.data();
+        }
+        std::memset(block, 0, n * sizeof(acc_t));
+        for (const FeatureMeta* f : readers[blk.table]) {
+          const acc_t* dn = denoms[f->feature].empty() ? nullptr : denoms[f->feature].data();
+          if (f->ids_int64)
+            scatter_feature_block<scalar_t, int64_t>(*f, g, plan.total_dim, batch, dn, blk.row_begin, blk.row_end,
+                                                     block, scaled.data());
+          else
+            scatter_feature_block<scalar_t, int32_t>(*f, g, plan.total_dim, batch, dn, blk.row_begin, blk.row_end,
+                                                     block, scaled.data());
+        }
+        if constexpr (!in_place)
+          for (int64_t k = 0; k < n; ++k) grad[k] = static_cast<scalar_t>(block[k]);
+      }
+    }
+  });
+}
+
+PoolingPlan backward_plan(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
+                          const OptTensorList& offsets, const TensorList& weights, at::IntArrayRef weighted_features, at::IntArrayRef table_index,
+                          at::IntArrayRef combiners, at::IntArrayRef mask_ids, at::IntArrayRef max_lens,
+                          const std::vector<std::string>& names, at::IntArrayRef grad_padding_idx) {
+  PoolingPlan plan = make_plan({tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens, names},
+                               grad_padding_idx);
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == plan.batch && grad_out.size(1) == plan.total_dim,
+                    "pooled_embedding backward: grad_out must be [", plan.batch, ", ", plan.total_dim, "], got ",
+                    grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == plan.dtype && grad_out.device() == plan.device,
+                   "pooled_embedding backward: grad_out must be ", plan.dtype, " on ", plan.device);
+  return plan;
+}
+
+void backward_into_cpu(const at::Tensor& grad_out, const TensorList& grads, const TensorList& tables,
+                       const TensorList& ids, const OptTensorList& offsets, const TensorList& weights,
+                       at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
+                       at::IntArrayRef max_lens, const std::vector<std::string>& names,
+                       at::IntArrayRef grad_padding_idx, at::IntArrayRef table_needs_grad, bool deterministic) {
+  (void)deterministic;  // the CPU backward is always deterministic (fixed per-row order)
+  PoolingPlan plan = backward_plan(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
+                                   max_lens, names, grad_padding_idx);
+  check_offsets_cpu(plan, names);
+  attach_grads(plan, grads, table_needs_grad);
+  at::Tensor g = grad_out.contiguous();
+  NEXTREC_FAST_DISPATCH_FLOATING(plan.dtype, "pooled_embedding_backward_cpu",
+                                 [&] { backward_cpu_kernel<scalar_t>(plan, g); });
+}
+
+TensorList backward_cpu(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
+                        const OptTensorList& offsets, const TensorList& weights, at::IntArrayRef weighted_features, at::IntArrayRef table_index,
+                        at::IntArrayRef combiners, at::IntArrayRef mask_ids, at::IntArrayRef max_lens,
+                        const std::vector<std::string>& names, at::IntArrayRef grad_padding_idx,
+                        at::IntArrayRef table_needs_grad, bool deterministic) {
+  TensorList grads;
+  for (size_t t = 0; t < tables.size() && t < table_needs_grad.size(); ++t)
+    // Uninitialised: the kernel zeroes each block in the thread that then fills it.
+    if (table_needs_grad[t]) grads.push_back(at::empty(tables[t].sizes(), tables[t].options()));
+  backward_into_cpu(grad_out, grads, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens, names,
+                    grad_padding_idx, table_needs_grad, deterministic);
+  return grads;
+}
+
+// ---- backward: sparse (COO) table gradients ------------------------------------------------
+
+// Entries (row id, gradient row) of one feature, in row-major position order, like
+// nn.Embedding(sparse=True)'s uncoalesced gradient. Returns nothing; fills idx/val from `start`.
+template <typename scalar_t, typename index_t>
+void sparse_feature_entries(const FeatureMeta& f, const scalar_t* grad_out, int64_t out_stride, int64_t batch,
+                            std::vector<int64_t>& bag_start, int64_t* idx, scalar_t* val) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t* ids = static_cast<const index_t*>(f.ids);
+  const scalar_t* weights = static_cast<const scalar_t*>(f.weights);
+  const int64_t D = f.dim;
+  at::parallel_for(0, batch, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t begin, end;
+      bag_bounds(f, b, &begin, &end);
+      begin = kept_begin(begin, end, f.max_len);
+      int64_t count = 0;
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t id = static_cast<int64_t>(ids[p]);
+        count += id_in_range(id, f.vocab) && is_pooled(id, f.mask_id);
+      }
+      const acc_t denom = mean_denominator<acc_t>(count);
+      int64_t k = bag_start[b];
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t id = static_cast<int64_t>(ids[p]);
+        if (!receives_grad(f, id)) continue;
+        const scalar_t* src = grad_out + b * out_stride + out_column(f, p - begin);
+        const acc_t w = weights != nullptr ? static_cast<acc_t>(weights[p]) : acc_t(1);
+        idx[k] = id;
+        scalar_t* dst = val + k * D;
+        for (int64_t d = 0; d < D; ++d) {
+          acc_t v = static_cast<acc_t>(src[d]);
+          if (f.combiner == kMean) v /= denom;
+          dst[d] = static_cast<scalar_t>(v * w);
+        }
+        ++k;
+      }
+    }
+  });
+}
+
+template <typename index_t>
+void count_sparse_entries(const FeatureMeta& f, int64_t batch, std::vector<int64_t>& per_bag) {
+  const index_t* ids = static_cast<const index_t*>(f.ids);
+  at::parallel_for(0, batch, 1024, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t begin, end;
+      bag_bounds(f, b, &begin, &end);
+      begin = kept_begin(begin, end, f.max_len);
+      int64_t n = 0;
+      for (int64_t p = begin; p < end; ++p) n += receives_grad(f, static_cast<int64_t>(ids[p]));
+      per_bag[b] = n;
+    }
+  });
+}
+
+// Per table needing a gradient: indices [N] (int64) and values [N, D], flattened as
+// [indices_0, values_0, indices_1, values_1, ...].
+TensorList backward_sparse_cpu(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
+                               const OptTensorList& offsets, const TensorList& weights,
+                               at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
+                               at::IntArrayRef max_lens, const std::vector<std::string>& names,
+                               at::IntArrayRef grad_padding_idx, at::IntArrayRef table_needs_grad) {
+  PoolingPlan plan = backward_plan(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
+                                   max_lens, names, grad_padding_idx);
+  check_offsets_cpu(plan, names);
+  TORCH_CHECK_VALUE(table_needs_grad.size() == plan.tables.size(), "pooled_embedding backward: table_needs_grad has ",
+                    table_needs_grad.size(), " entries for ", plan.tables.size(), " tables");
+  at::Tensor g = grad_out.contiguous();
+  const int64_t batch = plan.batch;
+  // Entry layout: features in order, each feature's bags in row order.
+  std::vector<std::vector<int64_t>> bag_start(plan.features.size());
+  std::vector<int64_t> table_entries(plan.tables.size(), 0), feature_start(plan.features.size(), 0);
+  for (size_t i = 0; i < plan.features.size(); ++i) {
+    const FeatureMeta& f = plan.features[i];
+    if (!table_needs_grad[f.table_index]) continue;
+    std::vector<int64_t>& starts = bag_start[i];
+    starts.assign(batch, 0);
+    if (f.ids_int64) count_sparse_entries<int64_t>(f, batch, starts);
+    else count_sparse_entries<int32_t>(f, batch, starts);
+    int64_t run = table_entries[f.table_index];
+    feature_start[i] = run;
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t n = starts[b];
+      starts[b] = run;
+      run += n;
+    }
+    table_entries[f.table_index] = run;
+  }
+  TensorList out;
+  std::vector<at::Tensor> idx_of(plan.tables.size()), val_of(plan.tables.size());
+  for (size_t t = 0; t < plan.tables.size(); ++t) {
+    if (!table_needs_grad[t]) continue;
+    idx_of[t] = at::empty({table_entries[t]}, g.options().dtype(at::kLong));
+    val_of[t] = at::empty({table_entries[t], plan.tables[t].size(1)}, g.options());
+    out.push_back(idx_of[t]);
+    out.push_back(val_of[t]);
+  }
+  for (size_t i = 0; i < plan.features.size(); ++i) {
+    const FeatureMeta& f = plan.features[i];
+    if (!table_needs_grad[f.table_index]) continue;
+    NEXTREC_FAST_DISPATCH_FLOATING(plan.dtype, "pooled_embedding_backward_sparse_cpu", [&] {
+      int64_t* idx = idx_of[f.table_index].data_ptr<int64_t>();
+      scalar_t* val = val_of[f.table_index].data_ptr<scalar_t>();
+      if (f.ids_int64)
+        sparse_feature_entries<scalar_t, int64_t>(f, g.data_ptr<scalar_t>(), plan.total_dim, batch, bag_start[i],
+                                                  idx, val);
+      else
+        sparse_feature_entries<scalar_t, int32_t>(f, g.data_ptr<scalar_t>(), plan.total_dim, batch, bag_start[i],
+                                                  idx, val);
+    });
+  }
+  return out;
+}
+
+// ---- backward: per-id weights --------------------------------------------------------------
+
+template <typename scalar_t, typename index_t>
+void weight_grad_feature(const FeatureMeta& f, const scalar_t* grad_out, int64_t out_stride, int64_t batch,
+                         scalar_t* wgrad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t* ids = static_cast<const index_t*>(f.ids);
+  const scalar_t* table = static_cast<const scalar_t*>(f.table);
+  const int64_t D = f.dim;
+  at::parallel_for(0, batch, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t begin, end;
+      bag_bounds(f, b, &begin, &end);
+      const int64_t kept = kept_begin(begin, end, f.max_len);
+      for (int64_t p = begin; p < kept; ++p) wgrad[p] = scalar_t(0);  // truncated away
+      int64_t count = 0;
+      for (int64_t p = kept; p < end; ++p) {
+        const int64_t id = static_cast<int64_t>(ids[p]);
+        count += id_in_range(id, f.vocab) && is_pooled(id, f.mask_id);
+      }
+      const acc_t denom = f.combiner == kMean ? mean_denominator<acc_t>(count) : acc_t(1);
+      const scalar_t* g = grad_out + b * out_stride + f.out_offset;
+      for (int64_t p = kept; p < end; ++p) {
+        const int64_t id = static_cast<int64_t>(ids[p]);
+        acc_t dot = 0;
+        if (id_in_range(id, f.vocab) && is_pooled(id, f.mask_id)) {
+          const scalar_t* row = table + id * D;
+          for (int64_t d = 0; d < D; ++d) dot += static_cast<acc_t>(g[d]) * static_cast<acc_t>(row[d]);
+          if (f.combiner == kMean) dot /= denom;
+        }
+        wgrad[p] = static_cast<scalar_t>(dot);
+      }
+    }
+  });
+}
+
+TensorList weight_backward_cpu(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
+                               const OptTensorList& offsets, const TensorList& weights,
+                               at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
+                               at::IntArrayRef max_lens, const std::vector<std::string>& names) {
+  PoolingPlan plan = backward_plan(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
+                                   max_lens, names, {});
+  check_offsets_cpu(plan, names);
+  at::Tensor g = grad_out.contiguous();
+  TensorList out(weights.size());
+  for (size_t i = 0; i < plan.features.size(); ++i) {
+    const FeatureMeta& f = plan.features[i];
+    if (plan.weight_slot[i] < 0) continue;  // (an empty weights tensor has a null data pointer)
+    at::Tensor wgrad = at::empty(weights[plan.weight_slot[i]].sizes(), weights[plan.weight_slot[i]].options());
+    NEXTREC_FAST_DISPATCH_FLOATING(plan.dtype, "pooled_embedding_weight_backward_cpu", [&] {
+      if (f.ids_int64)
+        weight_grad_feature<scalar_t, int64_t>(f, g.data_ptr<scalar_t>(), plan.total_dim, plan.batch,
+                                               wgrad.data_ptr<scalar_t>());
+      else
+        weight_grad_feature<scalar_t, int32_t>(f, g.data_ptr<scalar_t>(), plan.total_dim, plan.batch,
+                                               wgrad.data_ptr<scalar_t>());
+    });
+    out[plan.weight_slot[i]] = wgrad;
+  }
+  return out;
+}
+
+}  // namespace
+
+}  // namespace nextrec_fast
+
+// Fragment, not TORCH_LIBRARY: other parts of the package may define ops in this namespace.
+TORCH_LIBRARY_FRAGMENT(nextrec_fast, m) {
+  m.def(
+      "pooled_embedding_forward(Tensor[] tables, Tensor[] ids, Tensor?[] offsets, Tensor[] per_id_weights, int[] weighted_features, "
+      "int[] table_index, int[] combiners, int[] mask_ids, int[] max_lens, str[] feature_names, "
+      "int[] grad_padding_idx, bool check_ids, bool deterministic, bool sparse_grad) -> Tensor");
+  // Dense gradients of the tables with table_needs_grad[t] != 0, in table order.
+  m.def(
+      "pooled_embedding_backward(Tensor grad_out, Tensor[] tables, Tensor[] ids, Tensor?[] offsets, "
+      "Tensor[] per_id_weights, int[] weighted_features, int[] table_index, int[] combiners, int[] mask_ids, int[] max_lens, "
+      "str[] feature_names, int[] grad_padding_idx, int[] table_needs_grad, bool deterministic) -> Tensor[]");
+  // The same, written into caller-provided buffers (overwritten, not accumulated): lets the
+  // Python side reuse gradient buffers across steps.
+  m.def(
+      "pooled_embedding_backward_into(Tensor grad_out, Tensor(a!)[] grads, Tensor[] tables, Tensor[] ids, "
+      "Tensor?[] offsets, Tensor[] per_id_weights, int[] weighted_features, int[] table_index, int[] combiners, int[] mask_ids, "
+      "int[] max_lens, str[] feature_names, int[] grad_padding_idx, int[] table_needs_grad, "
+      "bool deterministic) -> ()");
+  // Sparse gradients (uncoalesced COO, like nn.Embedding(sparse=True)): per table that needs a
+  // gradient, its int64 row indices [N] then values [N, D].
+  m.def(
+      "pooled_embedding_backward_sparse(Tensor grad_out, Tensor[] tables, Tensor[] ids, Tensor?[] offsets, "
+      "Tensor[] per_id_weights, int[] weighted_features, int[] table_index, int[] combiners, int[] mask_ids, int[] max_lens, "
+      "str[] feature_names, int[] grad_padding_idx, int[] table_needs_grad) -> Tensor[]");
+  // Gradients of the per-id weights, in the order of per_id_weights.
+  m.def(
+      "pooled_embedding_weight_backward(Tensor grad_out, Tensor[] tables, Tensor[] ids, Tensor?[] offsets, "
+      "Tensor[] per_id_weights, int[] weighted_features, int[] table_index, int[] combiners, int[] mask_ids, int[] max_lens, "
+      "str[] feature_names) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(nextrec_fast, CPU, m) {
+  m.impl("pooled_embedding_forward", &nextrec_fast::forward_cpu);
+  m.impl("pooled_embedding_backward", &nextrec_fast::backward_cpu);
+  m.impl("pooled_embedding_backward_into", &nextrec_fast::backward_into_cpu);
+  m.impl("pooled_embedding_backward_sparse", &nextrec_fast::backward_sparse_cpu);
+  m.impl("pooled_embedding_weight_backward", &nextrec_fast::weight_backward_cpu);
+}
+

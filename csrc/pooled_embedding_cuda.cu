@@ -1,0 +1,432 @@
+// CUDA implementation of the nextrec_fast::pooled_embedding_* ops (schema and CPU kernels in
+// pooled_embedding.cpp). Per-bag semantics come from pooling_common.h, shared with the CPU.
+//
+// Forward: one launch for all features; a group of G lanes (G = power of two covering the
+// largest dim, at most a warp) pools one (feature, row) bag, accumulating in fp32.
+// Backward: deterministic mode emits (global row, entry) pairs, stable-sorts them by row and
+// reduces each run in a fixed order with a single writer per row; otherwise atomics.
+#include "pooled_embedding.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/Atomic.cuh>
+// ATen/cuda/CUDAContext.h is avoided on purpose: it pulls in cuSPARSE/cuBLAS headers that a
+// bare CUDA toolkit (nvcc + runtime only) does not ship.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+namespace nextrec_fast {
+namespace {
+
+constexpr int kThreads = 256;
+
+#define NEXTREC_FAST_DISPATCH_CUDA_FLOATING(dtype, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, NAME, __VA_ARGS__)
+
+// Copies the per-feature metadata (a few hundred bytes) to the device with one async copy
+// from pinned memory (the caching host allocator keeps the staging buffer alive until done).
+at::Tensor upload_meta(const PoolingPlan& plan) {
+  const int64_t bytes = static_cast<int64_t>(plan.features.size() * sizeof(FeatureMeta));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), plan.features.data(), bytes);
+  return host.to(plan.device, /*non_blocking=*/true);
+}
+
+int lanes_per_bag(const PoolingPlan& plan) {
+  int64_t max_dim = 1;
+  for (const auto& f : plan.features) max_dim = std::max(max_dim, f.dim);
+  int g = 1;
+  while (g < max_dim && g < 32) g *= 2;
+  return g;
+}
+
+// Error record [kind, feature, row, value]; the first reporter wins.
+__device__ void report_error(int64_t* err, int64_t kind, int64_t feature, int64_t row, int64_t value) {
+  if (err == nullptr) return;
+  unsigned long long* slot = reinterpret_cast<unsigned long long*>(err);
+  if (atomicCAS(slot, 0ull, static_cast<unsigned long long>(kind)) == 0ull) {
+    err[1] = feature;
+    err[2] = row;
+    err[3] = value;
+  }
+}
+
+// Validates the offsets of a jagged bag (lane 0 of the bag's group reports).
+__device__ void check_bag_offsets(const FeatureMeta& f, int64_t b, int64_t batch, int64_t* err) {
+  if (f.offsets == nullptr) return;
+  const int64_t lo = load_index(f.offsets, f.offsets_int64, b);
+  const int64_t hi = load_index(f.offsets, f.offsets_int64, b + 1);
+  if (b == 0 && lo != 0) report_error(err, kOffsetsBadEnds, f.feature, 0, lo);
+  if (b == batch - 1 && hi != f.seq_len) report_error(err, kOffsetsBadEnds, f.feature, batch, hi);
+  if (hi < lo) report_error(err, kOffsetsNotMonotone, f.feature, b, hi);
+}
+
+template <typename scalar_t>
+__global__ void forward_kernel(const FeatureMeta* __restrict__ feats, int64_t num_bags, int64_t batch,
+                               scalar_t* __restrict__ out, int64_t out_stride, int lanes, int64_t* err) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t bag = thread / lanes;
+  const int lane = static_cast<int>(thread % lanes);
+  if (bag >= num_bags) return;
+  const FeatureMeta& f = feats[bag / batch];
+  const int64_t b = bag % batch;
+  if (lane == 0) check_bag_offsets(f, b, batch, err);
+  int64_t begin, end;
+  bag_bounds(f, b, &begin, &end);
+  begin = kept_begin(begin, end, f.max_len);
+  const scalar_t* table = static_cast<const scalar_t*>(f.table);
+  const scalar_t* weights = static_cast<const scalar_t*>(f.weights);
+  scalar_t* dst = out + b * out_stride + f.out_offset;
+  const int64_t D = f.dim;
+
+  if (f.combiner == kConcat) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t id = load_index(f.ids, f.ids_int64, p);
+      scalar_t* slot = dst + (p - begin) * D;
+      if (!id_in_range(id, f.vocab)) {
+        if (lane == 0) report_error(err, kIdOutOfRange, f.feature, b, id);
+        for (int64_t d = lane; d < D; d += lanes) slot[d] = scalar_t(0);
+        continue;
+      }
+      const scalar_t* row = table + id * D;
+      for (int64_t d = lane; d < D; d += lanes) slot[d] = row[d];
+    }
+    return;
+  }
+  // Dims beyond 4 * lanes are handled in further passes over the bag.
+  constexpr int kPerLane = 4;
+  for (int64_t d0 = 0; d0 < D; d0 += static_cast<int64_t>(kPerLane) * lanes) {
+    acc_t acc[kPerLane] = {0, 0, 0, 0};
+    int64_t count = 0;
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t id = load_index(f.ids, f.ids_int64, p);
+      if (!id_in_range(id, f.vocab)) {
+        if (lane == 0 && d0 == 0) report_error(err, kIdOutOfRange, f.feature, b, id);
+        continue;
+      }
+      if (!is_pooled(id, f.mask_id)) continue;
+      ++count;
+      const acc_t w = weights != nullptr ? static_cast<acc_t>(weights[p]) : acc_t(1);
+      const scalar_t* row = table + id * D;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const int64_t d = d0 + static_cast<int64_t>(k) * lanes + lane;
+        if (d < D) acc[k] += weights != nullptr ? w * static_cast<acc_t>(row[d]) : static_cast<acc_t>(row[d]);
+      }
+    }
+    const acc_t denom = mean_denominator<acc_t>(count);
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t d = d0 + static_cast<int64_t>(k) * lanes + lane;
+      if (d < D) dst[d] = static_cast<scalar_t>(f.combiner == kMean ? acc[k] / denom : acc[k]);
+    }
+  }
+}
+
+// Raises the first kernel-reported problem (one device sync).
+void raise_if_failed(const PoolingPlan& plan, const std::vector<std::string>& names, const at::Tensor& err) {
+  at::Tensor host = err.cpu();
+  const int64_t* e = host.data_ptr<int64_t>();
+  if (e[0] != kNoError) raise_kernel_error(plan, names, e[0], e[1], e[2], e[3]);
+}
+
+at::Tensor forward_cuda(const TensorList& tables, const TensorList& ids, const OptTensorList& offsets,
+                        const TensorList& weights, at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners,
+                        at::IntArrayRef mask_ids, at::IntArrayRef max_lens, const std::vector<std::string>& names,
+                        at::IntArrayRef grad_padding_idx, bool check_ids, bool deterministic, bool sparse_grad) {
+  // grad_padding_idx, deterministic and sparse_grad are for the autograd formula only.
+  (void)grad_padding_idx, (void)deterministic, (void)sparse_grad;
+  PoolingPlan plan = make_plan({tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens, names});
+  c10::cuda::CUDAGuard guard(plan.device);
+  at::Tensor out = at::empty({plan.batch, plan.total_dim}, plan.tables[0].options());
+  const int64_t num_bags = static_cast<int64_t>(plan.features.size()) * plan.batch;
+  if (num_bags == 0) return out;
+  at::Tensor meta = upload_meta(plan);
+  at::Tensor err = at::zeros({4}, plan.tables[0].options().dtype(at::kLong));
+  const int lanes = lanes_per_bag(plan);
+  const int64_t blocks = (num_bags * lanes + kThreads - 1) / kThreads;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_forward_cuda", [&] {
+    forward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        reinterpret_cast<const FeatureMeta*>(meta.data_ptr()), num_bags, plan.batch, out.data_ptr<scalar_t>(),
+        plan.total_dim, lanes, err.data_ptr<int64_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (check_ids) raise_if_failed(plan, names, err);
+  return out;
+}
+
+// ---- backward: dense table gradients ----------------------------------------------------
+
+// Number of (kept or not) ids of a feature: every one gets an entry slot in the backward.
+int64_t num_positions(const FeatureMeta& f, int64_t batch) {
+  return f.offsets == nullptr ? batch * f.seq_len : f.seq_len;
+}
+
+// Per kept, gradient-receiving position either adds its contribution atomically
+// (entry_key == nullptr) or records an entry (global row key, grad_out column, scale) for
+// the deterministic sorted reduction. entry_base[fi] is the feature's first entry slot.
+template <typename scalar_t>
+__global__ void emit_kernel(const FeatureMeta* __restrict__ feats, int64_t num_bags, int64_t batch,
+                            const scalar_t* __restrict__ grad_out, int64_t out_stride, int lanes,
+                            const int64_t* __restrict__ entry_base, int64_t* __restrict__ entry_key,
+                            int64_t* __restrict__ entry_src, float* __restrict__ entry_denom,
+                            float* __restrict__ entry_weight, int32_t* __restrict__ entry_feature) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t bag = thread / lanes;
+  const int lane = static_cast<int>(thread % lanes);
+  if (bag >= num_bags) return;
+  const int64_t fi = bag / batch;
+  const FeatureMeta& f = feats[fi];
+  if (f.grad == nullptr) return;
+  const int64_t b = bag % batch;
+  int64_t begin, end;
+  bag_bounds(f, b, &begin, &end);
+  begin = kept_begin(begin, end, f.max_len);
+  int64_t count = 0;
+  if (f.combiner == kMean)
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t id = load_index(f.ids, f.ids_int64, p);
+      count += id_in_range(id, f.vocab) && is_pooled(id, f.mask_id);
+    }
+  const acc_t denom = f.combiner == kMean ? mean_denominator<acc_t>(count) : acc_t(1);
+  const scalar_t* weights = static_cast<const scalar_t*>(f.weights);
+  scalar_t* grad = static_cast<scalar_t*>(f.grad);
+  const int64_t D = f.dim;
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t id = load_index(f.ids, f.ids_int64, p);
+    if (!receives_grad(f, id)) continue;
+    const acc_t w = weights != nullptr ? static_cast<acc_t>(weights[p]) : acc_t(1);
+    const int64_t src = b * out_stride + out_column(f, p - begin);
+    if (entry_key != nullptr) {
+      if (lane == 0) {
+        const int64_t e = entry_base[fi] + p;
+        entry_key[e] = f.row_base + id;
+        entry_src[e] = src;
+        entry_denom[e] = static_cast<float>(denom);
+        entry_weight[e] = static_cast<float>(w);
+        entry_feature[e] = static_cast<int32_t>(fi);
+      }
+      continue;
+    }
+    for (int64_t d = lane; d < D; d += lanes) {
+      acc_t v = static_cast<acc_t>(grad_out[src + d]);
+      if (f.combiner == kMean) v /= denom;
+      gpuAtomicAdd(grad + id * D + d, static_cast<scalar_t>(v * w));
+    }
+  }
+}
+
+// One group per sorted entry; the group that starts a run of equal rows reduces the run in
+// sorted (= stable, emission) order and writes the row once: deterministic.
+template <typename scalar_t>
+__global__ void reduce_sorted_kernel(const FeatureMeta* __restrict__ feats, int64_t num_entries, int64_t sentinel,
+                                     const scalar_t* __restrict__ grad_out, int lanes,
+                                     const int64_t* __restrict__ sorted_key, const int64_t* __restrict__ order,
+                                     const int64_t* __restrict__ entry_src, const float* __restrict__ entry_denom,
+                                     const float* __restrict__ entry_weight,
+                                     const int32_t* __restrict__ entry_feature) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t i = thread / lanes;
+  const int lane = static_cast<int>(thread % lanes);
+  if (i >= num_entries) return;
+  const int64_t key = sorted_key[i];
+  if (key == sentinel || (i > 0 && sorted_key[i - 1] == key)) return;
+  const FeatureMeta& head = feats[entry_feature[order[i]]];
+  const int64_t D = head.dim;
+  scalar_t* grad_row = static_cast<scalar_t*>(head.grad) + (key - head.row_base) * D;
+  for (int64_t d = lane; d < D; d += lanes) {
+    acc_t acc = 0;
+    for (int64_t j = i; j < num_entries && sorted_key[j] == key; ++j) {
+      const int64_t e = order[j];
+      acc_t v = static_cast<acc_t>(grad_out[entry_src[e] + d]);
+      if (feats[entry_feature[e]].combiner == kMean) v /= static_cast<acc_t>(entry_denom[e]);
+      acc += v * static_cast<acc_t>(entry_weight[e]);
+    }
+    grad_row[d] = static_cast<scalar_t>(static_cast<acc_t>(grad_row[d]) + acc);
+  }
+}
+
+PoolingPlan backward_plan_cuda(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
+                               const OptTensorList& offsets, const TensorList& weights,
+                               at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
+                               at::IntArrayRef max_lens, const std::vector<std::string>& names,
+                               at::IntArrayRef grad_padding_idx) {
+  PoolingPlan plan = make_plan({tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens, names},
+                               grad_padding_idx);
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == plan.batch && grad_out.size(1) == plan.total_dim,
+                    "pooled_embedding backward: grad_out must be [", plan.batch, ", ", plan.total_dim, "], got ",
+                    grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == plan.dtype && grad_out.device() == plan.device,
+                   "pooled_embedding backward: grad_out must be ", plan.dtype, " on ", plan.device);
+  return plan;
+}
+
+void backward_into_cuda(const at::Tensor& grad_out, const TensorList& grads, const TensorList& tables,
+                        const TensorList& ids, const OptTensorList& offsets, const TensorList& weights,
+                        at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
+                        at::IntArrayRef max_lens, const std::vector<std::string>& names,
+                        at::IntArrayRef grad_padding_idx, at::IntArrayRef table_needs_grad, bool deterministic) {
+  PoolingPlan plan = backward_plan_cuda(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
+                                        max_lens, names, grad_padding_idx);
+  c10::cuda::CUDAGuard guard(plan.device);
+  attach_grads(plan, grads, table_needs_grad);
+  for (const at::Tensor& g : grads) g.zero_();
+  // Global row space over the tables that need a gradient (sort keys of the deterministic path).
+  std::vector<int64_t> row_base(plan.tables.size(), 0);
+  int64_t total_rows = 0;
+  for (size_t t = 0; t < plan.tables.size(); ++t) {
+    row_base[t] = total_rows;
+    if (table_needs_grad[t]) total_rows += plan.tables[t].size(0);
+  }
+  std::vector<int64_t> entry_base(plan.features.size(), 0);
+  int64_t num_entries = 0;
+  for (size_t i = 0; i < plan.features.size(); ++i) {
+    FeatureMeta& f = plan.features[i];
+    f.row_base = row_base[f.table_index];
+    entry_base[i] = num_entries;
+    if (f.grad != nullptr) num_entries += num_positions(f, plan.batch);
+  }
+  const int64_t num_bags = static_cast<int64_t>(plan.features.size()) * plan.batch;
+  if (num_bags == 0 || num_entries == 0) return;
+
+  at::Tensor g = grad_out.contiguous();
+  at::Tensor meta = upload_meta(plan);
+  const auto long_opts = g.options().dtype(at::kLong);
+  const int lanes = lanes_per_bag(plan);
+  const int64_t blocks = (num_bags * lanes + kThreads - 1) / kThreads;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const FeatureMeta* feats = reinterpret_cast<const FeatureMeta*>(meta.data_ptr());
+
+  if (!deterministic) {
+    NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_backward_cuda", [&] {
+      emit_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(feats, num_bags, plan.batch, g.data_ptr<scalar_t>(),
+                                                             plan.total_dim, lanes, nullptr, nullptr, nullptr,
+                                                             nullptr, nullptr, nullptr);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  at::Tensor base_dev = at::tensor(entry_base, at::TensorOptions().dtype(at::kLong)).to(plan.device, true);
+  // Slots of positions that send no gradient keep the sentinel key and sort last.
+  at::Tensor keys = at::full({num_entries}, total_rows, long_opts);
+  at::Tensor src = at::empty({num_entries}, long_opts);
+  at::Tensor denom = at::empty({num_entries}, g.options().dtype(at::kFloat));
+  at::Tensor weight = at::empty({num_entries}, g.options().dtype(at::kFloat));
+  at::Tensor feature = at::empty({num_entries}, g.options().dtype(at::kInt));
+  NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_backward_cuda", [&] {
+    emit_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        feats, num_bags, plan.batch, g.data_ptr<scalar_t>(), plan.total_dim, lanes, base_dev.data_ptr<int64_t>(),
+        keys.data_ptr<int64_t>(), src.data_ptr<int64_t>(), denom.data_ptr<float>(), weight.data_ptr<float>(),
+        feature.data_ptr<int32_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto [sorted_keys, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const int64_t reduce_blocks = (num_entries * lanes + kThreads - 1) / kThreads;
+  NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_backward_cuda", [&] {
+    reduce_sorted_kernel<scalar_t><<<reduce_blocks, kThreads, 0, stream>>>(
+        feats, num_entries, total_rows, g.data_ptr<scalar_t>(), lanes, sorted_keys.data_ptr<int64_t>(),
+        order.data_ptr<int64_t>(), src.data_ptr<int64_t>(), denom.data_ptr<float>(), weight.data_ptr<float>(),
+        feature.data_ptr<int32_t>());
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+TensorList backward_cuda(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
+                         const OptTensorList& offsets, const TensorList& weights, at::IntArrayRef weighted_features, at::IntArrayRef table_index,
+                         at::IntArrayRef combiners, at::IntArrayRef mask_ids, at::IntArrayRef max_lens,
+                         const std::vector<std::string>& names, at::IntArrayRef grad_padding_idx,
+                         at::IntArrayRef table_needs_grad, bool deterministic) {
+  TensorList grads;
+  for (size_t t = 0; t < tables.size() && t < table_needs_grad.size(); ++t)
+    if (table_needs_grad[t]) grads.push_back(at::empty(tables[t].sizes(), tables[t].options()));
+  backward_into_cuda(grad_out, grads, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens,
+                     names, grad_padding_idx, table_needs_grad, deterministic);
+  return grads;
+}
+
+// ---- backward: per-id weights (one thread per position; weights are a rare option) ----------
+
+template <typename scalar_t>
+__global__ void weight_grad_kernel(FeatureMeta f, int64_t batch, const scalar_t* __restrict__ grad_out,
+                                   int64_t out_stride, scalar_t* __restrict__ wgrad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n = f.offsets == nullptr ? batch * f.seq_len : f.seq_len;
+  if (p >= n) return;
+  int64_t b;
+  if (f.offsets == nullptr) {
+    b = p / f.seq_len;
+  } else {  // last bag whose start is <= p (upper bound over the offsets)
+    int64_t lo = 0, hi = batch;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (load_index(f.offsets, f.offsets_int64, mid + 1) <= p) lo = mid + 1;
+      else hi = mid;
+    }
+    b = lo;
+  }
+  wgrad[p] = scalar_t(0);
+  if (b >= batch) return;
+  int64_t begin, end;
+  bag_bounds(f, b, &begin, &end);
+  begin = kept_begin(begin, end, f.max_len);
+  if (p < begin || p >= end) return;
+  const int64_t id = load_index(f.ids, f.ids_int64, p);
+  if (!id_in_range(id, f.vocab) || !is_pooled(id, f.mask_id)) return;
+  int64_t count = 0;
+  if (f.combiner == kMean)
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t other = load_index(f.ids, f.ids_int64, q);
+      count += id_in_range(other, f.vocab) && is_pooled(other, f.mask_id);
+    }
+  const scalar_t* row = static_cast<const scalar_t*>(f.table) + id * f.dim;
+  const scalar_t* g = grad_out + b * out_stride + f.out_offset;
+  acc_t dot = 0;
+  for (int64_t d = 0; d < f.dim; ++d) dot += static_cast<acc_t>(g[d]) * static_cast<acc_t>(row[d]);
+  if (f.combiner == kMean) dot /= mean_denominator<acc_t>(count);
+  wgrad[p] = static_cast<scalar_t>(dot);
+}
+
+TensorList weight_backward_cuda(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
+                                const OptTensorList& offsets, const TensorList& weights,
+                                at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
+                                at::IntArrayRef max_lens, const std::vector<std::string>& names) {
+  PoolingPlan plan = backward_plan_cuda(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
+                                        max_lens, names, {});
+  c10::cuda::CUDAGuard guard(plan.device);
+  at::Tensor g = grad_out.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  TensorList out(weights.size());
+  for (size_t i = 0; i < plan.features.size(); ++i) {
+    const FeatureMeta& f = plan.features[i];
+    if (plan.weight_slot[i] < 0) continue;  // (an empty weights tensor has a null data pointer)
+    at::Tensor wgrad = at::empty(weights[plan.weight_slot[i]].sizes(), weights[plan.weight_slot[i]].options());
+    const int64_t n = wgrad.numel();
+    if (n > 0) {
+      NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_weight_backward_cuda", [&] {
+        weight_grad_kernel<scalar_t><<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+            f, plan.batch, g.data_ptr<scalar_t>(), plan.total_dim, wgrad.data_ptr<scalar_t>());
+      });
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    out[plan.weight_slot[i]] = wgrad;
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace nextrec_fast
+
+TORCH_LIBRARY_IMPL(nextrec_fast, CUDA, m) {
+  m.impl("pooled_embedding_forward", &nextrec_fast::forward_cuda);
+  m.impl("pooled_embedding_backward", &nextrec_fast::backward_cuda);
+  m.impl("pooled_embedding_backward_into", &nextrec_fast::backward_into_cuda);
+  m.impl("pooled_embedding_weight_backward", &nextrec_fast::weight_backward_cuda);
+}

@@ -1,0 +1,376 @@
+"""One-call multi-feature embedding pooling (nextrec 0.3.1 EmbeddingLayer semantics).
+
+The kernels are C++/CUDA ops registered in ``csrc/`` as ``torch.ops.nextrec_fast.pooled_embedding_*``;
+this module adds their fake (meta) implementations and the autograd formula through
+``torch.library``, and the public wrapper :func:`pooled_embedding`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+
+import torch
+from torch import Tensor
+
+from nextrec_fast import _extension
+
+__all__ = ["pooled_embedding", "is_available", "unavailable_reason", "COMBINERS"]
+
+COMBINERS = {"sum": 0, "mean": 1, "concat": 2}
+_SUM, _MEAN, _CONCAT = 0, 1, 2
+
+
+def is_available() -> bool:
+    return _OPS_REGISTERED
+
+
+def unavailable_reason() -> str:
+    return _extension.unavailable_reason()
+
+
+def pooled_embedding(
+    tables: list[Tensor],
+    ids: list[Tensor],
+    *,
+    table_index: list[int],
+    combiners: list[str],
+    mask_ids: list[int],
+    max_lens: list[int],
+    feature_names: list[str],
+    offsets: list[Tensor | None] | None = None,
+    per_id_weights: list[Tensor | None] | None = None,
+    grad_padding_idx: list[int] | None = None,
+    check_ids: bool = True,
+    deterministic: bool | None = None,
+    sparse_grad: bool = False,
+) -> Tensor:
+    """Pools every feature and returns ``[B, total_dim]``: the features' outputs in the given order.
+
+    Per feature ``f`` reading ``tables[table_index[f]]`` (``[V, D]``):
+
+    - ``"sum"``: sum over the kept positions whose id != ``mask_ids[f]`` of the rows (times the
+      per-id weight if given), accumulated in fp32; ``"mean"``: that sum / (count + 1e-16), where
+      count is the number of such positions (so an all-padding bag gives zeros; with weights the
+      weighted sum is divided by the same count); ``"concat"``: the kept rows flattened, no
+      masking, ``[B, max_len * D]`` (padded layout only).
+    - Padded ids are ``[B]``/``[B, 1]`` (one id) or ``[B, L]``; jagged ids are 1-D values with
+      ``offsets[f]`` = ``[B + 1]`` (starting at 0, ending at ``len(values)``). A bag keeps its
+      last ``max_lens[f]`` positions (-1: all), like nextrec's ``seq[:, -max_len:]``.
+    - Backward gives each table a dense gradient (shared tables: one summed gradient); the row
+      ``grad_padding_idx[t]`` gets none. ``sparse_grad=True`` gives uncoalesced sparse COO
+      gradients instead, like ``nn.Embedding(sparse=True)``.
+    - ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()`` (the CPU
+      backward is always deterministic). ``check_ids=False`` skips the id-range report on CUDA
+      (one device sync); ids are always checked on the CPU, and never read out of bounds.
+    """
+    if not _OPS_REGISTERED:
+        raise RuntimeError(f"nextrec_fast pooled_embedding is unavailable: {unavailable_reason()}")
+    num_features = len(ids)
+    offsets = [None] * num_features if offsets is None else list(offsets)
+    per_id_weights = [None] * num_features if per_id_weights is None else list(per_id_weights)
+    grad_padding_idx = [-1] * len(tables) if grad_padding_idx is None else [int(p) for p in grad_padding_idx]
+    for what, values in (("table_index", table_index), ("combiners", combiners), ("mask_ids", mask_ids),
+                         ("max_lens", max_lens), ("feature_names", feature_names), ("offsets", offsets),
+                         ("per_id_weights", per_id_weights)):
+        if len(values) != num_features:
+            raise ValueError(f"pooled_embedding: {what} has {len(values)} entries but there are "
+                             f"{num_features} features (ids)")
+    codes = []
+    for name, combiner in zip(feature_names, combiners):
+        code = COMBINERS.get(combiner)
+        if code is None:
+            raise ValueError(f"pooled_embedding: feature '{name}': unknown combiner {combiner!r} "
+                             f"(expected one of {sorted(COMBINERS)})")
+        codes.append(code)
+    _check_devices_and_dtypes(tables, ids, offsets, per_id_weights, feature_names)
+    if sparse_grad and tables and tables[0].device.type != "cpu":
+        raise NotImplementedError("pooled_embedding: sparse_grad=True is implemented on the CPU only; "
+                                  "use the dense gradient on CUDA")
+    # Weights travel as a list of tensors plus their feature indices: torch.library only
+    # differentiates lists whose items are all tensors.
+    weighted_features = [f for f, w in enumerate(per_id_weights) if w is not None]
+    weights = [per_id_weights[f] for f in weighted_features]
+    if tables:
+        weights = [w if w.dtype == tables[0].dtype else w.to(tables[0].dtype) for w in weights]
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return torch.ops.nextrec_fast.pooled_embedding_forward(
+        list(tables), list(ids), offsets, weights, weighted_features, [int(t) for t in table_index], codes,
+        [int(m) for m in mask_ids], [int(m) for m in max_lens], list(feature_names), grad_padding_idx,
+        bool(check_ids), bool(deterministic), bool(sparse_grad))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes (fake / meta implementations): the same rules as make_plan() in csrc/pooled_embedding.cpp
+# ---------------------------------------------------------------------------------------------
+
+def _check_devices_and_dtypes(tables, ids, offsets, weights, feature_names):
+    """Checked here as well as in C++: a mix of devices would otherwise be dispatched by the
+    highest-priority device (e.g. meta) and never reach the C++ checks."""
+    if not tables:
+        return
+    device, dtype = tables[0].device, tables[0].dtype
+    for t, table in enumerate(tables):
+        if table.device != device:
+            raise ValueError(f"pooled_embedding: all tables must be on one device; table {t} is on "
+                             f"{table.device}, table 0 on {device}")
+        if table.dtype != dtype:
+            raise TypeError(f"pooled_embedding: all tables must have one dtype; table {t} is {table.dtype}, "
+                            f"table 0 is {dtype}")
+    for f, name in enumerate(feature_names):
+        for what, tensor in (("ids", ids[f]), ("offsets", offsets[f]), ("per_id_weights", weights[f])):
+            if tensor is not None and tensor.device != device:
+                raise ValueError(f"pooled_embedding: feature '{name}': {what} are on {tensor.device} but the "
+                                 f"tables are on {device}")
+
+
+def _output_shape(tables, ids, offsets, table_index, combiners, max_lens, feature_names):
+    batch = None
+    total = 0
+    for f, feature_ids in enumerate(ids):
+        name = feature_names[f]
+        if feature_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"pooled_embedding: feature '{name}': ids must be int32 or int64, got {feature_ids.dtype}")
+        if not 0 <= table_index[f] < len(tables):
+            raise ValueError(f"pooled_embedding: feature '{name}': table_index {table_index[f]} is out of range")
+        dim = tables[table_index[f]].shape[1]
+        if max_lens[f] < 1 and max_lens[f] != -1:
+            raise ValueError(f"pooled_embedding: feature '{name}': max_len must be >= 1 or -1 (keep all), "
+                             f"got {max_lens[f]}")
+        if offsets[f] is not None:
+            if combiners[f] == _CONCAT:
+                raise ValueError(f"pooled_embedding: feature '{name}': the concat combiner needs the padded layout")
+            if feature_ids.dim() != 1 or offsets[f].dim() != 1:
+                raise ValueError(f"pooled_embedding: feature '{name}': jagged ids and offsets must be 1-D")
+            rows = offsets[f].shape[0] - 1
+            width = dim
+        else:
+            if feature_ids.dim() not in (1, 2):
+                raise ValueError(f"pooled_embedding: feature '{name}': padded ids must be [B], [B, 1] or [B, L], "
+                                 f"got shape {tuple(feature_ids.shape)}")
+            rows = feature_ids.shape[0]
+            seq_len = feature_ids.shape[1] if feature_ids.dim() == 2 else 1
+            if combiners[f] == _CONCAT:
+                if max_lens[f] >= 0 and seq_len < max_lens[f]:
+                    raise ValueError(f"pooled_embedding: feature '{name}': concat needs at least "
+                                     f"max_len={max_lens[f]} positions per row but ids have {seq_len}")
+                width = (min(seq_len, max_lens[f]) if max_lens[f] >= 0 else seq_len) * dim
+            else:
+                width = dim
+        if batch is None:
+            batch = rows
+        elif rows != batch:
+            raise ValueError(f"pooled_embedding: feature '{name}' has batch size {rows} but "
+                             f"feature '{feature_names[0]}' has {batch}")
+        total += width
+    return batch, total
+
+
+def _register_fakes():
+    @torch.library.register_fake("nextrec_fast::pooled_embedding_forward")
+    def _forward_fake(tables, ids, offsets, per_id_weights, weighted_features, table_index, combiners, mask_ids, max_lens,
+                      feature_names, grad_padding_idx, check_ids, deterministic, sparse_grad):
+        weights = [None] * len(ids)
+        for f, w in zip(weighted_features, per_id_weights):
+            weights[f] = w
+        _check_devices_and_dtypes(tables, ids, offsets, weights, feature_names)
+        batch, total = _output_shape(tables, ids, offsets, table_index, combiners, max_lens, feature_names)
+        return tables[0].new_empty((batch, total))
+
+    @torch.library.register_fake("nextrec_fast::pooled_embedding_backward")
+    def _backward_fake(grad_out, tables, ids, offsets, per_id_weights, weighted_features, table_index, combiners, mask_ids,
+                       max_lens, feature_names, grad_padding_idx, table_needs_grad, deterministic):
+        return [t.new_empty(t.shape) for t, need in zip(tables, table_needs_grad) if need]
+
+    @torch.library.register_fake("nextrec_fast::pooled_embedding_backward_into")
+    def _backward_into_fake(grad_out, grads, tables, ids, offsets, per_id_weights, weighted_features, table_index, combiners,
+                            mask_ids, max_lens, feature_names, grad_padding_idx, table_needs_grad, deterministic):
+        return None
+
+    @torch.library.register_fake("nextrec_fast::pooled_embedding_weight_backward")
+    def _weight_backward_fake(grad_out, tables, ids, offsets, per_id_weights, weighted_features, table_index, combiners, mask_ids,
+                              max_lens, feature_names):
+        return [w.new_empty(w.shape) for w in per_id_weights]
+
+    @torch.library.register_fake("nextrec_fast::pooled_embedding_backward_sparse")
+    def _backward_sparse_fake(grad_out, tables, ids, offsets, per_id_weights, weighted_features, table_index, combiners, mask_ids,
+                              max_lens, feature_names, grad_padding_idx, table_needs_grad):
+        ctx = torch.library.get_ctx()
+        out = []
+        for t, need in zip(tables, table_needs_grad):
+            if need:
+                n = ctx.new_dynamic_size()
+                out += [t.new_empty((n,), dtype=torch.int64), t.new_empty((n, t.shape[1]))]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient buffer reuse
+# ---------------------------------------------------------------------------------------------
+#
+# Dense table gradients are as large as the tables, and a fresh V x D buffer per step costs page
+# faults (on CPU a fresh 256 MiB torch.zeros is ~5x slower than re-zeroing an existing one). So
+# per table we keep an *alias* (a second TensorImpl on the same storage, made with detach(),
+# which unlike view() holds no reference to the returned tensor) of the last buffer we returned.
+# AccumulateGrad "steals" a returned gradient whose TensorImpl nobody else references, so
+# param.grad ends up sharing that storage. On the next backward, if the storage is referenced by
+# our alias alone (the user ran zero_grad(set_to_none=True), or autograd only added our buffer
+# into an existing .grad and dropped it), nobody can observe it any more: we re-zero and return
+# it again. Otherwise (.grad kept, gradient accumulation, retain_graph, hooks holding it) we
+# allocate a fresh buffer, exactly as nn.Embedding would. Entries are keyed weakly on the table,
+# so the cache never keeps a model alive; it is off under torch.compile tracing and with
+# NEXTREC_FAST_GRAD_REUSE=0.
+
+def _storage_refs(t: Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+# References a storage has when a single tensor uses it (the measurement itself adds a
+# temporary Python storage object; measured rather than assumed).
+_SOLE_OWNER_REFS = _storage_refs(torch.empty(1))
+
+
+class _GradBufferCache:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: dict[int, tuple[weakref.ref, Tensor]] = {}
+
+    def acquire(self, table: Tensor) -> Tensor:
+        """A contiguous buffer shaped like ``table`` that nobody else can observe (contents undefined)."""
+        key = id(table)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                ref, alias = entry
+                if (ref() is table and alias.shape == table.shape and alias.dtype == table.dtype
+                        and alias.device == table.device and _storage_refs(alias) == _SOLE_OWNER_REFS):
+                    return alias.detach()
+            buffer = torch.empty(table.shape, dtype=table.dtype, device=table.device)
+
+            def _forget(dead_ref, key=key, entries=self._entries):
+                current = entries.get(key)
+                if current is not None and current[0] is dead_ref:
+                    del entries[key]
+
+            self._entries[key] = (weakref.ref(table, _forget), buffer.detach())
+            return buffer
+
+    def clear(self):
+        with self._lock:
+            self._entries.clear()
+
+
+_grad_buffers = _GradBufferCache()
+
+
+def _grad_reuse_enabled(sample: Tensor) -> bool:
+    if os.environ.get("NEXTREC_FAST_GRAD_REUSE", "1") == "0":
+        return False
+    # Under torch.compile / make_fx the tensors are fake or functional wrappers, or a dispatch
+    # mode traces the ops: no reuse.
+    if torch.compiler.is_compiling() or type(sample) is not torch.Tensor:
+        return False
+    return torch._C._len_torch_dispatch_stack() == 0 and not torch._is_functional_tensor(sample)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output):
+    (tables, ids, offsets, per_id_weights, weighted_features, table_index, combiners, mask_ids, max_lens,
+     feature_names, grad_padding_idx, check_ids, deterministic, sparse_grad) = inputs
+    # The gradient structure must mirror the inputs: lists whose items are all tensors (empty
+    # lists included) get per-item gradients, any other argument a single None.
+    ctx.grad_structure = [len(a) if isinstance(a, (list, tuple)) and all(isinstance(x, Tensor) for x in a) else None
+                          for a in inputs]
+    ctx.num_tables = len(tables)
+    ctx.num_features = len(ids)
+    ctx.num_weights = len(per_id_weights)
+    ctx.offset_slots = [o is not None for o in offsets]
+    ctx.weighted_features = list(weighted_features)
+    ctx.table_refs = [weakref.ref(t) for t in tables]
+    ctx.static = (list(table_index), list(combiners), list(mask_ids), list(max_lens), list(feature_names))
+    ctx.grad_padding_idx = list(grad_padding_idx)
+    ctx.deterministic = deterministic
+    ctx.sparse_grad = sparse_grad
+    ctx.save_for_backward(*tables, *ids, *[o for o in offsets if o is not None], *per_id_weights)
+
+
+def _unpack(ctx):
+    saved = list(ctx.saved_tensors)
+    tables = saved[:ctx.num_tables]
+    ids = saved[ctx.num_tables:ctx.num_tables + ctx.num_features]
+    rest = iter(saved[ctx.num_tables + ctx.num_features:])
+    offsets = [next(rest) if present else None for present in ctx.offset_slots]
+    return tables, ids, offsets, list(rest)
+
+
+def _per_item(needs, count):
+    """needs_input_grad of a list argument: a list of flags, or one flag (e.g. a list of Nones)."""
+    if isinstance(needs, (list, tuple)):
+        return [bool(n) for n in needs] + [False] * (count - len(needs))
+    return [bool(needs)] * count
+
+
+def _backward(ctx, grad_out):
+    tables, ids, offsets, weights = _unpack(ctx)
+    table_index, combiners, mask_ids, max_lens, names = ctx.static
+    needs = ctx.needs_input_grad
+    table_needs = _per_item(needs[0], ctx.num_tables)
+    weight_needs = _per_item(needs[3], ctx.num_weights)
+    grad_out = grad_out.contiguous()
+    table_grads = [None] * len(tables)
+    mask = [int(n) for n in table_needs]
+    ops = torch.ops.nextrec_fast
+    if any(table_needs) and ctx.sparse_grad:
+        flat = ops.pooled_embedding_backward_sparse(grad_out, tables, ids, offsets, weights, ctx.weighted_features, table_index, combiners,
+                                                    mask_ids, max_lens, names, ctx.grad_padding_idx, mask)
+        pairs = iter(zip(flat[0::2], flat[1::2]))
+        for t, need in enumerate(table_needs):
+            if need:
+                indices, values = next(pairs)
+                table_grads[t] = torch.sparse_coo_tensor(indices.unsqueeze(0), values, tables[t].shape,
+                                                         check_invariants=False)  # in range by construction
+    elif any(table_needs):
+        if _grad_reuse_enabled(grad_out):
+            buffers = []
+            for t, need in enumerate(table_needs):
+                if need:
+                    owner = ctx.table_refs[t]()
+                    buffers.append(_grad_buffers.acquire(owner if owner is not None else tables[t]))
+            ops.pooled_embedding_backward_into(grad_out, buffers, tables, ids, offsets, weights, ctx.weighted_features, table_index,
+                                               combiners, mask_ids, max_lens, names, ctx.grad_padding_idx, mask,
+                                               ctx.deterministic)
+        else:
+            buffers = ops.pooled_embedding_backward(grad_out, tables, ids, offsets, weights, ctx.weighted_features, table_index, combiners,
+                                                    mask_ids, max_lens, names, ctx.grad_padding_idx, mask,
+                                                    ctx.deterministic)
+        it = iter(buffers)
+        table_grads = [next(it) if need else None for need in table_needs]
+    weight_grads = [None] * len(weights)
+    if any(weight_needs):
+        computed = ops.pooled_embedding_weight_backward(grad_out, tables, ids, offsets, weights,
+                                                        ctx.weighted_features, table_index, combiners, mask_ids,
+                                                        max_lens, names)
+        weight_grads = [g if need else None for g, need in zip(computed, weight_needs)]
+    grads = [None if n is None else [None] * n for n in ctx.grad_structure]
+    grads[0], grads[3] = table_grads, weight_grads
+    return tuple(grads)
+
+
+def _register_autograd():
+    torch.library.register_autograd("nextrec_fast::pooled_embedding_forward", _backward,
+                                    setup_context=_setup_context)
+
+
+def _register() -> bool:
+    if not _extension.is_available():
+        return False
+    _register_fakes()
+    _register_autograd()
+    return True
+
+
+_OPS_REGISTERED = _register()
