@@ -16,30 +16,23 @@ from nextrec_fast.layers.embedding import FastEmbeddingLayer
 from nextrec_fast.layers.experts import run_experts
 from nextrec_fast.layers.gates import gate_logits, mix_experts
 
-__all__ = ["ESMM", "MMOE", "PLE"]
+__all__ = ["ESMM", "MMOE", "PLE", "FastESMMForward", "FastMMOEForward", "FastPLEForward"]
 
 
-class _FastModelMixin:
-    def _use_fast_embedding(self):
-        # Same parameters, same state_dict keys: only the class (and so the forward) changes.
-        self.embedding.__class__ = FastEmbeddingLayer
-        self.embedding._build_plan()
+class _FastForward:
+    """The fast forward passes are mixins over a model with nextrec's module layout: our
+    reference models here, nextrec's own classes in ``nextrec_fast.integration``. With the
+    ``reference`` backend they defer to the next class's forward (nextrec's loops)."""
 
     def _embed(self, x) -> torch.Tensor:
         with record_function("nextrec_fast.embedding"):
             return self.embedding(x=x, features=self.all_features, squeeze_dim=True)
 
 
-class ESMM(_FastModelMixin, reference.ESMM):
-    __doc__ = reference.ESMM.__doc__
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._use_fast_embedding()
-
+class FastESMMForward(_FastForward):
     def forward(self, x):
         if get_backend() == "reference":
-            return reference.ESMM.forward(self, x)
+            return super().forward(x)
         features = self._embed(x)
         with record_function("nextrec_fast.towers"):
             logits = run_experts([self.ctr_tower, self.cvr_tower], [features]).flatten(1)  # [B, 2]
@@ -47,16 +40,10 @@ class ESMM(_FastModelMixin, reference.ESMM):
         return torch.cat([ctr, ctr * cvr], dim=1)
 
 
-class MMOE(_FastModelMixin, reference.MMOE):
-    __doc__ = reference.MMOE.__doc__
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._use_fast_embedding()
-
+class FastMMOEForward(_FastForward):
     def forward(self, x):
         if get_backend() == "reference":
-            return reference.MMOE.forward(self, x)
+            return super().forward(x)
         features = self._embed(x)
         with record_function("nextrec_fast.experts"):
             experts = run_experts(self.experts, [features])  # [B, E, D]
@@ -67,16 +54,10 @@ class MMOE(_FastModelMixin, reference.MMOE):
         return self.prediction_layer(logits)
 
 
-class PLE(_FastModelMixin, reference.PLE):
-    __doc__ = reference.PLE.__doc__
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._use_fast_embedding()
-
+class FastPLEForward(_FastForward):
     def forward(self, x):
         if get_backend() == "reference":
-            return reference.PLE.forward(self, x)
+            return super().forward(x)
         features = self._embed(x)
         tasks = self.num_tasks
         n_shared, n_specific = self.num_shared_experts, self.num_specific_experts
@@ -106,3 +87,33 @@ class PLE(_FastModelMixin, reference.PLE):
         with record_function("nextrec_fast.towers"):
             logits = run_experts(self.towers, gated[:, :tasks].transpose(0, 1)).flatten(1)  # [B, T]
         return self.prediction_layer(logits)
+
+
+def _use_fast_embedding(model) -> None:
+    # Same parameters, same state_dict keys: only the class (and so the forward) changes.
+    model.embedding.__class__ = FastEmbeddingLayer
+    model.embedding._build_plan()
+
+
+class ESMM(FastESMMForward, reference.ESMM):
+    __doc__ = reference.ESMM.__doc__
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _use_fast_embedding(self)
+
+
+class MMOE(FastMMOEForward, reference.MMOE):
+    __doc__ = reference.MMOE.__doc__
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _use_fast_embedding(self)
+
+
+class PLE(FastPLEForward, reference.PLE):
+    __doc__ = reference.PLE.__doc__
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _use_fast_embedding(self)

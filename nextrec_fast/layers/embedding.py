@@ -45,14 +45,12 @@ def _pooling_backend():
     return op if op.is_available() else None
 
 
-class FastEmbeddingLayer(reference.EmbeddingLayer):
-    """nextrec's EmbeddingLayer with a batched forward."""
+class FastEmbeddingMixin:
+    """A batched forward for a module with nextrec's EmbeddingLayer attributes (``features``,
+    ``embed_dict``, ``dense_transforms``, ``dense_input_dims``): ours, or nextrec's own class in
+    ``nextrec_fast.integration``. Call ``_build_plan()`` once the attributes exist."""
 
     check_inputs = True  # id-range and shape checks (one aminmax per feature)
-
-    def __init__(self, features: list):
-        super().__init__(features)
-        self._build_plan()
 
     def _build_plan(self):
         table_names = list(self.embed_dict.keys())
@@ -144,3 +142,11 @@ class FastEmbeddingLayer(reference.EmbeddingLayer):
         # embedding_bag skips padding_idx entries in the sum, in the mean's count and in the
         # gradient: exactly nextrec's mask (mean: sum / count, and 0 for an all-padding row).
         return F.embedding_bag(ids, weight, mode=slot.combiner, padding_idx=slot.mask_id)
+
+
+class FastEmbeddingLayer(FastEmbeddingMixin, reference.EmbeddingLayer):
+    """nextrec's EmbeddingLayer with a batched forward."""
+
+    def __init__(self, features: list):
+        super().__init__(features)
+        self._build_plan()

@@ -1,0 +1,243 @@
+"""accelerate / restore / patch_nextrec on the real nextrec 0.3.1 models."""
+from __future__ import annotations
+
+import copy
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import nextrec_fast
+from model_factory import random_features, random_inputs, random_model_kwargs
+
+pytest.importorskip("nextrec", reason="nextrec 0.3.1 is not installed (CI installs it: see .ci/run)")
+from nextrec.basic import features as nr_features  # noqa: E402
+from nextrec.models.multi_task.esmm import ESMM  # noqa: E402
+from nextrec.models.multi_task.mmoe import MMOE  # noqa: E402
+from nextrec.models.multi_task.ple import PLE  # noqa: E402
+
+pytestmark = pytest.mark.nextrec
+MODELS = {"esmm": ESMM, "mmoe": MMOE, "ple": PLE}
+DROP_IN = {"esmm": nextrec_fast.ESMM, "mmoe": nextrec_fast.MMOE, "ple": nextrec_fast.PLE}
+_seeds: dict[int, int] = {}
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nextrec writes its session folder into the working directory
+
+
+def _random_model(kind, seed, **extra):
+    feats = random_features(random.Random(seed), nr_features)
+    kwargs = {**random_model_kwargs(kind, random.Random(seed + 1)), **extra}
+    torch.manual_seed(seed)
+    model = MODELS[kind](*feats, **kwargs)
+    x = random_inputs(*feats, batch=8, generator=torch.Generator().manual_seed(seed))
+    return model, x
+
+
+def _grads(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_accelerate_in_place_same_results(kind, mode):
+    seed = random.Random().randrange(2**31)
+    model, x = _random_model(kind, seed)
+    plain = copy.deepcopy(model)
+    plain_state = copy.deepcopy(plain.state_dict())
+    _seeds[id(plain)] = seed
+    params_before = [id(p) for p in model.parameters()]
+    keys_before = list(model.state_dict())
+    assert nextrec_fast.accelerate(model) is model
+    assert isinstance(model, MODELS[kind]) and nextrec_fast.is_accelerated(model)
+    assert [id(p) for p in model.parameters()] == params_before
+    assert list(model.state_dict()) == keys_before
+    model.train(mode == "train")
+    plain.train(mode == "train")
+    out_plain, g_plain = _grads(plain, x)
+    out_fast, g_fast = _grads(model, x)
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-4, atol=1e-5)
+    # fp32 against nextrec: loose here (train-mode BatchNorm over 8 rows amplifies rounding);
+    # test_nextrec_compat judges the same computation against float64 truth. The accelerated
+    # model must be exactly our drop-in fast model, though: same code, same weights.
+    scale = max(g.abs().max().item() for g in g_plain.values() if g is not None)
+    for name, g in g_plain.items():
+        if g is not None:
+            torch.testing.assert_close(g_fast[name], g, rtol=1e-2, atol=1e-3 * scale, msg=lambda m: f"{name}: {m}")
+    drop_in = DROP_IN[kind](plain.dense_features, plain.sparse_features, plain.sequence_features,
+                            **random_model_kwargs(kind, random.Random(_seeds[id(plain)] + 1)))
+    drop_in.load_state_dict(plain_state, strict=True)
+    drop_in.train(mode == "train")
+    out_drop_in, g_drop_in = _grads(drop_in, x)
+    assert torch.equal(out_drop_in, out_fast)
+    for name, g in g_drop_in.items():
+        if g is not None:
+            assert torch.equal(g, g_fast[name]), name
+    # state_dict both ways, strict
+    plain.load_state_dict(model.state_dict(), strict=True)
+    model.load_state_dict(plain.state_dict(), strict=True)
+    # restore gives nextrec's classes back, same object
+    assert nextrec_fast.restore(model) is model
+    assert type(model) is MODELS[kind] and not nextrec_fast.is_accelerated(model)
+    assert type(model.embedding).__module__.startswith("nextrec.")
+
+
+def test_unsupported_model_error():
+    with pytest.raises(TypeError, match="supports nextrec 0.3.1's .*MMOE"):
+        nextrec_fast.accelerate(torch.nn.Linear(2, 2))
+
+
+def test_accelerate_is_idempotent_and_pickles_as_nextrec():
+    model, x = _random_model("mmoe", 3)
+    nextrec_fast.accelerate(model)
+    nextrec_fast.accelerate(model)
+    clone = pickle.loads(pickle.dumps(model))
+    assert type(clone) is MMOE
+    model.eval()
+    clone.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), model(x))
+
+
+def test_regularization_gradient_matches_autograd():
+    model, x = _random_model("mmoe", 11)
+    model._embedding_l1_reg, model._dense_l1_reg = 1e-3, 1e-3  # make both terms visible
+    model._embedding_l2_reg, model._dense_l2_reg = 1e-2, 1e-2
+    plain = copy.deepcopy(model)
+    nextrec_fast.accelerate(model)
+    for m in (plain, model):
+        m.zero_grad(set_to_none=True)
+        reg = m.add_reg_loss()
+        (m(x).sum() + reg).backward()
+    torch.testing.assert_close(model.add_reg_loss(), plain.add_reg_loss(), rtol=1e-5, atol=0)
+    scale = max(p.grad.abs().max().item() for p in plain.parameters() if p.grad is not None)
+    for (name, p_plain), p_fast in zip(plain.named_parameters(), model.parameters()):
+        if p_plain.grad is not None:
+            # fp32: biases before train-mode BatchNorm have exactly-zero true gradients, noise in both
+            torch.testing.assert_close(p_fast.grad, p_plain.grad, rtol=1e-4, atol=1e-5 * scale,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+def _frame(feats, n, seed):
+    dense, sparse, sequence = feats
+    rng = np.random.default_rng(seed)
+    data = {f.name: rng.integers(0, f.vocab_size, n) for f in sparse}
+    for f in sequence:
+        ids = rng.integers(0, f.vocab_size, (n, f.max_len))
+        ids[rng.random((n, f.max_len)) < 0.4] = f.padding_idx if f.padding_idx is not None else 0
+        data[f.name] = ids
+    for f in dense:
+        shape = (n,) if f.input_dim == 1 else (n, f.input_dim)
+        data[f.name] = rng.standard_normal(shape).astype(np.float32)
+    return data
+
+
+def _fit_pair(kind, optimizer, lr):
+    seed = random.Random().randrange(2**31)
+    feats = random_features(random.Random(seed), nr_features)
+    kwargs = random_model_kwargs(kind, random.Random(seed + 1))
+    if kind == "esmm":
+        kwargs.update(target=["ctr", "ctcvr"])
+    targets = kwargs.get("target", ["ctr", "ctcvr"])
+    kwargs.update(optimizer=optimizer, optimizer_params={"lr": lr})
+    torch.manual_seed(seed)
+    plain = MODELS[kind](*feats, **kwargs)
+    fast = MODELS[kind](*feats, **kwargs)
+    fast.load_state_dict(plain.state_dict())
+    fast.compile(optimizer=optimizer, optimizer_params={"lr": lr}, loss="bce")
+    plain.compile(optimizer=optimizer, optimizer_params={"lr": lr}, loss="bce")
+    nextrec_fast.accelerate(fast)
+    data = _frame(feats, 96, seed)  # a dict of arrays: nextrec's DataFrame path cannot take 2-D dense columns
+    rng = np.random.default_rng(seed)
+    for t in targets:
+        data[t] = rng.integers(0, 2, 96).astype(np.float32)
+    for model in (plain, fast):
+        torch.manual_seed(0)  # the same shuffling for both
+        model.fit(data, epochs=2, batch_size=32, shuffle=True, metrics=["auc"])
+    preds = [np.asarray(m.predict(data, batch_size=64), dtype=float) for m in (plain, fast)]
+    return plain, fast, preds
+
+
+@pytest.mark.parametrize("kind", ["mmoe", "ple", "esmm"])
+def test_fit_plain_vs_accelerated_sgd(kind):
+    """Two epochs of nextrec's own fit loop (regularisation, clipping, SGD): same parameters."""
+    plain, fast, (pred_plain, pred_fast) = _fit_pair(kind, "sgd", 0.05)
+    for (name, p_plain), p_fast in zip(plain.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(p_fast, p_plain, rtol=1e-3, atol=5e-5, msg=lambda m: f"{name}: {m}")
+    for (name, b_plain), b_fast in zip(plain.named_buffers(), fast.buffers()):
+        torch.testing.assert_close(b_fast, b_plain, rtol=1e-3, atol=5e-5, msg=lambda m: f"{name}: {m}")
+    np.testing.assert_allclose(pred_fast, pred_plain, rtol=1e-3, atol=5e-5)
+
+
+@pytest.mark.parametrize("kind", ["mmoe", "ple"])
+def test_fit_plain_vs_accelerated_adam(kind):
+    """With Adam (fused when accelerated): Adam scales float noise in near-zero gradients (e.g. a
+    bias before train-mode BatchNorm) up to lr-sized steps in BOTH models, so after a few steps
+    the runs agree to about lr, not to float precision; the step itself is checked exactly in
+    test_fused_adam_step_matches."""
+    _, _, (pred_plain, pred_fast) = _fit_pair(kind, "adam", 1e-3)
+    np.testing.assert_allclose(pred_fast, pred_plain, rtol=0, atol=5e-3)
+
+
+def test_fused_adam_step_matches():
+    model, x = _random_model("mmoe", 21)
+    plain = copy.deepcopy(model)
+    plain.compile(optimizer="adam", optimizer_params={"lr": 1e-2}, loss="bce")
+    model.compile(optimizer="adam", optimizer_params={"lr": 1e-2}, loss="bce")
+    nextrec_fast.accelerate(model)
+    assert model.optimizer_fn.param_groups[0]["fused"] and not plain.optimizer_fn.param_groups[0].get("fused")
+    for _ in range(3):
+        for m in (plain, model):
+            m.optimizer_fn.zero_grad()
+            for p in m.parameters():  # the same gradients for both: only the optimiser differs
+                p.grad = torch.sin(torch.arange(p.numel(), dtype=p.dtype) * 0.37).view_as(p)
+            m.optimizer_fn.step()
+    for (name, p_plain), p_fast in zip(plain.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p_fast, p_plain, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    nextrec_fast.restore(model)
+    assert not model.optimizer_fn.param_groups[0]["fused"]
+
+
+def _biases_before_batchnorm(model) -> set[str]:
+    names = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, torch.nn.Sequential):
+            for i in range(len(module) - 1):
+                if isinstance(module[i], torch.nn.Linear) and isinstance(module[i + 1], torch.nn.BatchNorm1d):
+                    names.add(f"{prefix}.{i}.bias" if prefix else f"{i}.bias")
+    return names
+
+
+def test_checkpoints_cross_load(tmp_path):
+    session = f"ckpt_{random.Random().randrange(2**31)}"  # a folder of its own for the checkpoint
+    model, x = _random_model("ple", 5, session_id=session)
+    nextrec_fast.accelerate(model)
+    model.save_model(verbose=False)  # into the session folder, beside nextrec's features_config.pkl
+    plain, _ = _random_model("ple", 5)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(1.0)  # so that loading has to happen for the outputs to agree
+    plain.load_model(model.session_path, verbose=False)
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_patch_and_unpatch():
+    try:
+        nextrec_fast.patch_nextrec()
+        nextrec_fast.patch_nextrec()  # idempotent
+        patched, _ = _random_model("esmm", 2)
+        assert nextrec_fast.is_accelerated(patched)
+    finally:
+        nextrec_fast.unpatch_nextrec()
+    plain, _ = _random_model("esmm", 2)
+    assert not nextrec_fast.is_accelerated(plain) and type(plain) is ESMM
