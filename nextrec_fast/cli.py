@@ -1,4 +1,4 @@
-"""Command line: ``nextrec-fast bench [...]`` (also ``python -m nextrec_fast bench``)."""
+"""Command line: ``nextrec-fast bench|plot|profile [...]`` (also ``python -m nextrec_fast ...``)."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,28 @@ def _bench(args) -> int:
     if args.json:
         benchmark.save_json(result, args.json)
         print(f"wrote {args.json}")
+    if args.plot:
+        from nextrec_fast import plotting
+        plotting.plot_speedups(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot(args) -> int:
+    from nextrec_fast import plotting
+    plotting.plot_json(args.results, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _profile(args) -> int:
+    from nextrec_fast import profiling
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    result = profiling.profile_model(model=args.model, device=args.device, steps=args.steps, batch=args.batch_size,
+                                     config=args.config, out_dir=args.out, top=args.top)
+    print(profiling.format_profile(result))
     return 0
 
 
@@ -34,8 +56,28 @@ def main(argv=None) -> int:
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--plot", default=None, metavar="PATH",
+                       help="also draw the speed-ups as a PNG bar chart (needs matplotlib)")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     bench.set_defaults(func=_bench)
+
+    plot = sub.add_parser("plot", help="draw the speed-up bar chart from a `bench --json` file")
+    plot.add_argument("results", metavar="RESULTS.json")
+    plot.add_argument("--out", required=True, metavar="PATH", help="PNG to write")
+    plot.set_defaults(func=_plot)
+
+    prof = sub.add_parser("profile", help="profile training steps of reference vs fast: Chrome traces and "
+                                          "time per stage (embedding/experts/gates/towers/backward/optimizer)")
+    prof.add_argument("--model", choices=MODEL_NAMES, default="mmoe")
+    prof.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    prof.add_argument("--steps", type=int, default=3, help="profiled training steps (after one warm-up step)")
+    prof.add_argument("--batch-size", type=int, default=2048)
+    prof.add_argument("--config", choices=sorted(CONFIGS), default="default")
+    prof.add_argument("--out", default="nextrec_fast_profile", metavar="DIR",
+                      help="folder for the Chrome traces <model>_{reference,fast}_trace.json")
+    prof.add_argument("--top", type=int, default=5, help="heaviest ops listed per stage")
+    prof.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
+    prof.set_defaults(func=_profile)
     args = parser.parse_args(argv)
     return args.func(args)
 

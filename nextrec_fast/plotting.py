@@ -1,0 +1,65 @@
+"""Bar chart of ``nextrec-fast bench`` results: speed-up over the reference per model and mode."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib "
+                          "(or pip install --no-build-isolation 'nextrec-fast[plot]')") from exc
+    matplotlib.use("Agg")  # files only: no display needed, none assumed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_title(environment: dict) -> str:
+    env = environment
+    batch = env.get("batch")
+    return (f"nextrec_fast speed-up over the reference (nextrec 0.3.1 computation)\n"
+            f"{env.get('device', '?')} ({env.get('device_name', '?')}) | torch {env.get('torch', '?')} | "
+            f"triton {env.get('triton') or '-'} | {env.get('threads', '?')} threads | config {env.get('config', '?')}"
+            + (f" | batch {batch}" if batch else ""))
+
+
+def plot_speedups(result: dict, path: str) -> str:
+    """Draw ``result`` (the dict of ``nextrec-fast bench --json``) as a PNG at ``path``."""
+    plt = _pyplot()
+    rows = result["rows"]
+    if not rows:
+        raise ValueError("no rows to plot")
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    speedup = {(r["model"], r["mode"]): r["speedup"] for r in rows}
+    batches = sorted({r["batch"] for r in rows})
+    environment = dict(result.get("environment", {}))
+    environment.setdefault("batch", ", ".join(str(b) for b in batches))
+
+    width = 0.8 / len(modes)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 1.8 * len(models) * max(1, len(modes) / 2)), 4.8))
+    for m, mode in enumerate(modes):
+        xs = [i + (m - (len(modes) - 1) / 2) * width for i in range(len(models))]
+        values = [speedup.get((model, mode), 0.0) for model in models]
+        bars = ax.bar(xs, values, width * 0.92, label=mode.replace("_", " "))
+        ax.bar_label(bars, labels=[f"{v:.2f}x" if v else "" for v in values], fontsize=8, padding=2)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")  # parity with the reference
+    ax.set_xticks(range(len(models)), [m.upper() for m in models])
+    ax.set_ylabel("speed-up over reference (x, higher is better)")
+    ax.set_ylim(0, max(speedup.values()) * 1.18)
+    # Legend under the axis: never on top of a bar, whichever model is tallest.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(modes), frameon=False)
+    ax.set_title(plot_title(environment), fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_json(json_path: str, out_path: str) -> str:
+    with open(json_path) as fh:
+        return plot_speedups(json.load(fh), out_path)
