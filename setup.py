@@ -6,7 +6,7 @@ extension is compiled against the torch you run, not a second copy pulled in by 
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,7 +34,7 @@ def _extensions():
     use_cuda = bool(cu) and CUDA_HOME is not None and torch.version.cuda is not None \
         and os.environ.get("NEXTREC_FAST_NO_CUDA") != "1"
     cxx = ["-O3", "-std=c++20", "-fopenmp"]
-    define = [("Py_LIMITED_API", None)] if False else []
+    define = []
     if use_cuda:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
         if not arch:
@@ -59,7 +59,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["nextrec_fast", "nextrec_fast.kernels", "nextrec_fast.csrc"],
+    packages=find_packages(include=["nextrec_fast", "nextrec_fast.*"]) + ["nextrec_fast.kernels", "nextrec_fast.csrc"],
     # kernels/ and csrc/ live at the top level of the repository (the user's layout) but
     # ship inside the package: `import nextrec_fast.kernels`, never a top-level `kernels`.
     package_dir={"nextrec_fast": "nextrec_fast", "nextrec_fast.kernels": "kernels", "nextrec_fast.csrc": "csrc"},
