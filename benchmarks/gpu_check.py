@@ -5,8 +5,12 @@
 3. expert_layer, 8 experts, batch 65536, 512 -> 256, bf16: eval (GEMM + bias + folded BN +
    relu) against the per-expert PyTorch loop, with TFLOP/s and % of the measured bf16 peak;
    train mode (batch-stat BN + relu) forward + backward;
-4. gate_mixture forward + backward at T=2, E=8, B=8192, D=128.
+4. gate_mixture forward + backward at T=2, E=8, B=8192, D=128;
+5. whole models (default config of `nextrec-fast bench`, batch 8192, bf16 and fp32): forward (eval)
+   and training step (forward + backward + Adam) of the reference (eager and torch.compile) and the
+   fast model (eager), which runs the C++/CUDA pooling op and the Triton kernels.
 Prints one table. Usage: python benchmarks/gpu_check.py [--skip-tests] [--test-timeout SECONDS]
+[--models mmoe ple esmm] [--compile-models mmoe] (gpu_check.sh rebuilds the extension first).
 """
 import argparse
 import os
@@ -92,6 +96,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--test-timeout", type=int, default=140)
+    parser.add_argument("--models", nargs="*", default=["mmoe", "ple", "esmm"])
+    parser.add_argument("--compile-models", nargs="*", default=["mmoe"],
+                        help="models whose reference is also timed under torch.compile (compiling is slow)")
+    parser.add_argument("--batch-size", type=int, default=8192)
     args = parser.parse_args()
     assert torch.cuda.is_available(), "gpu_check needs a CUDA device"
     sys.path.insert(0, ROOT)
@@ -166,6 +174,8 @@ def main():
     ms_fast, ms_ref = bench(fast_gate), bench(ref_gate)
     rows.append((f"gate_mixture bf16 T={T} E={GE} B={GB} D={D} fwd+bwd", ms_fast, ms_ref, None, None))
 
+    rows += model_rows(args.models, args.compile_models, args.batch_size)
+
     print()
     print(f"{'case':<48} {'fast ms':>9} {'ref ms':>9} {'speedup':>8} {'TFLOP/s':>9} {'% peak':>7}")
     for name, fast, ref, tf, pct in rows:
@@ -176,6 +186,43 @@ def main():
                  f"{pct:6.1f}%" if pct is not None else f"{'':>7}"]
         print(f"{name:<48} " + " ".join(cells))
     print(f"tests: {test_summary}")
+
+
+def model_rows(models, compile_models, batch):
+    """(name, fast ms, reference ms, None, None) rows; compiled-reference rows put the compiled
+    reference in the 'fast' column so the speed-up column reads reference / compiled."""
+    from nextrec_fast import benchmark
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for model in models:
+            ref, fast = benchmark.build_models(model, "cuda")
+            ref.to(dtype)
+            fast.to(dtype)
+            x, labels = benchmark.make_batch(ref.dense_features, ref.sparse_features, ref.sequence_features,
+                                             batch=batch, device="cuda")
+            x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
+            labels = labels.to(dtype)
+            tag = f"{model} {str(dtype).replace('torch.', '')} B={batch}"
+            impls = {"ref": ref, "fast": fast}
+            if model in compile_models:
+                impls["compiled ref"] = torch.compile(ref)
+            timings = {}
+            for mode in ("forward_eval", "train_step"):
+                for name, module in impls.items():
+                    step = benchmark._step_fn(module, mode, x, labels)
+                    try:
+                        step()  # warm-up: compiles / autotunes
+                        timings[(mode, name)] = bench(step, warmup=3, rep=20)
+                    except Exception as exc:  # keep the table: one failing case must not hide the rest
+                        print(f"{tag} {mode} {name}: FAILED {type(exc).__name__}: {exc}")
+                ms_ref = timings.get((mode, "ref"))
+                if (mode, "fast") in timings:
+                    rows.append((f"{tag} {mode} fast", timings[(mode, "fast")], ms_ref, None, None))
+                if (mode, "compiled ref") in timings:
+                    rows.append((f"{tag} {mode} compiled ref", timings[(mode, "compiled ref")], ms_ref, None, None))
+            del ref, fast, impls, x
+            torch.cuda.empty_cache()
+    return rows
 
 
 if __name__ == "__main__":

@@ -203,3 +203,89 @@ def save_json(result: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(result, fh, indent=2)
+
+
+# -- nextrec's own training loop: plain vs accelerated ----------------------------------------
+def _nextrec_model(model: str, features, kwargs: dict, seed: int):
+    from importlib import import_module
+    from nextrec.basic import features as nf
+    cls = getattr(import_module(f"nextrec.models.multi_task.{model}"), model.upper())
+    dense, sparse, sequence = features
+    nr_features = (
+        [nf.DenseFeature(f.name, embedding_dim=f.embedding_dim, input_dim=f.input_dim, use_embedding=f.use_embedding) for f in dense],
+        [nf.SparseFeature(f.name, f.vocab_size, embedding_dim=f.embedding_dim, padding_idx=f.padding_idx) for f in sparse],
+        [nf.SequenceFeature(f.name, f.vocab_size, max_len=f.max_len, embedding_dim=f.embedding_dim,
+                            combiner=f.combiner, padding_idx=f.padding_idx) for f in sequence],
+    )
+    torch.manual_seed(seed)
+    return cls(*nr_features, **kwargs)
+
+
+class _StepTimer:
+    """Times nextrec's fit loop per training step: the interval between optimiser steps (data
+    loading, forward, loss, regularisation, backward, clipping and the step itself)."""
+
+    def __init__(self, optimizer):
+        self.samples, self._last = [], None
+        self._step = optimizer.step
+
+        def timed_step(*args, **kwargs):
+            out = self._step(*args, **kwargs)
+            now = time.perf_counter()
+            if self._last is not None:
+                self.samples.append((now - self._last) * 1e3)
+            self._last = now
+            return out
+        optimizer.step = timed_step
+
+    def new_run(self):
+        self._last = None  # the first interval of a fit call includes its set-up: not a step
+
+
+def run_nextrec(models=("mmoe", "ple"), batch: int = 2048, steps: int = 4, rounds: int = 2,
+                progress=True, config: str = "default") -> dict:
+    """nextrec's own ``fit``, plain vs ``nextrec_fast.accelerate``-ed, from the same weights and data."""
+    import logging
+    import tempfile
+    import numpy as np
+    import nextrec_fast
+    logging.getLogger().setLevel(logging.WARNING)
+    features = default_features(**CONFIGS[config])
+    rows = []
+    for model in models:
+        kwargs = default_model_kwargs(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            cwd = os.getcwd()
+            os.chdir(tmp)  # nextrec writes logs and checkpoints under the working directory
+            try:
+                plain = _nextrec_model(model, features, kwargs, seed=0)
+                fast = _nextrec_model(model, features, kwargs, seed=0)
+                fast.load_state_dict(plain.state_dict())
+                nextrec_fast.accelerate(fast)
+                x, labels = make_batch(*features, batch=batch * (steps + 1), device="cpu", seed=1)
+                data = {k: v.numpy() for k, v in x.items()}
+                for i, name in enumerate(plain.target):
+                    data[name] = labels[:, i % labels.shape[1]].numpy()
+                timers = {"plain": _StepTimer(plain.optimizer_fn), "accelerated": _StepTimer(fast.optimizer_fn)}
+                for r in range(rounds):
+                    for name, m in (("plain", plain), ("accelerated", fast)):
+                        if progress:
+                            print(f"[{model} batch {batch}] round {r + 1}/{rounds}: {name} fit ...", file=sys.stderr, flush=True)
+                        timers[name].new_run()
+                        m.fit(data, epochs=1, batch_size=batch, shuffle=False)
+            finally:
+                os.chdir(cwd)
+        plain_ms = statistics.median(timers["plain"].samples)
+        fast_ms = statistics.median(timers["accelerated"].samples)
+        rows.append(Row(model, "nextrec_fit_step", batch, plain_ms, fast_ms, plain_ms / fast_ms,
+                        [round(s, 1) for s in timers["plain"].samples],
+                        [round(s, 1) for s in timers["accelerated"].samples]))
+        del plain, fast, data, x
+        gc.collect()
+    env = {**environment(torch.device("cpu")), "config": config}
+    try:
+        import nextrec
+        env["nextrec"] = getattr(nextrec, "__version__", "?")
+    except ImportError:  # pragma: no cover
+        pass
+    return {"environment": env, "rows": [asdict(r) for r in rows]}

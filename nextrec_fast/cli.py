@@ -10,8 +10,18 @@ def _bench(args) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    result = benchmark.run(models=args.model, modes=args.mode, batch=args.batch_size, device=args.device,
-                           repeats=args.repeats, warmup=args.warmup, progress=not args.quiet, config=args.config)
+    if args.nextrec:
+        try:
+            import nextrec  # noqa: F401
+        except ImportError:
+            print("bench --nextrec needs nextrec 0.3.1: pip install --no-deps nextrec==0.3.1 (see README)", file=sys.stderr)
+            return 2
+        models = [m for m in args.model if m != "esmm"] if args.model == list(benchmark.MODEL_NAMES) else args.model
+        result = benchmark.run_nextrec(models=models, batch=args.batch_size, steps=args.steps, rounds=args.repeats,
+                                       progress=not args.quiet, config=args.config)
+    else:
+        result = benchmark.run(models=args.model, modes=args.mode, batch=args.batch_size, device=args.device,
+                               repeats=args.repeats, warmup=args.warmup, progress=not args.quiet, config=args.config)
     print(benchmark.format_table(result))
     if args.json:
         benchmark.save_json(result, args.json)
@@ -59,6 +69,10 @@ def main(argv=None) -> int:
     bench.add_argument("--plot", default=None, metavar="PATH",
                        help="also draw the speed-ups as a PNG bar chart (needs matplotlib)")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
+    bench.add_argument("--nextrec", action="store_true",
+                       help="time nextrec's own fit loop per step, plain vs nextrec_fast.accelerate (needs nextrec; "
+                            "--repeats is then the number of fit rounds, --steps the steps per round)")
+    bench.add_argument("--steps", type=int, default=4, help="with --nextrec: training steps per fit round")
     bench.set_defaults(func=_bench)
 
     plot = sub.add_parser("plot", help="draw the speed-up bar chart from a `bench --json` file")

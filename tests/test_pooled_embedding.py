@@ -583,3 +583,44 @@ def test_unavailable_extension_reports_reason_without_raising():
     env = dict(os.environ, NEXTREC_FAST_NO_JIT="1")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# CUDA (run by benchmarks/gpu_check.sh on a GPU machine; skipped here)
+# ------------------------------------------------------------------------------------------
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _case_to(case, tables, device):
+    moved = {k: ([None if t is None else t.to(device) for t in v] if k in ("ids", "offsets", "per_id_weights") else v)
+             for k, v in case.items()}
+    return moved, [t.to(device) for t in tables]
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("draw", range(4))
+def test_cuda_random_mixes_match_reference(rng, dtype, draw):
+    case, tables = random_case(rng, dtype=dtype, half=dtype in (torch.float16, torch.bfloat16))
+    check_case(*_case_to(case, tables, "cuda"), dtype)
+
+
+@cuda_only
+def test_cuda_deterministic_backward_is_bit_identical(rng):
+    case, tables = _case_to(*random_case(rng, batch=33), "cuda")
+    grads = []
+    for _ in range(2):
+        params = [t.clone().requires_grad_(True) for t in tables]
+        call(case, params, deterministic=True).sum().backward()
+        grads.append([p.grad for p in params])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@cuda_only
+def test_cuda_out_of_range_ids_raise_naming_the_feature():
+    table = torch.randn(10, 4, device="cuda")
+    ids = torch.tensor([1, 2, 10], device="cuda")
+    with pytest.raises(ValueError, match="bad_feature"):
+        pe.pooled_embedding([table], [ids], table_index=[0], combiners=["sum"], mask_ids=[-1], max_lens=[-1],
+                            feature_names=["bad_feature"])
