@@ -276,6 +276,10 @@ class ExpertBank:
 
     @staticmethod
     def _activation(acts: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
+        if type(acts[0]) is nn.ReLU:
+            # h is always a fresh output of linear / batch_norm, neither of which saves its
+            # output for backward: rectify in place, saving a full-size allocation and pass.
+            return torch.relu_(h)
         if isinstance(acts[0], nn.PReLU):
             experts = len(acts)
             width = h.shape[1] // experts
