@@ -223,9 +223,15 @@ class ExpertBank:
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _batched_linear(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
-        batch, experts = h.shape[0], len(layer.linears)
+        linears = layer.linears
+        if h.device.type == "cpu" and linears[0].bias is not None and not torch.compiler.is_compiling():
+            # On CPU one GEMM per expert on column blocks of [B, E*K] beats bmm, which needs the
+            # [E, B, K] layout: two full-size transposing copies per layer and a slower kernel.
+            # (torch.compile cannot trace out= into strided blocks: it gets the bmm below.)
+            return _ExpertBlockLinear.apply(h, len(linears), *[l.weight for l in linears], *[l.bias for l in linears])
+        batch, experts = h.shape[0], len(linears)
         x = h.view(batch, experts, -1).transpose(0, 1)  # [E, B, K], strided view
-        return self._bmm(layer.linears, x).transpose(0, 1).reshape(batch, -1)
+        return self._bmm(linears, x).transpose(0, 1).reshape(batch, -1)
 
     @staticmethod
     def _bmm(linears, x: torch.Tensor) -> torch.Tensor:
@@ -286,6 +292,39 @@ class ExpertBank:
             slopes = torch.cat([a.weight.expand(width) if a.weight.numel() == 1 else a.weight for a in acts])
             return F.prelu(h, slopes)
         return acts[0](h)  # parameter-free: the same function for every expert
+
+
+class _ExpertBlockLinear(torch.autograd.Function):
+    """``y[:, e-th block] = x[:, e-th block] @ W[e].T + b[e]`` for all experts, in the ``[B, E*K]``
+    layout: GEMMs on strided column blocks, written straight into the output (and, backward,
+    into the input gradient) without copies."""
+
+    @staticmethod
+    def forward(ctx, x, experts: int, *params):
+        weights, biases = params[:experts], params[experts:]
+        out_f, in_f = weights[0].shape
+        out = x.new_empty(x.shape[0], experts * out_f)
+        for e in range(experts):
+            torch.addmm(biases[e], x[:, e * in_f:(e + 1) * in_f], weights[e].t(), out=out[:, e * out_f:(e + 1) * out_f])
+        ctx.save_for_backward(x, *weights)
+        ctx.experts = experts
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        experts = ctx.experts
+        out_f, in_f = weights[0].shape
+        need_x = ctx.needs_input_grad[0]
+        grad_x = x.new_empty(x.shape) if need_x else None
+        grad_w, grad_b = [], []
+        for e in range(experts):
+            g = grad[:, e * out_f:(e + 1) * out_f]
+            if need_x:
+                torch.mm(g, weights[e], out=grad_x[:, e * in_f:(e + 1) * in_f])
+            grad_w.append(g.t().mm(x[:, e * in_f:(e + 1) * in_f]) if ctx.needs_input_grad[2 + e] else None)
+            grad_b.append(g.sum(0) if ctx.needs_input_grad[2 + experts + e] else None)
+        return (grad_x, None, *grad_w, *grad_b)
 
 
 def build_banks(mlps: Sequence[nn.Module]) -> list[tuple[int, int, ExpertBank]]:
