@@ -13,6 +13,9 @@ the parts of nextrec's training step that are not layers:
   not see the regularisation part; ``loss.backward()`` — what nextrec's ``fit`` does — does.)
 - ``fused_optimizer``: nextrec's Adam/AdamW runs torch's fused kernel (same hyper-parameters,
   same state) instead of the single-tensor for-loop.
+- ``fast_data``: in-memory data (dict / DataFrame) is batched by indexing whole columns with each
+  batch's indices instead of indexing and stacking one sample at a time; the batches, their
+  order and the random number stream are nextrec's own (same samplers, same seeds).
 
 Each switch can be turned off; ``restore(model)`` undoes everything. nextrec is never imported
 here: models are recognised by their class names and modules.
@@ -20,6 +23,7 @@ here: models are recognised by their class names and modules.
 from __future__ import annotations
 
 import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from nextrec_fast.layers.embedding import FastEmbeddingMixin
 from nextrec_fast.models import FastESMMForward, FastMMOEForward, FastPLEForward
@@ -65,6 +69,50 @@ class _Accelerated:
         if self._nextrec_fast_options.get("fused_optimizer"):
             _fuse_optimizer(getattr(self, "optimizer_fn", None))
 
+    def _prepare_data_loader(self, data, batch_size: int = 32, shuffle: bool = True):
+        if not self._nextrec_fast_options.get("fast_data") or isinstance(data, DataLoader):
+            return super()._prepare_data_loader(data, batch_size=batch_size, shuffle=shuffle)
+        from nextrec.basic import model as nextrec_model  # nextrec is there: this is a nextrec model
+        tensors = nextrec_model.build_tensors_from_data(data=data, raw_data=data, features=self.all_features,
+                                                        target_columns=self.target, id_columns=self.id_columns)
+        if tensors is None:
+            raise ValueError("No data available to create DataLoader.")
+        dataset = _ColumnBatchDataset(tensors)
+        # The sampler nextrec's DataLoader(shuffle=...) builds, so the same batches come out in the
+        # same order from the same random stream; only the collation differs.
+        sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+        return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last=False),
+                          collate_fn=_as_is)
+
+
+class _ColumnBatchDataset(Dataset):
+    """nextrec's TensorDictDataset, indexed with a whole batch of sample indices at once."""
+
+    def __init__(self, tensors: dict):
+        self.features = tensors.get("features") or {}
+        self.labels = tensors.get("labels")
+        self.ids = tensors.get("ids")
+        if not self.features:
+            raise ValueError("Dataset requires at least one feature tensor.")
+        lengths = {t.shape[0] for t in self.features.values()}
+        if len(lengths) != 1:
+            raise ValueError("All feature tensors must have the same length.")
+        self.length = lengths.pop()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, indices) -> dict:
+        index = torch.as_tensor(indices, dtype=torch.long)
+
+        def take(section):
+            return {name: t[index] for name, t in section.items()} if section else None
+        return {"features": take(self.features), "labels": take(self.labels), "ids": take(self.ids)}
+
+
+def _as_is(batch):
+    return batch
+
 
 class _AcceleratedEmbedding(FastEmbeddingMixin):
     _nextrec_fast_original: type | None = None
@@ -91,7 +139,7 @@ def _subclass(original: type, mixins: tuple) -> type:
     return _accelerated_classes[key]
 
 
-def accelerate(model, *, fast_regularization: bool = True, fused_optimizer: bool = True):
+def accelerate(model, *, fast_regularization: bool = True, fused_optimizer: bool = True, fast_data: bool = True):
     """Make a constructed nextrec ESMM / MMOE / PLE fast, in place; returns the same object."""
     if is_accelerated(model):
         return model
@@ -103,7 +151,8 @@ def accelerate(model, *, fast_regularization: bool = True, fused_optimizer: bool
     embedding.__class__ = _subclass(type(embedding), (_AcceleratedEmbedding,))
     embedding._build_plan()
     model.__class__ = _subclass(type(model), (_FORWARDS[kind], _Accelerated))
-    model._nextrec_fast_options = {"fast_regularization": fast_regularization, "fused_optimizer": fused_optimizer}
+    model._nextrec_fast_options = {"fast_regularization": fast_regularization, "fused_optimizer": fused_optimizer,
+                                   "fast_data": fast_data}
     if fused_optimizer:
         _fuse_optimizer(getattr(model, "optimizer_fn", None))
     return model
@@ -149,16 +198,11 @@ class _RegularizationLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, terms, *params):
         ctx.terms = terms
+        total = torch.zeros((), dtype=torch.float32, device=params[0].device)
         with torch.no_grad():
-            l1 = [(p, c) for p, c, _ in terms if c]
-            l2 = [(p, c) for p, _, c in terms if c]
-            total = torch.zeros((), dtype=torch.float32, device=params[0].device)
-            if l1:
-                norms = torch._foreach_norm([p for p, _ in l1], 1)
-                total = total + sum(c * n.float() for (_, c), n in zip(l1, norms))
-            if l2:
-                norms = torch._foreach_norm([p for p, _ in l2], 2)
-                total = total + sum(c * n.float().square() for (_, c), n in zip(l2, norms))
+            for param, l1, l2 in terms:
+                abs_sum, square_sum = _abs_and_square_sums(param)
+                total += l1 * abs_sum + l2 * square_sum
         return total
 
     @staticmethod
@@ -171,7 +215,25 @@ class _RegularizationLoss(torch.autograd.Function):
         return (None,) + (None,) * len(terms)
 
 
-_CHUNK = 1 << 20  # elements per in-place step: temporaries small enough to be reused, not faulted in
+# Elements per step of the chunked passes: the chunk's temporaries stay in cache and are reused
+# by the allocator instead of being faulted in as full-size tensors.
+_CHUNK = 1 << 18
+
+
+def _chunks(tensor: torch.Tensor):
+    flat = tensor.detach().reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        yield start, flat[start:start + _CHUNK]
+
+
+def _abs_and_square_sums(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum(|p|) and sum(p * p) in one pass over p (fp32 accumulation, as nextrec's .sum())."""
+    abs_sum = torch.zeros((), dtype=torch.float32, device=param.device)
+    square_sum = torch.zeros((), dtype=torch.float32, device=param.device)
+    for _, chunk in _chunks(param):
+        abs_sum += chunk.abs().sum(dtype=torch.float32)
+        square_sum += torch.dot(chunk, chunk).float() if chunk.dtype == torch.float32 else chunk.square().sum(dtype=torch.float32)
+    return abs_sum, square_sum
 
 
 @torch.no_grad()
@@ -181,13 +243,13 @@ def _add_regularization_grads(terms, scale: float) -> None:
             continue
         if param.grad is None:
             param.grad = torch.zeros_like(param)
-        grad, flat = param.grad.view(-1), param.detach().view(-1)
-        for start in range(0, flat.numel(), _CHUNK):
-            p, g = flat[start:start + _CHUNK], grad[start:start + _CHUNK]
-            if l2:
-                g.add_(p, alpha=2.0 * l2 * scale)
+        grad = param.grad.view(-1)
+        for start, p in _chunks(param):
+            g = grad[start:start + p.numel()]
             if l1:
                 g.add_(p.sign(), alpha=l1 * scale)
+            if l2:
+                g.add_(p, alpha=2.0 * l2 * scale)
 
 
 # -- optimiser -----------------------------------------------------------------------------

@@ -241,3 +241,24 @@ def test_patch_and_unpatch():
         nextrec_fast.unpatch_nextrec()
     plain, _ = _random_model("esmm", 2)
     assert not nextrec_fast.is_accelerated(plain) and type(plain) is ESMM
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_fast_data_path_gives_nextrec_batches(shuffle):
+    model, _ = _random_model("mmoe", 4)
+    plain = copy.deepcopy(model)
+    nextrec_fast.accelerate(model)
+    feats = (model.dense_features, model.sparse_features, model.sequence_features)
+    data = _frame(feats, 50, 4)
+    for t in model.target:
+        data[t] = np.arange(50, dtype=np.float32)
+    batches = []
+    for m in (plain, model):
+        torch.manual_seed(123)
+        batches.append(list(m._prepare_data_loader(data, batch_size=16, shuffle=shuffle)))
+    assert len(batches[0]) == len(batches[1]) == 4
+    for b_plain, b_fast in zip(*batches):
+        for section in ("features", "labels"):
+            assert b_plain[section].keys() == b_fast[section].keys()
+            for name in b_plain[section]:
+                assert torch.equal(b_plain[section][name], b_fast[section][name]), (section, name)
