@@ -45,6 +45,11 @@ def _pooling_backend():
     return op if op.is_available() else None
 
 
+def _as_op_ids(ids: torch.Tensor) -> torch.Tensor:
+    # nextrec accepts any integer ids (it calls .long()); the op takes int32 and int64 as they are.
+    return ids if ids.dtype in (torch.int32, torch.int64) else ids.long()
+
+
 class FastEmbeddingMixin:
     """A batched forward for a module with nextrec's EmbeddingLayer attributes (``features``,
     ``embed_dict``, ``dense_transforms``, ``dense_input_dims``): ours, or nextrec's own class in
@@ -89,36 +94,40 @@ class FastEmbeddingMixin:
         if get_backend() == "reference" or not squeeze_dim or (features is not None and list(features) != self.features):
             return super().forward(x, features, squeeze_dim)  # layouts the models never ask for
         param = next(self.parameters(), None)
+        op = _pooling_backend() if self.slots else None
         if param is not None and not torch.compiler.is_compiling():
-            check_batch_inputs(x, self._check_spec, param.device, check_ranges=self.check_inputs)
+            # The pooling op checks id ranges itself (in its kernels, naming the feature): no
+            # separate pass over the ids (and, on CUDA, no sync per feature) when it runs.
+            check_batch_inputs(x, self._check_spec, param.device, check_ranges=self.check_inputs and op is None)
         pieces = []
         if self.slots:
-            pieces.append(self.pool(x))
+            pieces.append(self.pool(x, op))
         pieces += [self._project_dense(f, x) for f in self.dense_feature_list]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
     def tables(self) -> list[torch.Tensor]:
         return [table.weight for table in self.embed_dict.values()]
 
-    def pool(self, x: dict) -> torch.Tensor:
-        """``[B, sum(out_dim)]``: every sparse/sequence feature pooled, in feature order."""
+    def pool(self, x: dict, op=None) -> torch.Tensor:
+        """``[B, sum(out_dim)]``: every sparse/sequence feature pooled, in feature order, by the
+        pooling op when it is available (``op``: ``_pooling_backend()``, looked up if None), else by PyTorch."""
+        op = op if op is not None else _pooling_backend()
         for slot in self.slots:
             if slot.combiner == "concat" and slot.max_len > 0 and x[slot.name].shape[1] < slot.max_len:
                 raise ValueError(
                     f"sequence feature {slot.name!r} uses the concat combiner with max_len={slot.max_len}, "
                     f"but its ids have only {x[slot.name].shape[1]} positions; pad them to max_len")
-        op = _pooling_backend()
         tables = self.tables()
         if op is not None and tables[0].device.type in ("cpu", "cuda"):
             return op.pooled_embedding(
-                tables, [x[s.name] for s in self.slots],
+                tables, [_as_op_ids(x[s.name]) for s in self.slots],
                 table_index=[s.table_index for s in self.slots],
                 combiners=[s.combiner for s in self.slots],
                 mask_ids=[s.mask_id for s in self.slots],
                 max_lens=[s.max_len for s in self.slots],
                 feature_names=[s.name for s in self.slots],
                 grad_padding_idx=[-1 if t.padding_idx is None else int(t.padding_idx) for t in self.embed_dict.values()],
-                check_ids=False,  # already checked in forward (or the caller switched checks off)
+                check_ids=self.check_inputs,
             )
         return torch.cat([self._pool_one_torch(slot, x[slot.name]) for slot in self.slots], dim=1)
 
