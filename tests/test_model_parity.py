@@ -52,6 +52,22 @@ def forward_backward(model, x):
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
+def assert_same_gradients(grads_fast: dict, grads_ref: dict, rtol: float, scale_atol: float) -> None:
+    """Every parameter's gradient within ``rtol``; ``scale_atol`` is relative to the model's
+    largest gradient, because some gradients are exactly zero in exact arithmetic (a Linear bias
+    before train-mode BatchNorm) and float noise in both implementations."""
+    assert grads_fast.keys() == grads_ref.keys()
+    model_scale = max(g.abs().max().item() for g in grads_ref.values() if g is not None)
+    for name, g_ref in grads_ref.items():
+        g_fast = grads_fast[name]
+        if g_ref is None:
+            assert g_fast is None or not g_fast.any(), name
+            continue
+        assert g_fast is not None, f"{name}: no gradient"
+        torch.testing.assert_close(g_fast, g_ref, rtol=rtol, atol=scale_atol * model_scale,
+                                   msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -63,18 +79,7 @@ def test_forward_and_gradients_float64(model, seed, mode):
     out_fast, grads_fast = forward_backward(fast, x)
     assert out_fast.shape == out_ref.shape
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
-    assert grads_fast.keys() == grads_ref.keys()
-    # Some gradients are exactly zero in exact arithmetic (a Linear bias before train-mode
-    # BatchNorm) and float noise in both; judge those against the model's gradient scale.
-    model_scale = max(g.abs().max().item() for g in grads_ref.values() if g is not None)
-    for name, g_ref in grads_ref.items():
-        g_fast = grads_fast[name]
-        if g_ref is None:
-            assert g_fast is None or not g_fast.any(), name
-            continue
-        assert g_fast is not None, f"{name}: no gradient"
-        torch.testing.assert_close(g_fast, g_ref, rtol=1e-9, atol=1e-11 * model_scale,
-                                   msg=lambda m: f"{name}: {m}")
+    assert_same_gradients(grads_fast, grads_ref, rtol=1e-9, scale_atol=1e-11)
     # Running statistics moved identically (train) or not at all (eval).
     for (name, b_ref), (_, b_fast) in zip(ref.named_buffers(), fast.named_buffers()):
         torch.testing.assert_close(b_fast, b_ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")

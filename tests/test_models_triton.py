@@ -8,7 +8,7 @@ import torch
 
 import nextrec_fast
 from nextrec_fast.ops import triton_ops
-from test_model_parity import MODELS, build_pair, forward_backward
+from test_model_parity import MODELS, assert_same_gradients, build_pair, forward_backward
 
 pytestmark = pytest.mark.skipif(not triton_ops.is_available("cpu"),
                                 reason="Triton interpreter unavailable (needs triton and TRITON_INTERPRET=1)")
@@ -26,13 +26,7 @@ def test_triton_path_matches_reference(model, seed, mode):
     with nextrec_fast.use_backend("triton"):
         out_fast, grads_fast = forward_backward(fast, x)
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-9, atol=1e-11)
-    scale = max(g.abs().max().item() for g in grads_ref.values() if g is not None)
-    for name, g_ref in grads_ref.items():
-        g_fast = grads_fast[name]
-        if g_ref is None:
-            assert g_fast is None or not g_fast.any(), name
-        else:
-            torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-10 * scale, msg=lambda m: f"{name}: {m}")
+    assert_same_gradients(grads_fast, grads_ref, rtol=1e-8, scale_atol=1e-10)
     for (name, b_ref), (_, b_fast) in zip(ref.named_buffers(), fast.named_buffers()):
         torch.testing.assert_close(b_fast, b_ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
