@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from nextrec_fast.activations import activation_name
 from nextrec_fast.backend import use_triton
+from nextrec_fast.layers.indexing import index_tensor
 
 
 @dataclass
@@ -154,7 +155,7 @@ class ExpertBank:
             else:
                 x = torch.stack(distinct)
                 group = [next(g for g, d in enumerate(distinct) if inputs[i] is d) for i in input_of]
-                index = torch.tensor(group, device=x.device)
+                index = index_tensor(group, x.device)
         for layer in self.layers:
             x = self._triton_layer(triton_ops, layer, x, index)
             index = None  # deeper layers: one input per expert

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nextrec_fast.backend import use_triton
+from nextrec_fast.layers.indexing import index_tensor
 
 
 def _gate_linear(gate: nn.Module) -> nn.Linear:
@@ -56,7 +57,7 @@ def mix_experts(logits: Sequence[torch.Tensor], experts: torch.Tensor,
         if idx == list(range(num_experts)):
             rows.append(weights)
         else:
-            where = torch.tensor(idx, device=lg.device).expand(batch, -1)
+            where = index_tensor(idx, lg.device).expand(batch, -1)
             rows.append(weights.new_zeros(batch, num_experts).scatter(1, where, weights))
     return torch.bmm(torch.stack(rows, dim=1), experts)
 
@@ -69,7 +70,7 @@ def _mix_triton(logits, experts: torch.Tensor, index) -> torch.Tensor:
     for width in dict.fromkeys(lg.shape[1] for lg in logits):
         members = [g for g, lg in enumerate(logits) if lg.shape[1] == width]
         stacked = torch.stack([logits[g] for g in members])  # [G', B, S]
-        where = torch.tensor([index[g] for g in members], device=experts.device)
+        where = index_tensor([index[g] for g in members], experts.device)
         mixed = triton_ops.gate_mixture(stacked, experts_ebd, where)  # [G', B, D]
         for slot, g in enumerate(members):
             outputs[g] = mixed[slot]
