@@ -21,3 +21,9 @@ def test_bench_small_config(tmp_path, capsys):
 def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "nextrec_fast", "bench", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--batch-size" in proc.stdout
+
+
+def test_import_never_imports_nextrec():
+    code = "import sys, nextrec_fast; assert 'nextrec' not in sys.modules, 'nextrec imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr
