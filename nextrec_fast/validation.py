@@ -45,8 +45,7 @@ def check_batch_inputs(x, features, device: torch.device, check_ranges: bool = T
         if kind == DENSE:
             if value.dtype == torch.bool or value.is_complex():
                 raise TypeError(f"dense feature {name!r}: expected a real-valued tensor, got {value.dtype}")
-            width = value[0].numel() if rows else (value.numel() // max(rows, 1))
-            if rows and width != dense_dim:
+            if rows and value[0].numel() != dense_dim:
                 raise ValueError(f"dense feature {name!r} expects {dense_dim} value(s) per row, got shape {tuple(value.shape)}")
             continue
         if value.dtype not in _ID_DTYPES:
