@@ -209,6 +209,20 @@ void attach_grads(PoolingPlan& plan, const TensorList& grads, at::IntArrayRef ta
 // ------------------------------------------------------------------------------------------
 // CPU kernels
 // ------------------------------------------------------------------------------------------
+PoolingPlan backward_plan(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
+                          const OptTensorList& offsets, const TensorList& weights, at::IntArrayRef weighted_features, at::IntArrayRef table_index,
+                          at::IntArrayRef combiners, at::IntArrayRef mask_ids, at::IntArrayRef max_lens,
+                          const std::vector<std::string>& names, at::IntArrayRef grad_padding_idx) {
+  PoolingPlan plan = make_plan({tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens, names},
+                               grad_padding_idx);
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == plan.batch && grad_out.size(1) == plan.total_dim,
+                    "pooled_embedding backward: grad_out must be [", plan.batch, ", ", plan.total_dim, "], got ",
+                    grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == plan.dtype && grad_out.device() == plan.device,
+                   "pooled_embedding backward: grad_out must be ", plan.dtype, " on ", plan.device);
+  return plan;
+}
+
 namespace {
 
 // First problem any thread finds; the kernels skip the bad id (never read out of bounds) and
@@ -543,20 +557,6 @@ void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out) {
       }
     }
   });
-}
-
-PoolingPlan backward_plan(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
-                          const OptTensorList& offsets, const TensorList& weights, at::IntArrayRef weighted_features, at::IntArrayRef table_index,
-                          at::IntArrayRef combiners, at::IntArrayRef mask_ids, at::IntArrayRef max_lens,
-                          const std::vector<std::string>& names, at::IntArrayRef grad_padding_idx) {
-  PoolingPlan plan = make_plan({tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens, names},
-                               grad_padding_idx);
-  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == plan.batch && grad_out.size(1) == plan.total_dim,
-                    "pooled_embedding backward: grad_out must be [", plan.batch, ", ", plan.total_dim, "], got ",
-                    grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == plan.dtype && grad_out.device() == plan.device,
-                   "pooled_embedding backward: grad_out must be ", plan.dtype, " on ", plan.device);
-  return plan;
 }
 
 void backward_into_cpu(const at::Tensor& grad_out, const TensorList& grads, const TensorList& tables,

@@ -48,6 +48,13 @@ PoolingPlan make_plan(const PoolingArgs& args, at::IntArrayRef grad_padding_idx 
 [[noreturn]] void raise_kernel_error(const PoolingPlan& plan, const std::vector<std::string>& names,
                                      int64_t kind, int64_t feature, int64_t row, int64_t value);
 
+// make_plan for a backward call, plus the checks of grad_out against the plan.
+PoolingPlan backward_plan(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
+                          const OptTensorList& offsets, const TensorList& weights, at::IntArrayRef weighted_features,
+                          at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
+                          at::IntArrayRef max_lens, const std::vector<std::string>& names,
+                          at::IntArrayRef grad_padding_idx);
+
 // Attaches grads[k] to the k-th table that needs a gradient; checks their shapes.
 void attach_grads(PoolingPlan& plan, const TensorList& grads, at::IntArrayRef table_needs_grad_mask);
 

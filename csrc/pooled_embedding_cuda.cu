@@ -253,27 +253,12 @@ __global__ void reduce_sorted_kernel(const FeatureMeta* __restrict__ feats, int6
   }
 }
 
-PoolingPlan backward_plan_cuda(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
-                               const OptTensorList& offsets, const TensorList& weights,
-                               at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
-                               at::IntArrayRef max_lens, const std::vector<std::string>& names,
-                               at::IntArrayRef grad_padding_idx) {
-  PoolingPlan plan = make_plan({tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens, names},
-                               grad_padding_idx);
-  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == plan.batch && grad_out.size(1) == plan.total_dim,
-                    "pooled_embedding backward: grad_out must be [", plan.batch, ", ", plan.total_dim, "], got ",
-                    grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == plan.dtype && grad_out.device() == plan.device,
-                   "pooled_embedding backward: grad_out must be ", plan.dtype, " on ", plan.device);
-  return plan;
-}
-
 void backward_into_cuda(const at::Tensor& grad_out, const TensorList& grads, const TensorList& tables,
                         const TensorList& ids, const OptTensorList& offsets, const TensorList& weights,
                         at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
                         at::IntArrayRef max_lens, const std::vector<std::string>& names,
                         at::IntArrayRef grad_padding_idx, at::IntArrayRef table_needs_grad, bool deterministic) {
-  PoolingPlan plan = backward_plan_cuda(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
+  PoolingPlan plan = backward_plan(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
                                         max_lens, names, grad_padding_idx);
   c10::cuda::CUDAGuard guard(plan.device);
   attach_grads(plan, grads, table_needs_grad);
@@ -398,7 +383,7 @@ TensorList weight_backward_cuda(const at::Tensor& grad_out, const TensorList& ta
                                 const OptTensorList& offsets, const TensorList& weights,
                                 at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
                                 at::IntArrayRef max_lens, const std::vector<std::string>& names) {
-  PoolingPlan plan = backward_plan_cuda(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
+  PoolingPlan plan = backward_plan(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
                                         max_lens, names, {});
   c10::cuda::CUDAGuard guard(plan.device);
   at::Tensor g = grad_out.contiguous();
