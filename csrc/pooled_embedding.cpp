@@ -461,17 +461,12 @@ void scatter_feature_block(const FeatureMeta& f, const scalar_t* grad_out, int64
 template <typename scalar_t, typename index_t>
 void mean_denominators(const FeatureMeta& f, int64_t batch, at::opmath_type<scalar_t>* denoms) {
   using acc_t = at::opmath_type<scalar_t>;
-  const index_t* ids = static_cast<const index_t*>(f.ids);
   at::parallel_for(0, batch, 1024, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t begin, end;
       bag_bounds(f, b, &begin, &end);
       begin = kept_begin(begin, end, f.max_len);
-      int64_t count = 0;
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t id = static_cast<int64_t>(ids[p]);
-        count += id_in_range(id, f.vocab) && is_pooled(id, f.mask_id);
-      }
+      const int64_t count = pooled_count(f, begin, end);
       denoms[b] = mean_denominator<acc_t>(count);
     }
   });
@@ -604,11 +599,7 @@ void sparse_feature_entries(const FeatureMeta& f, const scalar_t* grad_out, int6
       int64_t begin, end;
       bag_bounds(f, b, &begin, &end);
       begin = kept_begin(begin, end, f.max_len);
-      int64_t count = 0;
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t id = static_cast<int64_t>(ids[p]);
-        count += id_in_range(id, f.vocab) && is_pooled(id, f.mask_id);
-      }
+      const int64_t count = pooled_count(f, begin, end);
       const acc_t denom = mean_denominator<acc_t>(count);
       int64_t k = bag_start[b];
       for (int64_t p = begin; p < end; ++p) {
@@ -718,11 +709,7 @@ void weight_grad_feature(const FeatureMeta& f, const scalar_t* grad_out, int64_t
       bag_bounds(f, b, &begin, &end);
       const int64_t kept = kept_begin(begin, end, f.max_len);
       for (int64_t p = begin; p < kept; ++p) wgrad[p] = scalar_t(0);  // truncated away
-      int64_t count = 0;
-      for (int64_t p = kept; p < end; ++p) {
-        const int64_t id = static_cast<int64_t>(ids[p]);
-        count += id_in_range(id, f.vocab) && is_pooled(id, f.mask_id);
-      }
+      const int64_t count = pooled_count(f, kept, end);
       const acc_t denom = f.combiner == kMean ? mean_denominator<acc_t>(count) : acc_t(1);
       const scalar_t* g = grad_out + b * out_stride + f.out_offset;
       for (int64_t p = kept; p < end; ++p) {

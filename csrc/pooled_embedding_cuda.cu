@@ -188,12 +188,7 @@ __global__ void emit_kernel(const FeatureMeta* __restrict__ feats, int64_t num_b
   int64_t begin, end;
   bag_bounds(f, b, &begin, &end);
   begin = kept_begin(begin, end, f.max_len);
-  int64_t count = 0;
-  if (f.combiner == kMean)
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t id = load_index(f.ids, f.ids_int64, p);
-      count += id_in_range(id, f.vocab) && is_pooled(id, f.mask_id);
-    }
+  const int64_t count = f.combiner == kMean ? pooled_count(f, begin, end) : 0;
   const acc_t denom = f.combiner == kMean ? mean_denominator<acc_t>(count) : acc_t(1);
   const scalar_t* weights = static_cast<const scalar_t*>(f.weights);
   scalar_t* grad = static_cast<scalar_t*>(f.grad);
@@ -365,12 +360,7 @@ __global__ void weight_grad_kernel(FeatureMeta f, int64_t batch, const scalar_t*
   if (p < begin || p >= end) return;
   const int64_t id = load_index(f.ids, f.ids_int64, p);
   if (!id_in_range(id, f.vocab) || !is_pooled(id, f.mask_id)) return;
-  int64_t count = 0;
-  if (f.combiner == kMean)
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t other = load_index(f.ids, f.ids_int64, q);
-      count += id_in_range(other, f.vocab) && is_pooled(other, f.mask_id);
-    }
+  const int64_t count = f.combiner == kMean ? pooled_count(f, begin, end) : 0;
   const scalar_t* row = static_cast<const scalar_t*>(f.table) + id * f.dim;
   const scalar_t* g = grad_out + b * out_stride + f.out_offset;
   acc_t dot = 0;

@@ -84,6 +84,16 @@ C10_HOST_DEVICE inline acc_t mean_denominator(int64_t count) {
   return static_cast<acc_t>(count) + static_cast<acc_t>(1e-16);
 }
 
+// Positions in [begin, end) that enter the sum/mean: the mean's count (shared by every path).
+C10_HOST_DEVICE inline int64_t pooled_count(const FeatureMeta& f, int64_t begin, int64_t end) {
+  int64_t count = 0;
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t id = load_index(f.ids, f.ids_int64, p);
+    count += id_in_range(id, f.vocab) && is_pooled(id, f.mask_id);
+  }
+  return count;
+}
+
 // Does a (kept, pooled) position with this id send gradient into the table?
 C10_HOST_DEVICE inline bool receives_grad(const FeatureMeta& f, int64_t id) {
   if (!id_in_range(id, f.vocab) || id == f.grad_padding_idx) return false;
