@@ -139,10 +139,22 @@ def _frame(feats, n, seed):
     return data
 
 
+def _smooth(kwargs: dict) -> dict:
+    """Every MLP with tanh: over several steps, float noise can push a pre-activation across a
+    kink (relu, softshrink, hardswish, ...) in one model and not the other, a discrete change
+    that training then carries on. Activations themselves are covered by the parity tests."""
+    def fix(params):
+        if isinstance(params, list):
+            return [fix(p) for p in params]
+        return {**params, "activation": "tanh"} if isinstance(params, dict) else params
+    return {k: fix(v) if k.endswith(("_params", "_params_list")) and k != "optimizer_params" else v
+            for k, v in kwargs.items()}
+
+
 def _fit_pair(kind, optimizer, lr):
     seed = random.Random().randrange(2**31)
     feats = random_features(random.Random(seed), nr_features)
-    kwargs = random_model_kwargs(kind, random.Random(seed + 1))
+    kwargs = _smooth(random_model_kwargs(kind, random.Random(seed + 1)))
     if kind == "esmm":
         kwargs.update(target=["ctr", "ctcvr"])
     targets = kwargs.get("target", ["ctr", "ctcvr"])
@@ -151,29 +163,40 @@ def _fit_pair(kind, optimizer, lr):
     plain = MODELS[kind](*feats, **kwargs)
     fast = MODELS[kind](*feats, **kwargs)
     fast.load_state_dict(plain.state_dict())
-    fast.compile(optimizer=optimizer, optimizer_params={"lr": lr}, loss="bce")
-    plain.compile(optimizer=optimizer, optimizer_params={"lr": lr}, loss="bce")
+    # A third, plain run from weights moved by float32 rounding: how far this configuration's
+    # training carries rounding differences, the yardstick for plain vs accelerated.
+    rounded = MODELS[kind](*feats, **kwargs)
+    rounded.load_state_dict({k: v * (1 + 2**-23) if v.is_floating_point() else v
+                             for k, v in plain.state_dict().items()})
+    for model in (plain, fast, rounded):
+        model.compile(optimizer=optimizer, optimizer_params={"lr": lr}, loss="bce")
     nextrec_fast.accelerate(fast)
     data = _frame(feats, 96, seed)  # a dict of arrays: nextrec's DataFrame path cannot take 2-D dense columns
     rng = np.random.default_rng(seed)
     for t in targets:
         data[t] = rng.integers(0, 2, 96).astype(np.float32)
-    for model in (plain, fast):
-        torch.manual_seed(0)  # the same shuffling for both
+    for model in (plain, fast, rounded):
+        torch.manual_seed(0)  # the same shuffling for all
         model.fit(data, epochs=2, batch_size=32, shuffle=True, metrics=["auc"])
-    preds = [np.asarray(m.predict(data, batch_size=64), dtype=float) for m in (plain, fast)]
-    return plain, fast, preds
+    preds = [np.asarray(m.predict(data, batch_size=64), dtype=float) for m in (plain, fast, rounded)]
+    return plain, fast, rounded, preds
 
 
 @pytest.mark.parametrize("kind", ["mmoe", "ple", "esmm"])
 def test_fit_plain_vs_accelerated_sgd(kind):
     """Two epochs of nextrec's own fit loop (regularisation, clipping, SGD): same parameters."""
-    plain, fast, (pred_plain, pred_fast) = _fit_pair(kind, "sgd", 0.05)
-    for (name, p_plain), p_fast in zip(plain.named_parameters(), fast.parameters()):
-        torch.testing.assert_close(p_fast, p_plain, rtol=1e-3, atol=5e-5, msg=lambda m: f"{name}: {m}")
-    for (name, b_plain), b_fast in zip(plain.named_buffers(), fast.buffers()):
-        torch.testing.assert_close(b_fast, b_plain, rtol=1e-3, atol=5e-5, msg=lambda m: f"{name}: {m}")
-    np.testing.assert_allclose(pred_fast, pred_plain, rtol=1e-3, atol=5e-5)
+    plain, fast, rounded, (pred_plain, pred_fast, pred_rounded) = _fit_pair(kind, "sgd", 0.05)
+    plain_state, fast_state, rounded_state = plain.state_dict(), fast.state_dict(), rounded.state_dict()
+    for name, p_plain in plain_state.items():
+        if not p_plain.is_floating_point():
+            assert torch.equal(fast_state[name], p_plain), name  # num_batches_tracked
+            continue
+        # Within rtol 1e-3 / atol 5e-5, or no further from plain than rounding alone carries it.
+        carried = (rounded_state[name] - p_plain).abs().max().item()
+        torch.testing.assert_close(fast_state[name], p_plain, rtol=1e-3, atol=max(5e-5, 4 * carried),
+                                   msg=lambda m: f"{name}: {m} (rounding alone moved it {carried:.3g})")
+    carried = np.abs(pred_rounded - pred_plain).max()
+    np.testing.assert_allclose(pred_fast, pred_plain, rtol=1e-3, atol=max(5e-5, 4 * carried))
 
 
 @pytest.mark.parametrize("kind", ["mmoe", "ple"])
@@ -182,7 +205,7 @@ def test_fit_plain_vs_accelerated_adam(kind):
     bias before train-mode BatchNorm) up to lr-sized steps in BOTH models, so after a few steps
     the runs agree to about lr, not to float precision; the step itself is checked exactly in
     test_fused_adam_step_matches."""
-    _, _, (pred_plain, pred_fast) = _fit_pair(kind, "adam", 1e-3)
+    _, _, _, (pred_plain, pred_fast, _) = _fit_pair(kind, "adam", 1e-3)
     np.testing.assert_allclose(pred_fast, pred_plain, rtol=0, atol=5e-3)
 
 
