@@ -33,7 +33,9 @@ def _extensions():
         return [], {}
     use_cuda = bool(cu) and CUDA_HOME is not None and torch.version.cuda is not None \
         and os.environ.get("NEXTREC_FAST_NO_CUDA") != "1"
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    # -ffp-contract=off: batch_norm_act recomputes its ReLU mask in the backward and needs
+    # the forward's arithmetic exactly (no FMA contraction in one place and not the other).
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     define = []
     if use_cuda:
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")

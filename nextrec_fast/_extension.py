@@ -36,7 +36,7 @@ def _jit_build():
         and cpp_extension.CUDA_HOME is not None
         and os.environ.get("NEXTREC_FAST_NO_CUDA") != "1"
     )
-    cflags = ["-O3", "-std=c++20", "-fopenmp"]
+    cflags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]  # see setup.py
     kwargs = {}
     if with_cuda:
         sources += sorted(glob.glob(os.path.join(src_dir, "*.cu")))

@@ -1,0 +1,487 @@
+// nextrec_fast::batch_norm_act_*: BatchNorm1d (with the preceding Linear's bias folded in) and
+// an optional ReLU over the channels of many experts at once, on the CPU.
+//
+// nextrec's MLP runs Linear -> BatchNorm1d -> activation per hidden layer. PyTorch makes four
+// full passes over the [B, C] activations for that forward (bias broadcast inside addmm, the
+// statistics, normalisation, ReLU) and four for the backward. Here the Linear runs without its
+// bias (the batch mean absorbs it; it is folded into the statistics), the forward is one
+// statistics pass and one normalise+ReLU pass, the backward one reduction pass and one
+// input-gradient pass that recomputes the ReLU mask.
+//
+// Layouts: x is [B, C] (batch-major, what one GEMM over concatenated weights gives) or
+// [E, B, N] (expert-major, what a bmm gives), C = E * N channels, expert-major channel order
+// (channel e * N + n) in both. The output is written in either layout, so the next layer's bmm
+// reads it without a transposing copy.
+//
+// Work is split over chunks of rows (every pass streams whole rows: walking down a column
+// block of a large row-major matrix costs a TLB miss per row). Column sums are taken per chunk
+// and combined in chunk order, and the chunking does not depend on the thread count, so
+// results are deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+namespace nextrec_fast {
+namespace {
+
+// A [E, B, N] view (unit stride over n) of a batch-major or expert-major buffer.
+template <typename T>
+struct Blocks {
+  T* data;
+  int64_t expert_stride, row_stride;
+  T* at(int64_t e, int64_t b, int64_t n) const { return data + e * expert_stride + b * row_stride + n; }
+};
+
+template <typename T>
+Blocks<T> blocks_of(T* data, bool expert_major, int64_t experts, int64_t batch, int64_t width) {
+  if (expert_major) return {data, batch * width, width};
+  return {data, width, experts * width};
+}
+
+struct Shape {
+  int64_t experts, batch, width;  // E, B, N
+  bool x_expert_major;
+};
+
+Shape shape_of(const at::Tensor& x, int64_t experts) {
+  TORCH_CHECK_VALUE(experts >= 1, "batch_norm_act: experts must be >= 1, got ", experts);
+  if (x.dim() == 3) {
+    TORCH_CHECK_VALUE(x.size(0) == experts, "batch_norm_act: x is [E, B, N] with E=", x.size(0),
+                      " but experts=", experts);
+    return {experts, x.size(1), x.size(2), true};
+  }
+  TORCH_CHECK_VALUE(x.dim() == 2, "batch_norm_act: x must be [B, C] or [E, B, N], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) % experts == 0, "batch_norm_act: ", x.size(1), " channels do not split into ",
+                    experts, " experts");
+  return {experts, x.size(0), x.size(1) / experts, false};
+}
+
+void check_channel_vector(const std::optional<at::Tensor>& v, const at::Tensor& x, int64_t channels,
+                          const char* what) {
+  if (!v.has_value()) return;
+  TORCH_CHECK_VALUE(v->dim() == 1 && v->size(0) == channels, "batch_norm_act: ", what, " must be [", channels,
+                    "], got shape ", v->sizes());
+  TORCH_CHECK_TYPE(v->scalar_type() == x.scalar_type(), "batch_norm_act: ", what, " is ", v->scalar_type(),
+                   " but x is ", x.scalar_type());
+  TORCH_CHECK_VALUE(v->device() == x.device(), "batch_norm_act: ", what, " is on ", v->device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_VALUE(v->is_contiguous(), "batch_norm_act: ", what, " must be contiguous");
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<at::Tensor>& v) {
+  return v.has_value() ? v->data_ptr<T>() : nullptr;
+}
+
+// Rows per chunk: a fixed function of the batch size (never of the thread count).
+int64_t chunk_rows(int64_t batch) {
+  constexpr int64_t kMinRows = 32, kMaxChunks = 16;
+  const int64_t rows = (batch + kMaxChunks - 1) / kMaxChunks;
+  return std::max(kMinRows, (rows + kMinRows - 1) / kMinRows * kMinRows);
+}
+
+// Inner loops are compiled for AVX-512 and AVX2 besides the baseline and picked at load time
+// (the extension is built without -march flags). Everything a clone runs must be inlined into
+// it, hence always_inline on the helpers.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NEXTREC_FAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NEXTREC_FAST_CPU_CLONES
+#endif
+#define NEXTREC_FAST_INLINE inline __attribute__((always_inline))
+
+// Rows summed in T (vectorises without widening) before each flush into double accumulators.
+constexpr int64_t kFlushRows = 32;
+
+// What every pass reads; per-channel arrays are [C], in channel order.
+template <typename T>
+struct Pass {
+  int64_t experts, width;  // E, N
+  Blocks<const T> x;
+  Blocks<const T> grad_out;  // backward
+  Blocks<T> out;             // forward: the output; backward: grad_x (x's layout)
+  const T* x0;               // forward statistics: the shift (row 0 of x)
+  const T* scale;            // z = x * scale + shift (rounded to T: the forward's arithmetic)
+  const T* shift;
+  // Backward, in double: the input gradient cancels heavily when the variance is near eps
+  // (small batches), so it is formed in double from x - mean with the unrounded mean.
+  const double* mean;        // mean of x (without linear_bias)
+  const double* scale_d;     // weight * invstd
+  const double* k_mean;      // mean(dz)
+  const double* k_xc;        // invstd^2 * mean(dz * (x - mean))
+};
+
+// z = x * scale + shift, written once for the forward and both backward passes: the backward
+// recomputes the ReLU mask instead of storing it, so it must match the forward bit for bit
+// (the extension is compiled with -ffp-contract=off: no FMA in one place and not the other).
+template <typename T>
+NEXTREC_FAST_INLINE T affine(T x, T scale, T shift) {
+  return x * scale + shift;
+}
+
+template <typename T, bool kRelu>
+NEXTREC_FAST_INLINE T masked_grad(T g, T x, T scale, T shift) {
+  if constexpr (kRelu) return affine(x, scale, shift) > T(0) ? g : T(0);
+  return g;
+}
+
+// The row loops: restrict pointers and the ReLU as a template flag so that each vectorises
+// (the mask must be a select, not a data-dependent branch per element).
+template <typename T>
+NEXTREC_FAST_INLINE void moments_row(const T* __restrict x, const T* __restrict x0, T* __restrict s1,
+                                     T* __restrict s2, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T d = x[j] - x0[j];
+    s1[j] += d;
+    s2[j] += d * d;
+  }
+}
+
+template <typename T, bool kRelu>
+NEXTREC_FAST_INLINE void normalize_row(const T* __restrict x, const T* __restrict scale, const T* __restrict shift,
+                                       T* __restrict out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T z = affine(x[j], scale[j], shift[j]);
+    out[j] = kRelu ? (z < T(0) ? T(0) : z) : z;  // NaN stays NaN, as in torch.relu
+  }
+}
+
+// dz = grad_out * relu'(z), in T: the select vectorises there (next to a widening to double,
+// GCC gives up: "control flow in loop").
+template <typename T, bool kRelu>
+NEXTREC_FAST_INLINE void masked_grad_row(const T* __restrict x, const T* __restrict g, const T* __restrict scale,
+                                         const T* __restrict shift, T* __restrict dz, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dz[j] = masked_grad<T, kRelu>(g[j], x[j], scale[j], shift[j]);
+}
+
+template <typename T>
+NEXTREC_FAST_INLINE void reduce_row(const T* __restrict x, const T* __restrict dz, const double* __restrict mean,
+                                    double* __restrict sum_dz, double* __restrict sum_dz_xc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const double d = static_cast<double>(dz[j]);
+    sum_dz[j] += d;
+    sum_dz_xc[j] += d * (static_cast<double>(x[j]) - mean[j]);
+  }
+}
+
+template <typename T>
+NEXTREC_FAST_INLINE void input_grad_row(const T* __restrict x, const T* __restrict dz, const double* __restrict mean,
+                                        const double* __restrict scale, const double* __restrict k_mean,
+                                        const double* __restrict k_xc, T* __restrict dx, double* __restrict sum_dx,
+                                        int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const double v =
+        scale[j] * (static_cast<double>(dz[j]) - k_mean[j] - (static_cast<double>(x[j]) - mean[j]) * k_xc[j]);
+    const T r = static_cast<T>(v);
+    dx[j] = r;
+    sum_dx[j] += static_cast<double>(r);
+  }
+}
+
+// acc[j] += part[j] (in double), then part[j] = 0.
+template <typename T>
+NEXTREC_FAST_INLINE void flush(T* __restrict part, double* __restrict acc, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    acc[j] += static_cast<double>(part[j]);
+    part[j] = T(0);
+  }
+}
+
+// The four passes over rows [b0, b1). Column sums go to acc (one or two [C] double arrays of
+// this chunk); `scratch` holds 2 * C values of T.
+enum PassKind { kMoments, kNormalize, kReduce, kInputGrad };
+
+template <typename T, bool kRelu, int kKind>
+NEXTREC_FAST_INLINE void run_rows(const Pass<T>& p, int64_t b0, int64_t b1, double* acc1, double* acc2, T* scratch) {
+  const int64_t E = p.experts, N = p.width, C = E * N;
+  if constexpr (kKind == kMoments) {
+    // Shifted sums, kFlushRows rows at a time in T, flushed into double.
+    T* part1 = scratch;
+    T* part2 = scratch + C;
+    for (int64_t c = 0; c < 2 * C; ++c) scratch[c] = T(0);
+    for (int64_t f0 = b0; f0 < b1; f0 += kFlushRows) {
+      const int64_t f1 = std::min(b1, f0 + kFlushRows);
+      for (int64_t b = f0; b < f1; ++b)
+        for (int64_t e = 0; e < E; ++e) moments_row(p.x.at(e, b, 0), p.x0 + e * N, part1 + e * N, part2 + e * N, N);
+      flush(part1, acc1, C);
+      flush(part2, acc2, C);
+    }
+  } else if constexpr (kKind == kNormalize) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t e = 0; e < E; ++e)
+        normalize_row<T, kRelu>(p.x.at(e, b, 0), p.scale + e * N, p.shift + e * N, p.out.at(e, b, 0), N);
+  } else {
+    T* dz = scratch;  // one row of one expert
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t c = e * N;
+        const T* x = p.x.at(e, b, 0);
+        masked_grad_row<T, kRelu>(x, p.grad_out.at(e, b, 0), p.scale + c, p.shift + c, dz, N);
+        if constexpr (kKind == kReduce)
+          reduce_row(x, dz, p.mean + c, acc1 + c, acc2 + c, N);
+        else
+          input_grad_row(x, dz, p.mean + c, p.scale_d + c, p.k_mean + c, p.k_xc + c, p.out.at(e, b, 0), acc1 + c, N);
+      }
+    }
+  }
+}
+
+#define NEXTREC_FAST_PASS_ENTRY(name, kind, T)                                                          \
+  NEXTREC_FAST_CPU_CLONES void name(const Pass<T>& p, bool relu, int64_t b0, int64_t b1, double* acc1, \
+                                    double* acc2, T* scratch) {                                         \
+    if (relu)                                                                                           \
+      run_rows<T, true, kind>(p, b0, b1, acc1, acc2, scratch);                                          \
+    else                                                                                                \
+      run_rows<T, false, kind>(p, b0, b1, acc1, acc2, scratch);                                         \
+  }
+NEXTREC_FAST_PASS_ENTRY(moments_float, kMoments, float)
+NEXTREC_FAST_PASS_ENTRY(moments_double, kMoments, double)
+NEXTREC_FAST_PASS_ENTRY(normalize_float, kNormalize, float)
+NEXTREC_FAST_PASS_ENTRY(normalize_double, kNormalize, double)
+NEXTREC_FAST_PASS_ENTRY(reduce_float, kReduce, float)
+NEXTREC_FAST_PASS_ENTRY(reduce_double, kReduce, double)
+NEXTREC_FAST_PASS_ENTRY(input_grad_float, kInputGrad, float)
+NEXTREC_FAST_PASS_ENTRY(input_grad_double, kInputGrad, double)
+#undef NEXTREC_FAST_PASS_ENTRY
+
+template <typename T>
+using PassFn = void (*)(const Pass<T>&, bool, int64_t, int64_t, double*, double*, T*);
+
+template <typename T>
+PassFn<T> pass_fn(PassKind kind) {
+  if constexpr (std::is_same_v<T, float>) {
+    const PassFn<float> fns[] = {moments_float, normalize_float, reduce_float, input_grad_float};
+    return fns[kind];
+  } else {
+    const PassFn<double> fns[] = {moments_double, normalize_double, reduce_double, input_grad_double};
+    return fns[kind];
+  }
+}
+
+// Runs one pass over all rows, chunk-parallel. Returns the column sums (num_sums arrays of C
+// doubles, chunk partials added in chunk order).
+template <typename T>
+std::vector<std::vector<double>> run_pass(PassKind kind, const Pass<T>& p, int64_t batch, bool relu, int num_sums) {
+  const int64_t C = p.experts * p.width, rows = chunk_rows(batch);
+  const int64_t chunks = (batch + rows - 1) / rows;
+  std::vector<double> partial(static_cast<size_t>(num_sums > 0 ? chunks * num_sums * C : 0), 0.0);
+  const PassFn<T> fn = pass_fn<T>(kind);
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<T> scratch(num_sums > 0 ? 2 * C : 0);
+    for (int64_t k = k0; k < k1; ++k) {
+      double* acc1 = num_sums > 0 ? partial.data() + (k * num_sums) * C : nullptr;
+      double* acc2 = num_sums > 1 ? acc1 + C : nullptr;
+      fn(p, relu, k * rows, std::min(batch, (k + 1) * rows), acc1, acc2, scratch.data());
+    }
+  });
+  std::vector<std::vector<double>> sums(num_sums, std::vector<double>(C, 0.0));
+  for (int64_t k = 0; k < chunks; ++k)
+    for (int i = 0; i < num_sums; ++i) {
+      const double* src = partial.data() + (k * num_sums + i) * C;
+      for (int64_t c = 0; c < C; ++c) sums[i][c] += src[c];
+    }
+  return sums;
+}
+
+// The per-channel affine form z = x * scale + shift of BatchNorm applied to x + linear_bias,
+// from the mean of x (without the bias) and the biased variance, both kept in double. The
+// forward and the backward both call this, so the backward's recomputed z (for the ReLU mask)
+// is bit-identical.
+template <typename T>
+void affine_params(int64_t C, const double* mean_x, const double* var, const T* weight, const T* bias, double eps,
+                   std::vector<T>& scale, std::vector<T>& shift, std::vector<double>& scale_d,
+                   std::vector<double>& invstd) {
+  scale.resize(C);
+  shift.resize(C);
+  scale_d.resize(C);
+  invstd.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    invstd[c] = 1.0 / std::sqrt(var[c] + eps);
+    const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
+    const double b = bias != nullptr ? static_cast<double>(bias[c]) : 0.0;
+    scale_d[c] = w * invstd[c];
+    scale[c] = static_cast<T>(scale_d[c]);
+    shift[c] = static_cast<T>(b - mean_x[c] * scale_d[c]);
+  }
+}
+
+template <typename T>
+void forward_kernel(const at::Tensor& x, const Shape& s, const T* weight, const T* bias, double eps, bool training,
+                    bool relu, bool out_expert_major, T* out, double* mean_x, double* var) {
+  const int64_t E = s.experts, B = s.batch, N = s.width, C = E * N;
+  Pass<T> p{};
+  p.experts = E;
+  p.width = N;
+  p.x = blocks_of<const T>(x.data_ptr<T>(), s.x_expert_major, E, B, N);
+  p.out = blocks_of<T>(out, out_expert_major, E, B, N);
+  std::vector<T> x0(C);
+  if (training) {
+    // One pass, shifted by the first row against cancellation: sums of (x - x0) and (x - x0)^2.
+    for (int64_t e = 0; e < E; ++e) std::copy_n(p.x.at(e, 0, 0), N, x0.data() + e * N);
+    p.x0 = x0.data();
+    const auto sums = run_pass<T>(kMoments, p, B, relu, 2);
+    for (int64_t c = 0; c < C; ++c) {
+      const double m = sums[0][c] / static_cast<double>(B);
+      mean_x[c] = static_cast<double>(x0[c]) + m;
+      var[c] = std::max(sums[1][c] / static_cast<double>(B) - m * m, 0.0);
+    }
+  }
+  std::vector<T> scale, shift;
+  std::vector<double> scale_d, invstd;
+  affine_params<T>(C, mean_x, var, weight, bias, eps, scale, shift, scale_d, invstd);
+  p.scale = scale.data();
+  p.shift = shift.data();
+  run_pass<T>(kNormalize, p, B, relu, 0);
+}
+
+template <typename T>
+void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const at::Tensor& x, const Shape& s,
+                     const T* weight, const T* bias, const double* mean_x, const double* var, double eps,
+                     bool training, bool relu, T* grad_x, T* grad_linear_bias, T* grad_weight, T* grad_bias) {
+  const int64_t E = s.experts, B = s.batch, N = s.width, C = E * N;
+  Pass<T> p{};
+  p.experts = E;
+  p.width = N;
+  p.x = blocks_of<const T>(x.data_ptr<T>(), s.x_expert_major, E, B, N);
+  p.grad_out = blocks_of<const T>(grad_out.data_ptr<T>(), grad_expert_major, E, B, N);
+  p.out = blocks_of<T>(grad_x, s.x_expert_major, E, B, N);
+  std::vector<T> scale, shift;
+  std::vector<double> scale_d, invstd;
+  affine_params<T>(C, mean_x, var, weight, bias, eps, scale, shift, scale_d, invstd);
+  p.scale = scale.data();
+  p.shift = shift.data();
+  p.scale_d = scale_d.data();
+  p.mean = mean_x;
+  // sum(dz) and sum(dz * (x - mean)), dz = grad_out * relu'(z).
+  const auto sums = run_pass<T>(kReduce, p, B, relu, 2);
+  // grad_x = scale * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)))  (batch stats)
+  //        = scale * dz                                                                 (running stats)
+  std::vector<double> k_mean(C), k_xc(C);
+  for (int64_t c = 0; c < C; ++c) {
+    k_mean[c] = training ? sums[0][c] / static_cast<double>(B) : 0.0;
+    k_xc[c] = training ? sums[1][c] * invstd[c] * invstd[c] / static_cast<double>(B) : 0.0;
+  }
+  p.k_mean = k_mean.data();
+  p.k_xc = k_xc.data();
+  const auto sum_dx = run_pass<T>(kInputGrad, p, B, relu, 1);
+  for (int64_t c = 0; c < C; ++c) {
+    grad_linear_bias[c] = static_cast<T>(sum_dx[0][c]);  // sum of grad_x: the bias came before the norm
+    grad_weight[c] = static_cast<T>(sums[1][c] * invstd[c]);
+    grad_bias[c] = static_cast<T>(sums[0][c]);
+  }
+}
+
+void check_inputs(const at::Tensor& x, const Shape& s, const std::optional<at::Tensor>& linear_bias,
+                  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "batch_norm_act: x must be float32 or float64 on the CPU, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(s.batch >= 1, "batch_norm_act: empty batch");
+  const int64_t channels = s.experts * s.width;
+  check_channel_vector(linear_bias, x, channels, "linear_bias");
+  check_channel_vector(weight, x, channels, "weight");
+  check_channel_vector(bias, x, channels, "bias");
+}
+
+}  // namespace
+
+// Returns (out, mean_x, var): the output in the requested layout, and the per-channel mean of x
+// (without linear_bias) and biased variance that were used (batch statistics when training,
+// else running_mean - linear_bias and running_var).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& linear_bias, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, int64_t experts, bool training, double eps, bool relu,
+    bool out_expert_major) {
+  const at::Tensor x = x_in.contiguous();
+  const Shape s = shape_of(x, experts);
+  check_inputs(x, s, linear_bias, weight, bias);
+  const int64_t channels = s.experts * s.width;
+  if (training) {
+    TORCH_CHECK_VALUE(s.batch >= 2, "batch_norm_act: batch statistics need more than one sample per batch (got ",
+                      s.batch, ")");
+  } else {
+    TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(),
+                      "batch_norm_act: running_mean and running_var are needed when training=False");
+    check_channel_vector(running_mean, x, channels, "running_mean");
+    check_channel_vector(running_var, x, channels, "running_var");
+  }
+  at::Tensor out = out_expert_major ? at::empty({s.experts, s.batch, s.width}, x.options())
+                                    : at::empty({s.batch, channels}, x.options());
+  at::Tensor mean_x, var;
+  // Statistics are kept in double whatever x's dtype (see Pass::mean).
+  const auto stats_options = x.options().dtype(at::kDouble);
+  if (training) {
+    mean_x = at::empty({channels}, stats_options);
+    var = at::empty({channels}, stats_options);
+  } else {
+    mean_x = running_mean->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true);
+    if (linear_bias.has_value()) mean_x.sub_(linear_bias->to(at::kDouble));
+    mean_x = mean_x.contiguous();
+    var = running_var->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_forward_cpu", [&] {
+    forward_kernel<scalar_t>(x, s, data_or_null<scalar_t>(weight), data_or_null<scalar_t>(bias), eps, training, relu,
+                             out_expert_major, out.data_ptr<scalar_t>(), mean_x.data_ptr<double>(),
+                             var.data_ptr<double>());
+  });
+  return {out, mean_x, var};
+}
+
+// Gradients (x, linear_bias, weight, bias) of the forward above, from its saved mean_x and var.
+// grad_out is in the layout the forward wrote (out_expert_major); grad_x in x's layout.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, const std::optional<at::Tensor>& linear_bias,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean_x,
+    const at::Tensor& var, int64_t experts, bool training, double eps, bool relu, bool out_expert_major) {
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  const Shape s = shape_of(x, experts);
+  check_inputs(x, s, linear_bias, weight, bias);
+  const int64_t channels = s.experts * s.width;
+  for (const auto& [v, what] : {std::pair<const at::Tensor&, const char*>{mean_x, "mean_x"}, {var, "var"}}) {
+    TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == channels && v.scalar_type() == at::kDouble && v.is_contiguous(),
+                      "batch_norm_act: ", what, " must be the forward's contiguous float64 [", channels, "] statistics");
+  }
+  const std::vector<int64_t> out_shape = out_expert_major ? std::vector<int64_t>{s.experts, s.batch, s.width}
+                                                          : std::vector<int64_t>{s.batch, channels};
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_shape), "batch_norm_act: grad_out has shape ",
+                    grad_out.sizes(), ", expected ", at::IntArrayRef(out_shape));
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "batch_norm_act: grad_out is ", grad_out.scalar_type(),
+                   " but x is ", x.scalar_type());
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_linear_bias = at::empty({channels}, x.options());
+  at::Tensor grad_weight = at::empty({channels}, x.options());
+  at::Tensor grad_bias = at::empty({channels}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_backward_cpu", [&] {
+    backward_kernel<scalar_t>(grad_out, out_expert_major, x, s, data_or_null<scalar_t>(weight),
+                              data_or_null<scalar_t>(bias), mean_x.data_ptr<double>(), var.data_ptr<double>(), eps,
+                              training, relu, grad_x.data_ptr<scalar_t>(), grad_linear_bias.data_ptr<scalar_t>(),
+                              grad_weight.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>());
+  });
+  return {grad_x, grad_linear_bias, grad_weight, grad_bias};
+}
+
+}  // namespace nextrec_fast
+
+TORCH_LIBRARY_FRAGMENT(nextrec_fast, m) {
+  // x: [B, E*N] or [E, B, N]; out: [E, B, N] if out_expert_major else [B, E*N].
+  m.def(
+      "batch_norm_act_forward(Tensor x, Tensor? linear_bias, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, int experts, bool training, float eps, bool relu, bool out_expert_major) "
+      "-> (Tensor out, Tensor mean_x, Tensor var)");
+  m.def(
+      "batch_norm_act_backward(Tensor grad_out, Tensor x, Tensor? linear_bias, Tensor? weight, Tensor? bias, "
+      "Tensor mean_x, Tensor var, int experts, bool training, float eps, bool relu, bool out_expert_major) "
+      "-> (Tensor grad_x, Tensor grad_linear_bias, Tensor grad_weight, Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_IMPL(nextrec_fast, CPU, m) {
+  m.impl("batch_norm_act_forward", &nextrec_fast::batch_norm_act_forward_cpu);
+  m.impl("batch_norm_act_backward", &nextrec_fast::batch_norm_act_backward_cpu);
+}

@@ -1,0 +1,95 @@
+"""BatchNorm1d + ReLU over many experts' channels in one CPU op (``nextrec_fast::batch_norm_act_*``).
+
+The kernels are C++ (``csrc/batch_norm_act.cpp``); this module adds their fake (meta)
+implementations, the autograd formula through ``torch.library``, and the wrapper
+:func:`batch_norm_act`. The op takes the output of a Linear computed *without* its bias and
+the bias itself: under batch statistics the bias only shifts the mean, so folding it in saves
+the bias pass of ``addmm`` and gives the bias its (near-zero) gradient like autograd would.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from nextrec_fast import _extension
+
+__all__ = ["batch_norm_act", "is_available"]
+
+
+def is_available() -> bool:
+    return _OPS_REGISTERED
+
+
+def batch_norm_act(x: Tensor, *, experts: int, linear_bias: Tensor | None, weight: Tensor | None,
+                   bias: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+                   training: bool, eps: float, relu: bool, out_expert_major: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``act(batch_norm(x + linear_bias))`` over ``C = E * N`` channels (expert-major order).
+
+    ``x``: ``[B, C]`` or ``[E, B, N]``; the output is ``[E, B, N]`` if ``out_expert_major`` else
+    ``[B, C]``. ``training=True`` normalises with the batch statistics (``running_*`` are not
+    touched: the caller updates them from the returned statistics); ``False`` with
+    ``running_mean``/``running_var``. ``act`` is ReLU if ``relu`` else the identity.
+
+    Returns ``(out, mean_x, var)``: ``mean_x`` is the per-channel mean of ``x`` *without*
+    ``linear_bias`` (add it for BatchNorm's running mean), ``var`` the biased variance, both
+    float64 whatever ``x``'s dtype (the backward forms its input gradient in double: it cancels
+    heavily when the variance is near ``eps``, e.g. in small batches).
+    """
+    if not _OPS_REGISTERED:
+        raise RuntimeError(f"nextrec_fast batch_norm_act is unavailable: {_extension.unavailable_reason()}")
+    return torch.ops.nextrec_fast.batch_norm_act_forward(x, linear_bias, weight, bias, running_mean, running_var,
+                                                         int(experts), bool(training), float(eps), bool(relu),
+                                                         bool(out_expert_major))
+
+
+def _shape(x: Tensor, experts: int) -> tuple[int, int, int]:
+    if x.dim() == 3:
+        return x.shape[0], x.shape[1], x.shape[2]
+    torch._check(x.dim() == 2, lambda: f"batch_norm_act: x must be [B, C] or [E, B, N], got {tuple(x.shape)}")
+    return experts, x.shape[0], x.shape[1] // experts
+
+
+def _register_fakes():
+    @torch.library.register_fake("nextrec_fast::batch_norm_act_forward")
+    def _forward_fake(x, linear_bias, weight, bias, running_mean, running_var, experts, training, eps, relu,
+                      out_expert_major):
+        e, b, n = _shape(x, experts)
+        out = x.new_empty((e, b, n) if out_expert_major else (b, e * n))
+        return out, x.new_empty(e * n, dtype=torch.float64), x.new_empty(e * n, dtype=torch.float64)
+
+    @torch.library.register_fake("nextrec_fast::batch_norm_act_backward")
+    def _backward_fake(grad_out, x, linear_bias, weight, bias, mean_x, var, experts, training, eps, relu,
+                       out_expert_major):
+        channels = mean_x.shape[0]
+        return (x.new_empty(x.shape), x.new_empty(channels), x.new_empty(channels), x.new_empty(channels))
+
+
+def _setup_context(ctx, inputs, output):
+    x, linear_bias, weight, bias, running_mean, running_var, experts, training, eps, relu, out_expert_major = inputs
+    _, mean_x, var = output
+    ctx.mark_non_differentiable(mean_x, var)
+    ctx.save_for_backward(x, linear_bias, weight, bias, mean_x, var)
+    ctx.flags = (experts, training, eps, relu, out_expert_major)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    x, linear_bias, weight, bias, mean_x, var = ctx.saved_tensors
+    experts, training, eps, relu, out_expert_major = ctx.flags
+    grad_x, grad_linear_bias, grad_weight, grad_bias = torch.ops.nextrec_fast.batch_norm_act_backward(
+        grad_out.contiguous(), x, linear_bias, weight, bias, mean_x, var, experts, training, eps, relu,
+        out_expert_major)
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None, grad_linear_bias if needs[1] else None,
+            grad_weight if needs[2] else None, grad_bias if needs[3] else None,
+            None, None, None, None, None, None, None)
+
+
+def _register() -> bool:
+    if not _extension.is_available() or not hasattr(torch.ops.nextrec_fast, "batch_norm_act_forward"):
+        return False
+    _register_fakes()
+    torch.library.register_autograd("nextrec_fast::batch_norm_act_forward", _backward, setup_context=_setup_context)
+    return True
+
+
+_OPS_REGISTERED = _register()

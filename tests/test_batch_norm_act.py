@@ -1,0 +1,209 @@
+"""The C++ batch_norm_act op against PyTorch (Linear bias + BatchNorm1d + ReLU), float64 and float32."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nextrec_fast.ops import batch_norm_act as op
+
+pytestmark = pytest.mark.skipif(not op.is_available(), reason="nextrec_fast C++ extension not built")
+
+
+def reference(x2d, linear_bias, weight, bias, running_mean, running_var, training, eps, relu):
+    """What nextrec's MLP computes after a bias-free GEMM: (x + b) -> BatchNorm1d -> ReLU."""
+    z = x2d + linear_bias if linear_bias is not None else x2d
+    y = F.batch_norm(z, running_mean, running_var, weight, bias, training, 0.0, eps)
+    return torch.relu(y) if relu else y
+
+
+def to_layout(t2d, experts, expert_major):
+    """[B, E*N] -> [E, B, N] (contiguous) if expert_major."""
+    if not expert_major:
+        return t2d
+    batch = t2d.shape[0]
+    return t2d.reshape(batch, experts, -1).transpose(0, 1).contiguous()
+
+
+def from_layout(t, experts, expert_major):
+    return t.transpose(0, 1).reshape(t.shape[1], -1) if expert_major else t
+
+
+def poison_allocator(numel, dtype):
+    """Leave NaN in memory the op's next allocations are likely to reuse."""
+    junk = torch.full((numel,), float("nan"), dtype=dtype)
+    del junk
+
+
+def random_case(gen, dtype, experts, batch, width, affine=True, with_linear_bias=True):
+    c = experts * width
+    x = torch.randn(batch, c, generator=gen, dtype=dtype) * 2 + torch.randn(c, generator=gen, dtype=dtype)
+    linear_bias = torch.randn(c, generator=gen, dtype=dtype) if with_linear_bias else None
+    weight = (torch.rand(c, generator=gen, dtype=dtype) + 0.5) if affine else None
+    bias = torch.randn(c, generator=gen, dtype=dtype) * 0.5 if affine else None
+    running_mean = torch.randn(c, generator=gen, dtype=dtype) * 0.5
+    running_var = torch.rand(c, generator=gen, dtype=dtype) + 0.5
+    return x, linear_bias, weight, bias, running_mean, running_var
+
+
+CASES = list(itertools.product([True, False], [True, False], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("training,relu,x_expert_major,out_expert_major", CASES)
+@pytest.mark.parametrize("shape", [(3, 17, 5), (8, 64, 40), (1, 33, 100), (2, 2, 70)])
+def test_matches_pytorch_float64(training, relu, x_expert_major, out_expert_major, shape):
+    experts, batch, width = shape
+    gen = torch.Generator().manual_seed(hash((training, relu, x_expert_major, out_expert_major, shape)) % 2**31)
+    x, lb, w, b, rm, rv = random_case(gen, torch.float64, experts, batch, width)
+    ref_inputs = [t.clone().requires_grad_() for t in (x, lb, w, b)]
+    expected = reference(*ref_inputs, rm, rv, training, 1e-5, relu)
+    grad = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, ref_inputs, grad)
+
+    inputs = [t.clone().requires_grad_() for t in (x, lb, w, b)]
+    poison_allocator(x.numel(), x.dtype)
+    out, mean_x, var = op.batch_norm_act(to_layout(inputs[0], experts, x_expert_major), experts=experts,
+                                         linear_bias=inputs[1], weight=inputs[2], bias=inputs[3], running_mean=rm,
+                                         running_var=rv, training=training, eps=1e-5, relu=relu,
+                                         out_expert_major=out_expert_major)
+    assert out.shape == ((experts, batch, width) if out_expert_major else (batch, experts * width))
+    got = from_layout(out, experts, out_expert_major)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(got, inputs, grad)
+    for name, g, e in zip(["x", "linear_bias", "weight", "bias"], grads, expected_grads):
+        # The linear bias's true gradient under batch statistics is zero: both are rounding noise.
+        atol = 1e-9 * grad.abs().max().item() * batch if (name == "linear_bias" and training) else 1e-11
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=atol, msg=lambda m: f"{name}: {m}")
+    assert mean_x.dtype == var.dtype == torch.float64
+    if training:
+        torch.testing.assert_close(mean_x, x.mean(0), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var, x.var(0, unbiased=False), rtol=1e-12, atol=1e-12)
+    else:
+        torch.testing.assert_close(mean_x, rm - lb, rtol=0, atol=0)
+        torch.testing.assert_close(var, rv, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("affine,with_linear_bias", [(False, True), (True, False), (False, False)])
+def test_optional_parameters(affine, with_linear_bias):
+    gen = torch.Generator().manual_seed(3)
+    x, lb, w, b, rm, rv = random_case(gen, torch.float64, 4, 16, 8, affine=affine, with_linear_bias=with_linear_bias)
+    xs = x.clone().requires_grad_()
+    expected = reference(xs, lb, w, b, None, None, True, 1e-5, True)
+    xf = x.clone().requires_grad_()
+    out, _, _ = op.batch_norm_act(xf, experts=4, linear_bias=lb, weight=w, bias=b, running_mean=None,
+                                  running_var=None, training=True, eps=1e-5, relu=True, out_expert_major=False)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(out, xf, g)[0], torch.autograd.grad(expected, xs, g)[0],
+                               rtol=1e-10, atol=1e-11)
+
+
+def test_float32_at_least_as_accurate_as_pytorch():
+    """float32: as close to the float64 result as PyTorch's float32 BatchNorm, or closer (the
+    statistics and the input gradient are formed in double)."""
+    gen = torch.Generator().manual_seed(7)
+    for batch in (2, 3, 8, 256):
+        x, lb, w, b, rm, rv = random_case(gen, torch.float64, 2, batch, 24)
+        x = x * 0.01  # a spread far below the bias: cancellation-prone, as after a Linear
+        grad = torch.randn(batch, 48, generator=gen, dtype=torch.float64)
+
+        def run(fn, dtype):
+            ts = [t.to(dtype).requires_grad_() for t in (x, lb, w, b)]
+            y = fn(ts)
+            return [y.detach().double()] + [g.double() for g in torch.autograd.grad(y, ts, grad.to(dtype))]
+
+        exact = run(lambda t: reference(*t, None, None, True, 1e-5, True), torch.float64)
+        torch32 = run(lambda t: reference(*t, None, None, True, 1e-5, True), torch.float32)
+        ours = run(lambda t: op.batch_norm_act(t[0], experts=2, linear_bias=t[1], weight=t[2], bias=t[3],
+                                               running_mean=None, running_var=None, training=True, eps=1e-5,
+                                               relu=True, out_expert_major=False)[0], torch.float32)
+        for name, e, p, o in zip(["out", "x", "linear_bias", "weight", "bias"], exact, torch32, ours):
+            err_ours, err_torch = (o - e).abs().max().item(), (p - e).abs().max().item()
+            scale = e.abs().max().item() + grad.abs().max().item()
+            assert err_ours <= 2 * err_torch + 1e-6 * scale, f"batch {batch} {name}: {err_ours:.3g} vs {err_torch:.3g}"
+
+
+def test_relu_mask_matches_forward_exactly():
+    """The backward recomputes the ReLU mask: it must agree with the forward's output bit for bit,
+    including values that round to zero."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(64, 96, generator=gen)
+    weight = torch.ones(96)
+    bias = torch.zeros(96)
+    x[:, :8] = 0.0  # zero-variance channels: z == bias exactly
+    xs = x.clone().requires_grad_()
+    out, _, _ = op.batch_norm_act(xs, experts=3, linear_bias=None, weight=weight, bias=bias, running_mean=None,
+                                  running_var=None, training=True, eps=1e-5, relu=True, out_expert_major=False)
+    g = torch.ones_like(out)
+    (grad_x,) = torch.autograd.grad(out, xs, g)
+    # Channels with a zero output everywhere get no gradient from dz; elsewhere the mask is out > 0.
+    dead = (out == 0).all(0)
+    assert dead[:8].all()
+    torch.testing.assert_close(grad_x[:, dead], torch.zeros_like(grad_x[:, dead]))
+
+
+def test_deterministic_and_thread_count_independent():
+    gen = torch.Generator().manual_seed(5)
+    x, lb, w, b, _, _ = random_case(gen, torch.float32, 8, 300, 32)
+    g = torch.randn(300, 256, generator=gen)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, threads, 1):
+            torch.set_num_threads(n)
+            xs = x.clone().requires_grad_()
+            out, mean, var = op.batch_norm_act(xs, experts=8, linear_bias=lb, weight=w, bias=b, running_mean=None,
+                                               running_var=None, training=True, eps=1e-5, relu=True,
+                                               out_expert_major=True)
+            (gx,) = torch.autograd.grad(out, xs, g.view(300, 8, 32).transpose(0, 1).contiguous())
+            results.append((out, mean, var, gx))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert torch.equal(a, b_)
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(2)
+    for training, relu, out_em in itertools.product([True, False], [True, False], [True, False]):
+        x, lb, w, b, rm, rv = random_case(gen, torch.float64, 3, 12, 4)
+        args = (x.requires_grad_(), lb.requires_grad_(), w.requires_grad_(), b.requires_grad_(), rm, rv, 3, training,
+                1e-5, relu, out_em)
+        torch.library.opcheck(torch.ops.nextrec_fast.batch_norm_act_forward.default, args)
+
+
+def test_compiles_fullgraph():
+    gen = torch.Generator().manual_seed(9)
+    x, lb, w, b, _, _ = random_case(gen, torch.float32, 4, 32, 8)
+
+    def f(x, lb, w, b):
+        out, _, _ = op.batch_norm_act(x, experts=4, linear_bias=lb, weight=w, bias=b, running_mean=None,
+                                      running_var=None, training=True, eps=1e-5, relu=True, out_expert_major=True)
+        return out.sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    xs, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.testing.assert_close(compiled(xc, lb, w, b), f(xs, lb, w, b))
+    compiled(xc, lb, w, b).backward()
+    f(xs, lb, w, b).backward()
+    torch.testing.assert_close(xc.grad, xs.grad)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(x=torch.zeros(4, 6, dtype=torch.int64)), "float32 or float64"),
+    (dict(x=torch.zeros(4, 7)), "do not split into 3 experts"),
+    (dict(x=torch.zeros(2, 4, 2)), "E=2 but experts=3"),
+    (dict(weight=torch.ones(5)), r"weight must be \[6\]"),
+    (dict(weight=torch.ones(6, dtype=torch.float64)), "weight is Double but x is Float"),
+    (dict(x=torch.zeros(1, 6)), "more than one sample"),
+    (dict(training=False), "running_mean and running_var are needed"),
+])
+def test_bad_input(bad, match):
+    args = dict(x=torch.randn(4, 6), experts=3, linear_bias=None, weight=torch.ones(6), bias=torch.zeros(6),
+                running_mean=None, running_var=None, training=True, eps=1e-5, relu=True, out_expert_major=False)
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        op.batch_norm_act(**args)
