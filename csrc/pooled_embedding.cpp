@@ -8,6 +8,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -257,116 +261,226 @@ void check_offsets_cpu(const PoolingPlan& plan, const std::vector<std::string>& 
   }
 }
 
-#ifndef NEXTREC_FAST_PREFETCH
-#define NEXTREC_FAST_PREFETCH 16
-#endif
-constexpr int64_t kPrefetchDistance = NEXTREC_FAST_PREFETCH;
+// ---- forward -------------------------------------------------------------------------------
+//
+// The forward is bound by the latency of random row reads from large tables (and their TLB
+// misses), so it is written to keep many reads in flight. A task pools a chunk of rows for every
+// feature in two passes. Pass 1 walks the ids (sequential reads; range checks, truncation and
+// padding masks, branch-free) and lists the table rows of every output segment. Pass 2 reads the
+// listed rows in a tight loop, prefetching kGatherPrefetch rows ahead across bag and feature
+// boundaries, with the row length a compile-time constant for the common dims (the sum stays in
+// registers). Measured on a 2-core Xeon (benchmark features, batch 2048 and 8192): about 1.5x
+// the previous one-pass kernel (per-feature loops, runtime row length, prefetch of single-id
+// rows only) and within 10-20% of a bare gather of the same rows compiled with -march=native;
+// a one-pass loop with branch-free masks was slower on cold tables, and AVX2/AVX-512 builds of
+// pass 2 gained nothing over the baseline SSE2 build (the loop waits on memory).
 
-// Pools rows [row_begin, row_end) of one feature into out (row stride out_stride).
-// `acc` is scratch of at least dim elements in the accumulation type.
+// Tuned on the benchmark's features (26 single-id + 3 sequence features of dim 16, fp32), one
+// thread, cold tables: prefetch distance 0 / 16 / 64 / 96 rows gave 3.70 / 2.96 / 2.45 / 2.32 ms
+// (batch 2048); chunks of 32 / 128 rows at distance 64: 2.45 / 2.42 ms (8192: 13.6 / 13.3).
+#ifndef NEXTREC_FAST_GATHER_PREFETCH
+#define NEXTREC_FAST_GATHER_PREFETCH 96
+#endif
+#ifndef NEXTREC_FAST_GATHER_ROWS
+#define NEXTREC_FAST_GATHER_ROWS 128
+#endif
+constexpr int64_t kGatherPrefetch = NEXTREC_FAST_GATHER_PREFETCH;  // listed rows
+constexpr int64_t kGatherRows = NEXTREC_FAST_GATHER_ROWS;          // batch rows per chunk
+
+enum SegmentMode : int32_t { kSegSum = 0, kSegMean = 1, kSegConcat = 2 };
+
+// One output segment: rows src[begin, end) pooled (or, concat, copied) into dst.
+template <typename scalar_t>
+struct Segment {
+  scalar_t* dst;
+  int64_t begin, end;
+  int32_t mode;      // SegmentMode
+  int32_t weighted;  // weight[i] multiplies src[i]
+  int64_t dim;
+};
+
+template <typename scalar_t>
+struct GatherList {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<const scalar_t*> src;
+  std::vector<acc_t> weight;  // sized like src once a weighted feature is listed
+  std::vector<Segment<scalar_t>> segs;  // segs[0, num_segs)
+  int64_t n = 0, num_segs = 0;
+
+  // Room for k more rows plus the prefetch run-out.
+  void reserve_more(int64_t k, bool weighted) {
+    const int64_t need = n + k + kGatherPrefetch;
+    if (static_cast<int64_t>(src.size()) < need) src.resize(std::max<int64_t>(need, 2 * src.size()));
+    if (weighted && weight.size() < src.size()) weight.resize(src.size());
+  }
+  void add_segment(scalar_t* dst, int64_t begin, int64_t end, int32_t mode, int32_t weighted, int64_t dim) {
+    segs[num_segs++] = {dst, begin, end, mode, weighted, dim};
+  }
+};
+
+// Pass 1 for rows [b0, b1) of one feature.
 template <typename scalar_t, typename index_t>
-void pool_feature_rows(const FeatureMeta& f, scalar_t* out, int64_t out_stride, int64_t batch, int64_t row_begin,
-                       int64_t row_end, at::opmath_type<scalar_t>* acc, ErrorSink& err) {
+void list_feature_rows(const FeatureMeta& f, scalar_t* out, int64_t out_stride, int64_t b0, int64_t b1,
+                       GatherList<scalar_t>& gl, ErrorSink& err) {
   using acc_t = at::opmath_type<scalar_t>;
   const index_t* ids = static_cast<const index_t*>(f.ids);
   const scalar_t* table = static_cast<const scalar_t*>(f.table);
   const scalar_t* weights = static_cast<const scalar_t*>(f.weights);
-  const int64_t D = f.dim;
-
-  // Single-id lookup (sparse features): a plain row copy, prefetching rows a few bags ahead
-  // because the reads are random over a possibly large table.
-  const bool plain_copy = f.offsets == nullptr && f.seq_len == 1 && weights == nullptr &&
-                          (f.combiner == kConcat || (f.combiner == kSum && f.mask_id == -1));
-  if (plain_copy) {
-    for (int64_t b = row_begin; b < row_end; ++b) {
-      if (b + kPrefetchDistance < batch) {  // may run into the next task's rows: harmless
-        const int64_t ahead = static_cast<int64_t>(ids[b + kPrefetchDistance]);
-        if (id_in_range(ahead, f.vocab)) __builtin_prefetch(table + ahead * D);
-      }
+  const int64_t D = f.dim, mask_id = f.mask_id, out_offset = f.out_offset;
+  const uint64_t vocab = static_cast<uint64_t>(f.vocab);
+  const int32_t mode = f.combiner == kConcat ? kSegConcat : (f.combiner == kMean ? kSegMean : kSegSum);
+  const bool weighted = weights != nullptr;
+  // Single-id padded bags without weights or mask: one position per row, copied exactly like
+  // nn.Embedding (a copy segment: a sum from +0 would turn -0.0 into +0.0).
+  if (f.offsets == nullptr && f.seq_len == 1 && !weighted && (mode == kSegConcat || mask_id == -1)) {
+    gl.reserve_more(b1 - b0, false);
+    const scalar_t** src = gl.src.data();
+    int64_t n = gl.n;
+    for (int64_t b = b0; b < b1; ++b) {
       const int64_t id = static_cast<int64_t>(ids[b]);
-      scalar_t* dst = out + b * out_stride + f.out_offset;
-      if (!id_in_range(id, f.vocab)) {
+      scalar_t* dst = out + b * out_stride + out_offset;
+      if (C10_UNLIKELY(static_cast<uint64_t>(id) >= vocab)) {
         err.report(kIdOutOfRange, f.feature, b, id);
         continue;
       }
-      std::memcpy(dst, table + id * D, D * sizeof(scalar_t));
+      src[n] = table + id * D;
+      gl.add_segment(dst, n, n + 1, kSegConcat, 0, D);
+      ++n;
     }
+    gl.n = n;
     return;
   }
-
-  for (int64_t b = row_begin; b < row_end; ++b) {
+  const bool masked = mode != kSegConcat;
+  for (int64_t b = b0; b < b1; ++b) {
     int64_t begin, end;
     bag_bounds(f, b, &begin, &end);
     begin = kept_begin(begin, end, f.max_len);
-    scalar_t* dst = out + b * out_stride + f.out_offset;
-    if (f.combiner == kConcat) {  // no mask: rows flattened in position order
-      for (int64_t p = begin; p < end; ++p) {
-        const int64_t id = static_cast<int64_t>(ids[p]);
-        if (!id_in_range(id, f.vocab)) {
-          err.report(kIdOutOfRange, f.feature, b, id);
-          continue;
-        }
-        std::memcpy(dst + (p - begin) * D, table + id * D, D * sizeof(scalar_t));
-      }
-      continue;
-    }
-    std::fill(acc, acc + D, acc_t(0));
-    int64_t count = 0;
+    gl.reserve_more(end - begin, weighted);
+    const scalar_t** src = gl.src.data();
+    acc_t* w = weighted ? gl.weight.data() : nullptr;
+    const int64_t first = gl.n;
+    int64_t n = first;
     for (int64_t p = begin; p < end; ++p) {
       const int64_t id = static_cast<int64_t>(ids[p]);
-      if (!id_in_range(id, f.vocab)) {
+      if (C10_UNLIKELY(static_cast<uint64_t>(id) >= vocab)) {
         err.report(kIdOutOfRange, f.feature, b, id);
         continue;
       }
-      if (!is_pooled(id, f.mask_id)) continue;
-      ++count;
-      const scalar_t* row = table + id * D;
-      if (weights != nullptr) {
-        const acc_t w = static_cast<acc_t>(weights[p]);
-        for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<acc_t>(row[d]);
-      } else {
-        for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(row[d]);
-      }
+      // Branch-free masking (padding is about half the positions, in no predictable pattern):
+      // always write, advance only past pooled positions.
+      src[n] = table + id * D;
+      if (weighted) w[n] = static_cast<acc_t>(weights[p]);
+      n += !masked || is_pooled(id, mask_id);
     }
-    if (f.combiner == kMean) {
-      const acc_t denom = mean_denominator<acc_t>(count);
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d] / denom);
-    } else {
-      for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
-    }
+    gl.add_segment(out + b * out_stride + out_offset, first, n, mode, weighted, D);
+    gl.n = n;
   }
 }
 
 template <typename scalar_t>
-using PoolFn = void (*)(const FeatureMeta&, scalar_t*, int64_t, int64_t, int64_t, int64_t, at::opmath_type<scalar_t>*,
+using ListFn = void (*)(const FeatureMeta&, scalar_t*, int64_t, int64_t, int64_t, GatherList<scalar_t>&,
                         ErrorSink&);
 
-template <typename scalar_t>
-PoolFn<scalar_t> pool_fn(const FeatureMeta& f) {
-  return f.ids_int64 ? &pool_feature_rows<scalar_t, int64_t> : &pool_feature_rows<scalar_t, int32_t>;
+// Pass 2 for one segment. DC > 0: the row length as a compile-time constant (DC == dim);
+// LINES > 0: cache lines prefetched per row as a constant, else `lines`.
+template <typename scalar_t, int DC, int LINES>
+C10_ALWAYS_INLINE void pool_segment(const Segment<scalar_t>& s, const scalar_t* const* src,
+                                    const at::opmath_type<scalar_t>* weight, int lines, int64_t pf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t D = DC > 0 ? DC : s.dim;
+  auto prefetch = [&](int64_t i) {
+    const char* p = reinterpret_cast<const char*>(src[i + pf]);
+    __builtin_prefetch(p);
+    const int nl = LINES > 0 ? LINES : lines;
+    for (int l = 1; l < nl; ++l) __builtin_prefetch(p + 64 * l);
+  };
+  if (s.mode == kSegConcat) {
+    for (int64_t i = s.begin; i < s.end; ++i) {
+      prefetch(i);
+      std::memcpy(s.dst + (i - s.begin) * D, src[i], D * sizeof(scalar_t));
+    }
+    return;
+  }
+  // Accumulated in position order from +0, like the reference; a column block of 16 at a time
+  // when the row length is not a compile-time constant.
+  constexpr int64_t kBlock = DC > 0 ? DC : 16;
+  const acc_t denom = mean_denominator<acc_t>(s.end - s.begin);
+  for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
+    const int64_t nd = DC > 0 ? DC : std::min<int64_t>(kBlock, D - d0);
+    acc_t acc[kBlock];
+    for (int64_t d = 0; d < kBlock; ++d) acc[d] = acc_t(0);
+    if (s.weighted) {
+      for (int64_t i = s.begin; i < s.end; ++i) {
+        if (d0 == 0) prefetch(i);
+        const scalar_t* r = src[i] + d0;
+        const acc_t w = weight[i];
+        for (int64_t d = 0; d < nd; ++d) acc[d] += w * static_cast<acc_t>(r[d]);
+      }
+    } else {
+      for (int64_t i = s.begin; i < s.end; ++i) {
+        if (d0 == 0) prefetch(i);
+        const scalar_t* r = src[i] + d0;
+        for (int64_t d = 0; d < nd; ++d) acc[d] += static_cast<acc_t>(r[d]);
+      }
+    }
+    scalar_t* dst = s.dst + d0;
+    if (s.mode == kSegMean)
+      for (int64_t d = 0; d < nd; ++d) dst[d] = static_cast<scalar_t>(acc[d] / denom);
+    else
+      for (int64_t d = 0; d < nd; ++d) dst[d] = static_cast<scalar_t>(acc[d]);
+  }
 }
 
-// Rows per parallel chunk: all features of a chunk of rows, so each output row is written by
-// one thread while its cache lines are hot.
-constexpr int64_t kRowsPerTask = 64;
+template <typename scalar_t, int LINES>
+void pool_segments(const GatherList<scalar_t>& gl, int lines, int64_t pf) {
+  const scalar_t* const* src = gl.src.data();
+  const auto* weight = gl.weight.empty() ? nullptr : gl.weight.data();
+  for (int64_t k = 0; k < gl.num_segs; ++k) {
+    const Segment<scalar_t>& s = gl.segs[k];
+    switch (s.dim) {
+      case 16: pool_segment<scalar_t, 16, LINES>(s, src, weight, lines, pf); break;
+      case 8: pool_segment<scalar_t, 8, LINES>(s, src, weight, lines, pf); break;
+      case 32: pool_segment<scalar_t, 32, LINES>(s, src, weight, lines, pf); break;
+      case 4: pool_segment<scalar_t, 4, LINES>(s, src, weight, lines, pf); break;
+      case 64: pool_segment<scalar_t, 64, LINES>(s, src, weight, lines, pf); break;
+      default: pool_segment<scalar_t, 0, LINES>(s, src, weight, lines, pf); break;
+    }
+  }
+}
 
 template <typename scalar_t>
 void forward_cpu_kernel(const PoolingPlan& plan, at::Tensor& out, ErrorSink& err) {
-  using acc_t = at::opmath_type<scalar_t>;
   scalar_t* out_ptr = out.data_ptr<scalar_t>();
   const int64_t stride = plan.total_dim;
-  int64_t max_dim = 1;
-  std::vector<PoolFn<scalar_t>> fns;
+  const int64_t num_features = static_cast<int64_t>(plan.features.size());
+  const int64_t pf = kGatherPrefetch, rows_per_chunk = kGatherRows;
+  std::vector<ListFn<scalar_t>> fns;
+  int64_t max_row_bytes = 1;
   for (const auto& f : plan.features) {
-    max_dim = std::max(max_dim, f.dim);
-    fns.push_back(pool_fn<scalar_t>(f));
+    fns.push_back(f.ids_int64 ? &list_feature_rows<scalar_t, int64_t> : &list_feature_rows<scalar_t, int32_t>);
+    max_row_bytes = std::max<int64_t>(max_row_bytes, f.dim * static_cast<int64_t>(sizeof(scalar_t)));
   }
-  at::parallel_for(0, plan.batch, kRowsPerTask, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(max_dim);
-    for (int64_t b0 = begin; b0 < end; b0 += kRowsPerTask) {
-      const int64_t b1 = std::min(end, b0 + kRowsPerTask);
-      for (size_t i = 0; i < plan.features.size(); ++i)
-        fns[i](plan.features[i], out_ptr, stride, plan.batch, b0, b1, acc.data(), err);
+  // Cache lines prefetched per listed row (the hardware prefetcher follows longer rows).
+  const int lines = static_cast<int>(std::min<int64_t>(4, (max_row_bytes + 63) / 64));
+  // Chunks of rows (all features of a chunk: each output row is written by one thread) are
+  // handed out dynamically, so a thread slowed down by other work does not hold the others up.
+  const int64_t num_chunks = (plan.batch + rows_per_chunk - 1) / rows_per_chunk;
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_chunks));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    GatherList<scalar_t> gl;
+    gl.segs.resize(rows_per_chunk * num_features);  // at most one segment per row and feature
+    for (int64_t c = next_chunk.fetch_add(1); c < num_chunks; c = next_chunk.fetch_add(1)) {
+      const int64_t b0 = c * rows_per_chunk;
+      const int64_t b1 = std::min(plan.batch, b0 + rows_per_chunk);
+      gl.n = 0;
+      gl.num_segs = 0;
+      for (int64_t i = 0; i < num_features; ++i) fns[i](plan.features[i], out_ptr, stride, b0, b1, gl, err);
+      // Prefetches past the end of the list read a listed row again: never out of bounds.
+      gl.reserve_more(0, false);
+      for (int64_t k = 0; k < pf; ++k) gl.src[gl.n + k] = gl.n > 0 ? gl.src[0] : nullptr;
+      if (lines == 1) pool_segments<scalar_t, 1>(gl, lines, pf);
+      else pool_segments<scalar_t, 0>(gl, lines, pf);
     }
   });
 }
@@ -472,6 +586,36 @@ void mean_denominators(const FeatureMeta& f, int64_t batch, at::opmath_type<scal
   });
 }
 
+// Zeroes `bytes` bytes at p. A gradient block larger than the caches is zeroed with
+// non-temporal stores when `streaming`: they skip the read-for-ownership of every line that
+// ordinary stores (memset) pay, which makes zeroing the 288 MB of gradients of the default
+// tables markedly faster (the scatter that follows touches few of the lines again). The
+// unaligned head and tail, small blocks and other architectures use memset.
+constexpr int64_t kStreamingZeroMinBytes = 1 << 20;
+
+void zero_block(void* p, int64_t bytes, bool streaming) {
+#if defined(__SSE2__)
+  if (streaming && bytes >= kStreamingZeroMinBytes) {
+    char* c = static_cast<char*>(p);
+    const int64_t head = (64 - reinterpret_cast<uintptr_t>(c) % 64) % 64;
+    std::memset(c, 0, head);
+    const int64_t body = (bytes - head) / 64 * 64;
+    const __m128i z = _mm_setzero_si128();
+    for (char* q = c + head; q < c + head + body; q += 64) {
+      _mm_stream_si128(reinterpret_cast<__m128i*>(q), z);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(q + 16), z);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(q + 32), z);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(q + 48), z);
+    }
+    std::memset(c + head + body, 0, bytes - head - body);
+    _mm_sfence();  // order the streaming stores before the scatter's ordinary stores and loads
+    return;
+  }
+#endif
+  (void)streaming;
+  std::memset(p, 0, bytes);
+}
+
 template <typename scalar_t>
 void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -498,7 +642,7 @@ void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out) {
   }
 
   // Split tables into row blocks. Blocks are large (every block rescans its table's ids) but
-  // numerous enough to balance threads; they are dealt round-robin, largest first.
+  // numerous enough to balance threads.
   const int64_t threads = at::get_num_threads();
   int64_t total_bytes = 0;
   for (int64_t t = 0; t < num_tables; ++t)
@@ -522,34 +666,35 @@ void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out) {
   // fp32/fp64 gradients accumulate in place; half types accumulate in an fp32 scratch block
   // that is rounded once into the gradient.
   constexpr bool in_place = std::is_same_v<scalar_t, acc_t>;
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+  // Blocks are handed out dynamically (largest first): a thread slowed down by other work does
+  // not hold the others up. Which thread computes a block does not change its result.
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<acc_t> scaled(max_dim), scratch;
-    for (int64_t w = w0; w < w1; ++w) {
-      for (int64_t i = w; i < num_blocks; i += workers) {
-        const RowBlock& blk = blocks[i];
-        const int64_t D = plan.tables[blk.table].size(1);
-        const int64_t n = (blk.row_end - blk.row_begin) * D;
-        scalar_t* grad = static_cast<scalar_t*>(grad_of[blk.table]) + blk.row_begin * D;
-        acc_t* block;
-        if constexpr (in_place) {
-          block = grad;
-        } else {
-          scratch.resize(n);
-          block = scratch.data();
-        }
-        std::memset(block, 0, n * sizeof(acc_t));
-        for (const FeatureMeta* f : readers[blk.table]) {
-          const acc_t* dn = denoms[f->feature].empty() ? nullptr : denoms[f->feature].data();
-          if (f->ids_int64)
-            scatter_feature_block<scalar_t, int64_t>(*f, g, plan.total_dim, batch, dn, blk.row_begin, blk.row_end,
-                                                     block, scaled.data());
-          else
-            scatter_feature_block<scalar_t, int32_t>(*f, g, plan.total_dim, batch, dn, blk.row_begin, blk.row_end,
-                                                     block, scaled.data());
-        }
-        if constexpr (!in_place)
-          for (int64_t k = 0; k < n; ++k) grad[k] = static_cast<scalar_t>(block[k]);
+    for (int64_t i = next_block.fetch_add(1); i < num_blocks; i = next_block.fetch_add(1)) {
+      const RowBlock& blk = blocks[i];
+      const int64_t D = plan.tables[blk.table].size(1);
+      const int64_t n = (blk.row_end - blk.row_begin) * D;
+      scalar_t* grad = static_cast<scalar_t*>(grad_of[blk.table]) + blk.row_begin * D;
+      acc_t* block;
+      if constexpr (in_place) {
+        block = grad;
+      } else {
+        scratch.resize(n);
+        block = scratch.data();
       }
+      zero_block(block, n * static_cast<int64_t>(sizeof(acc_t)), in_place);
+      for (const FeatureMeta* f : readers[blk.table]) {
+        const acc_t* dn = denoms[f->feature].empty() ? nullptr : denoms[f->feature].data();
+        if (f->ids_int64)
+          scatter_feature_block<scalar_t, int64_t>(*f, g, plan.total_dim, batch, dn, blk.row_begin, blk.row_end,
+                                                   block, scaled.data());
+        else
+          scatter_feature_block<scalar_t, int32_t>(*f, g, plan.total_dim, batch, dn, blk.row_begin, blk.row_end,
+                                                   block, scaled.data());
+      }
+      if constexpr (!in_place)
+        for (int64_t k = 0; k < n; ++k) grad[k] = static_cast<scalar_t>(block[k]);
     }
   });
 }

@@ -298,6 +298,50 @@ def test_edge_cases_batch_one_long_bags_truncation_shared_tables(rng):
     assert (out[:, -4:] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_many_chunks_wide_rows_and_large_gradient_blocks(dtype):
+    """Batches spanning several forward chunks (128 rows), row lengths on the compile-time paths
+    (16, 64) and off them (37), and gradient blocks large enough (>= 1 MiB) for the streaming
+    zeroing, one of them starting off a 64-byte boundary (15000 x 37 rows split into 1 MiB blocks)."""
+    gen = torch.Generator().manual_seed(5)
+    batch = 300
+    tables = [torch.randn(v, d, generator=gen, dtype=torch.float64).to(dtype)
+              for v, d in ((20000, 16), (15000, 37), (300, 64))]
+    seq = torch.randint(1, 15000, (batch, 20), generator=gen)
+    seq[torch.rand(seq.shape, generator=gen) < 0.5] = 0
+    case = dict(
+        ids=[torch.randint(0, 20000, (batch,), generator=gen), seq,
+             torch.randint(0, 300, (batch, 3), generator=gen).int(), torch.randint(0, 20000, (batch, 4), generator=gen)],
+        offsets=[None] * 4, table_index=[0, 1, 2, 0], combiners=["sum", "mean", "concat", "sum"],
+        mask_ids=[-1, 0, -1, 7], max_lens=[-1, 15, -1, -1], feature_names=["sparse", "seq", "concat64", "sum16"],
+        per_id_weights=None, grad_padding_idx=[-1, 0, -1])
+    check_case(case, tables, dtype)
+    # Into poisoned buffers: every element of the large blocks is written.
+    out = call(case, tables)
+    grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(dtype)
+    _, ref, _ = reference_grads(case, tables, grad_out)
+    bufs = [torch.full_like(t, float("nan")) for t in tables]
+    torch.ops.nextrec_fast.pooled_embedding_backward_into(
+        grad_out, bufs, *_common_op_args(case, tables), case["grad_padding_idx"], [1] * len(tables), True)
+    for b, r in zip(bufs, ref):
+        torch.testing.assert_close(b.double(), r, **TOL[dtype])
+
+
+def test_single_ids_are_copied_exactly_and_masked_positions_are_skipped():
+    """A single-id row is copied bit for bit (-0.0 stays -0.0, like nn.Embedding); a masked
+    position contributes nothing even when its row or its weight is inf/nan."""
+    table = torch.tensor([[float("nan"), float("inf")], [-0.0, 1.5], [2.0, -0.0]])
+    seq = torch.tensor([[1, 0, 2], [0, 0, 0], [2, 0, 0]])
+    weights = torch.tensor([[2.0, float("nan"), 1.0], [float("inf")] * 3, [1.0, float("inf"), 0.5]])
+    out = pe.pooled_embedding([table], [torch.tensor([1, 2, 1]), seq, seq], table_index=[0, 0, 0],
+                              combiners=["sum", "sum", "mean"], mask_ids=[-1, 0, 0], max_lens=[-1, -1, -1],
+                              feature_names=["single", "sum", "wmean"], per_id_weights=[None, None, weights])
+    single = out[:, :2]
+    assert torch.equal(single, table[[1, 2, 1]]) and torch.equal(torch.signbit(single), torch.signbit(table[[1, 2, 1]]))
+    torch.testing.assert_close(out[:, 2:4], torch.tensor([[2.0, 1.5], [0.0, 0.0], [2.0, 0.0]]))
+    torch.testing.assert_close(out[:, 4:], torch.tensor([[1.0, 1.5], [0.0, 0.0], [2.0, 0.0]]))
+
+
 def test_concat_and_sparse_padding_row_value():
     table = torch.randn(10, 3)
     seq = torch.tensor([[1, 2, 0, 0], [0, 4, 5, 6]])
