@@ -26,6 +26,9 @@ from nextrec_fast.features import DenseFeature, SequenceFeature, SparseFeature
 
 MODEL_NAMES = ("mmoe", "ple", "esmm")
 MODES = ("forward_eval", "forward_backward", "train_step")
+# `nextrec-fast bench --model` choices: the models, and "pooling" (the embedding pooling alone:
+# nextrec-style vs the fused op vs F.embedding_bag per feature, see benchmark_pooling.py).
+BENCH_CHOICES = MODEL_NAMES + ("pooling",)
 
 
 def default_features(num_sparse: int = 26, num_sequence: int = 3, num_dense: int = 13, dim: int = 16,
@@ -167,10 +170,13 @@ def environment(device) -> dict:
 
 
 def run(models=MODEL_NAMES, modes=MODES, batch: int = 2048, device: str | None = None, repeats: int = 5,
-        warmup: int = 2, progress=True, config: str = "default") -> dict:
+        warmup: int = 2, progress=True, config: str = "default", pooling_batches=None) -> dict:
+    """Reference vs fast per model and mode; with "pooling" in ``models`` also the pooling
+    benchmark (``result["pooling"]``) at ``pooling_batches`` (default: 2048 and 8192)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    rows, total, done = [], len(models) * len(modes), 0
-    for model in models:
+    model_names = [m for m in models if m != "pooling"]
+    rows, total, done = [], len(model_names) * len(modes), 0
+    for model in model_names:
         ref, fast = build_models(model, device, features=default_features(**CONFIGS[config]))
         features = (ref.dense_features, ref.sparse_features, ref.sequence_features)
         x, labels = make_batch(*features, batch=batch, device=device)
@@ -185,7 +191,14 @@ def run(models=MODEL_NAMES, modes=MODES, batch: int = 2048, device: str | None =
                             [round(s, 3) for s in samples["reference"]], [round(s, 3) for s in samples["fast"]]))
         del ref, fast, x, labels
         gc.collect()
-    return {"environment": {**environment(device), "config": config}, "rows": [asdict(r) for r in rows]}
+    result = {"environment": {**environment(device), "config": config}, "rows": [asdict(r) for r in rows]}
+    if "pooling" in models:
+        from nextrec_fast import benchmark_pooling
+        result["pooling"] = benchmark_pooling.run(
+            batches=pooling_batches or benchmark_pooling.DEFAULT_BATCHES, device=device, repeats=repeats,
+            warmup=warmup, config=config,
+            progress=(lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else None)
+    return result
 
 
 def format_table(result: dict) -> str:
@@ -196,6 +209,11 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"{r['model']:<6} {r['mode']:<17} {r['batch']:>6} {r['reference_ms']:>13.1f} "
                      f"{r['fast_ms']:>10.1f} {r['speedup']:>8.2f}x")
+    if not result["rows"]:
+        lines.pop()  # no model rows: no model header
+    if result.get("pooling"):
+        from nextrec_fast import benchmark_pooling
+        lines += ["", benchmark_pooling.format_table(result["pooling"])]
     return "\n".join(lines)
 
 

@@ -16,17 +16,22 @@ def _bench(args) -> int:
         except ImportError:
             print("bench --nextrec needs nextrec 0.3.1: pip install --no-deps nextrec==0.3.1 (see README)", file=sys.stderr)
             return 2
-        models = [m for m in args.model if m != "esmm"] if args.model == list(benchmark.MODEL_NAMES) else args.model
-        result = benchmark.run_nextrec(models=models, batch=args.batch_size, steps=args.steps, rounds=args.repeats,
-                                       progress=not args.quiet, config=args.config)
+        models = [m for m in args.model if m != "pooling"]
+        models = [m for m in models if m != "esmm"] if models == list(benchmark.MODEL_NAMES) else models
+        result = benchmark.run_nextrec(models=models, batch=args.batch_size or 2048, steps=args.steps,
+                                       rounds=args.repeats, progress=not args.quiet, config=args.config)
     else:
-        result = benchmark.run(models=args.model, modes=args.mode, batch=args.batch_size, device=args.device,
-                               repeats=args.repeats, warmup=args.warmup, progress=not args.quiet, config=args.config)
+        # --batch-size: the models' batch (default 2048) and the pooling's only batch (default 2048 and 8192).
+        result = benchmark.run(models=args.model, modes=args.mode, batch=args.batch_size or 2048, device=args.device,
+                               repeats=args.repeats, warmup=args.warmup, progress=not args.quiet, config=args.config,
+                               pooling_batches=[args.batch_size] if args.batch_size else None)
     print(benchmark.format_table(result))
     if args.json:
         benchmark.save_json(result, args.json)
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and not result["rows"]:
+        print("--plot: no model rows to draw (the chart shows the models' speed-ups)", file=sys.stderr)
+    elif args.plot:
         from nextrec_fast import plotting
         plotting.plot_speedups(result, args.plot)
         print(f"wrote {args.plot}")
@@ -52,13 +57,17 @@ def _profile(args) -> int:
 
 
 def main(argv=None) -> int:
-    from nextrec_fast.benchmark import CONFIGS, MODEL_NAMES, MODES
+    from nextrec_fast.benchmark import BENCH_CHOICES, CONFIGS, MODEL_NAMES, MODES
     parser = argparse.ArgumentParser(prog="nextrec-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="time reference vs fast ESMM/MMOE/PLE on the default config")
-    bench.add_argument("--model", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
-    bench.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
-    bench.add_argument("--batch-size", type=int, default=2048)
+    bench = sub.add_parser("bench", help="time reference vs fast ESMM/MMOE/PLE and the embedding pooling on the "
+                                          "default config")
+    bench.add_argument("--model", nargs="+", choices=BENCH_CHOICES, default=list(BENCH_CHOICES),
+                       help="pooling: the embedding pooling alone, nextrec-style vs the fused op vs one "
+                            "F.embedding_bag per feature, forward and forward+backward (default: all)")
+    bench.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES), help="modes of the models")
+    bench.add_argument("--batch-size", type=int, default=None,
+                       help="default: 2048 for the models; 2048 and 8192 for pooling")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     bench.add_argument("--config", choices=sorted(CONFIGS), default="default",
                        help="default: the realistic config of the README; small: a seconds-long smoke test")

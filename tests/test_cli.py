@@ -16,6 +16,31 @@ def test_bench_small_config(tmp_path, capsys):
     assert {r["mode"] for r in result["rows"]} == {"forward_eval", "forward_backward", "train_step"}
     assert all(r["reference_ms"] > 0 and r["fast_ms"] > 0 for r in result["rows"])
     assert result["environment"]["torch"]
+    # The pooling benchmark is part of the default run, at the given batch size only.
+    assert "pooling of 6 sparse + 2 sequence features" in table and "embedding_bag" in table
+    pooling = result["pooling"]
+    assert pooling["copy_bandwidth_gbps"] > 0
+    impls = {"nextrec", "fused", "embedding_bag"} if pooling["fused_available"] else {"nextrec", "embedding_bag"}
+    assert {(r["batch"], r["mode"], r["impl"]) for r in pooling["rows"]} == {
+        (64, mode, impl) for mode in ("forward", "forward_backward") for impl in impls}
+    for r in pooling["rows"]:
+        assert r["ms"] > 0 and len(r["samples_ms"]) == 1
+        assert ("fraction_of_copy" in r) == (r["mode"] == "forward")
+
+
+def test_bench_pooling_only(tmp_path, capsys):
+    """--model pooling alone: no model rows; default batches 2048 and 8192 unless --batch-size."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--model", "pooling", "--config", "small", "--batch-size", "32", "--repeats", "2",
+                     "--warmup", "0", "--quiet", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "speed-up" not in table and "of copy" in table
+    result = json.loads(out.read_text())
+    assert result["rows"] == [] and {r["batch"] for r in result["pooling"]["rows"]} == {32}
+    fwd = [r for r in result["pooling"]["rows"] if r["mode"] == "forward"]
+    assert all(0 < r["fraction_of_copy"] and r["forward_gbps"] > 0 for r in fwd)
+    from nextrec_fast import benchmark_pooling
+    assert benchmark_pooling.DEFAULT_BATCHES == (2048, 8192)
 
 
 def test_python_dash_m_entry_point():

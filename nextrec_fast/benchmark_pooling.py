@@ -1,0 +1,211 @@
+"""Pooling benchmark of ``nextrec-fast bench``: the multi-feature embedding pooling alone.
+
+Three implementations of nextrec 0.3.1's ``EmbeddingLayer`` pooling of every sparse and sequence
+feature into one ``[B, total_dim]`` output, on the bench configuration's features:
+
+- ``nextrec``: nextrec's formulas (lookup -> ``[B, L, D]``, padding mask, ``bmm``,
+  ``/ (count + 1e-16)`` for mean, ``cat``);
+- ``fused``: ``nextrec_fast.ops.pooled_embedding`` (the C++/CUDA op; padded layout, one call);
+- ``embedding_bag``: one ``F.embedding_bag`` per feature on jagged ``(values, offsets)`` inputs
+  (padding dropped beforehand, not timed), then ``cat``.
+
+``forward`` runs under ``no_grad``; ``forward_backward`` backpropagates a fixed ``grad_out``
+into dense table gradients, with ``zero_grad(set_to_none=True)`` before each step. Repeats
+alternate the implementations, medians are reported. The forward's achieved bandwidth (table rows
+read + ids read + output written) is given as a fraction of the ``copy_`` bandwidth of a 256 MiB
+buffer measured in the same run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+IMPLS = ("nextrec", "fused", "embedding_bag")
+MODES = ("forward", "forward_backward")
+DEFAULT_BATCHES = (2048, 8192)
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_tables(sparse, sequence, device, seed: int = 0):
+    """One fp32 table (a leaf Parameter) per sparse feature, then per sequence feature."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(f.vocab_size, f.embedding_dim, generator=gen) * 0.01).to(device))
+            for f in list(sparse) + list(sequence)]
+
+
+def make_ids(sparse, sequence, batch: int, device, seed: int = 1):
+    from nextrec_fast.benchmark import make_batch
+    x, _ = make_batch([], sparse, sequence, batch=batch, device=device, seed=seed)
+    return [x[f.name] for f in sparse], [x[f.name] for f in sequence]
+
+
+def nextrec_pooling(tables, sparse, sequence, sparse_ids, seq_ids):
+    """nextrec 0.3.1's EmbeddingLayer pooling, written out (what the ``nextrec`` rows time)."""
+    outs = [F.embedding(ids, tables[i]) for i, ids in enumerate(sparse_ids)]
+    for k, (f, seq) in enumerate(zip(sequence, seq_ids)):
+        seq = seq[:, -f.max_len:]
+        emb = F.embedding(seq, tables[len(sparse) + k])  # [B, L, D]
+        pad = -1 if f.padding_idx is None else f.padding_idx
+        mask = (seq != pad).to(emb.dtype).unsqueeze(1)  # [B, 1, L]
+        pooled = torch.bmm(mask, emb).squeeze(1)
+        if f.combiner == "mean":
+            pooled = pooled / (mask.sum(dim=-1) + 1e-16)
+        outs.append(pooled)
+    return torch.cat(outs, dim=1)
+
+
+def fused_pooling(tables, sparse, sequence, sparse_ids, seq_ids):
+    from nextrec_fast.ops.pooled_embedding import pooled_embedding
+    n_sparse = len(sparse)
+    return pooled_embedding(
+        tables, list(sparse_ids) + list(seq_ids),
+        table_index=list(range(len(tables))),
+        combiners=["sum"] * n_sparse + [f.combiner for f in sequence],
+        mask_ids=[-1] * n_sparse + [-1 if f.padding_idx is None else f.padding_idx for f in sequence],
+        max_lens=[-1] * n_sparse + [f.max_len for f in sequence],
+        feature_names=[f.name for f in list(sparse) + list(sequence)],
+    )
+
+
+def to_jagged(sequence, sparse_ids, seq_ids):
+    """(values, offsets) per feature for F.embedding_bag: padding (and truncated positions) dropped."""
+    batch = sparse_ids[0].shape[0] if sparse_ids else seq_ids[0].shape[0]
+    device = (sparse_ids or seq_ids)[0].device
+    jagged = [(ids, torch.arange(batch, device=device)) for ids in sparse_ids]
+    for f, seq in zip(sequence, seq_ids):
+        seq = seq[:, -f.max_len:]
+        keep = seq != (-1 if f.padding_idx is None else f.padding_idx)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), keep.sum(1).cumsum(0)])[:-1]
+        jagged.append((seq[keep], offsets))
+    return jagged
+
+
+def embedding_bag_pooling(tables, sparse, sequence, jagged):
+    modes = ["sum"] * len(sparse) + [f.combiner for f in sequence]
+    return torch.cat([F.embedding_bag(values, tables[i], offsets, mode=modes[i])
+                      for i, (values, offsets) in enumerate(jagged)], dim=1)
+
+
+def copy_bandwidth(device, repeats: int = 5, mib: int = 256) -> float:
+    """Bytes per second of ``dst.copy_(src)`` on a ``mib`` MiB fp32 buffer (read + write)."""
+    src = torch.ones(mib * 2**20 // 4, device=device)
+    dst = torch.zeros_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * 4 / statistics.median(times)
+
+
+def forward_bytes(tables, sequence, sparse_ids, seq_ids) -> int:
+    """Bytes the forward must move at least: pooled table rows, the ids, the output."""
+    dims = [t.shape[1] for t in tables]
+    elem = tables[0].element_size()
+    n_sparse = len(sparse_ids)
+    rows = sum(ids.numel() * dims[i] for i, ids in enumerate(sparse_ids))
+    for k, (f, seq) in enumerate(zip(sequence, seq_ids)):
+        kept = seq[:, -f.max_len:]
+        rows += int((kept != (-1 if f.padding_idx is None else f.padding_idx)).sum()) * dims[n_sparse + k]
+    ids = sum(t.numel() * t.element_size() for t in list(sparse_ids) + list(seq_ids))
+    batch = (sparse_ids or seq_ids)[0].shape[0]
+    return rows * elem + ids + batch * sum(dims) * elem
+
+
+def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2, progress=None,
+        config: str = "default", check: bool = True) -> dict:
+    """Times every implementation and mode per batch size. ``progress(msg)`` is called per step."""
+    from nextrec_fast.benchmark import CONFIGS, default_features
+    from nextrec_fast.ops.pooled_embedding import is_available, unavailable_reason
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _, sparse, sequence = default_features(**CONFIGS[config])
+    tables = make_tables(sparse, sequence, device)
+    impls = list(IMPLS) if is_available() else [i for i in IMPLS if i != "fused"]
+    copy_bw = copy_bandwidth(device)
+    rows = []
+    for batch in batches:
+        sparse_ids, seq_ids = make_ids(sparse, sequence, batch, device)
+        jagged = to_jagged(sequence, sparse_ids, seq_ids)
+        fns = {
+            "nextrec": lambda: nextrec_pooling(tables, sparse, sequence, sparse_ids, seq_ids),
+            "fused": lambda: fused_pooling(tables, sparse, sequence, sparse_ids, seq_ids),
+            "embedding_bag": lambda: embedding_bag_pooling(tables, sparse, sequence, jagged),
+        }
+        fns = {name: fns[name] for name in impls}
+        with torch.no_grad():
+            ref = fns["nextrec"]()
+            if check:
+                for name, fn in fns.items():
+                    torch.testing.assert_close(fn(), ref, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(device)
+        fwd_bytes = forward_bytes(tables, sequence, sparse_ids, seq_ids)
+        del ref
+
+        def forward(fn):
+            with torch.no_grad():
+                fn()
+
+        def forward_backward(fn):
+            for t in tables:
+                t.grad = None  # zero_grad(set_to_none=True)
+            fn().backward(grad_out)
+
+        for mode, step in (("forward", forward), ("forward_backward", forward_backward)):
+            if progress:
+                progress(f"pooling {mode} (batch {batch}) ...")
+            for _ in range(warmup):
+                for fn in fns.values():
+                    step(fn)
+            samples = {name: [] for name in fns}
+            for _ in range(repeats):
+                for name, fn in fns.items():  # interleaved: machine noise hits all alike
+                    _sync(device)
+                    start = time.perf_counter()
+                    step(fn)
+                    _sync(device)
+                    samples[name].append((time.perf_counter() - start) * 1e3)
+            ms = {name: statistics.median(s) for name, s in samples.items()}
+            for name in fns:
+                row = {"batch": batch, "mode": mode, "impl": name, "ms": ms[name],
+                       "speedup_vs_nextrec": ms["nextrec"] / ms[name],
+                       "speedup_vs_embedding_bag": ms["embedding_bag"] / ms[name],
+                       "samples_ms": [round(s, 3) for s in samples[name]]}
+                if mode == "forward":
+                    bw = fwd_bytes / (ms[name] * 1e-3)
+                    row.update(forward_gbps=bw / 1e9, fraction_of_copy=bw / copy_bw)
+                rows.append(row)
+        for t in tables:
+            t.grad = None
+    return {
+        "features": {"sparse": len(sparse), "sequence": len(sequence), "table_rows": sum(t.shape[0] for t in tables),
+                     "dim": sorted({t.shape[1] for t in tables}), "dtype": "float32"},
+        "copy_bandwidth_gbps": copy_bw / 1e9,
+        "fused_available": is_available(),
+        "fused_unavailable_reason": None if is_available() else unavailable_reason(),
+        "rows": rows,
+    }
+
+
+def format_table(pooling: dict) -> str:
+    feats = pooling["features"]
+    lines = [f"pooling of {feats['sparse']} sparse + {feats['sequence']} sequence features "
+             f"({feats['table_rows']:,} table rows, {feats['dtype']}); copy_ bandwidth "
+             f"{pooling['copy_bandwidth_gbps']:.1f} GB/s"
+             + ("" if pooling["fused_available"] else f"; fused op unavailable: {pooling['fused_unavailable_reason']}"),
+             f"{'batch':>6} {'mode':<17} {'impl':<14} {'ms':>9} {'vs nextrec':>11} {'vs emb_bag':>11} "
+             f"{'fwd GB/s':>9} {'of copy':>8}"]
+    for r in pooling["rows"]:
+        bw = f"{r['forward_gbps']:>9.2f} {r['fraction_of_copy']:>8.1%}" if "forward_gbps" in r else ""
+        lines.append(f"{r['batch']:>6} {r['mode']:<17} {r['impl']:<14} {r['ms']:>9.2f} "
+                     f"{r['speedup_vs_nextrec']:>10.2f}x {r['speedup_vs_embedding_bag']:>10.2f}x {bw}".rstrip())
+    return "\n".join(lines)
