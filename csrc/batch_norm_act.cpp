@@ -8,9 +8,9 @@
 // statistics pass and one normalise+ReLU pass, the backward one reduction pass and one
 // input-gradient pass that recomputes the ReLU mask.
 //
-// Layouts: x is [B, C] (batch-major, what one GEMM over concatenated weights gives) or
-// [E, B, N] (expert-major, what a bmm gives), C = E * N channels, expert-major channel order
-// (channel e * N + n) in both. The output is written in either layout, so the next layer's bmm
+// Layouts: x is [B, C] (batch-major, what one GEMM over concatenated weights gives), [E, B, N]
+// (expert-major, what a bmm gives) or [G, B, M*N] (G groups of M experts, a bmm over groups of
+// experts that share an input), C = E * N channels in expert order (channel e * N + n). The output is written in either layout, so the next layer's bmm
 // reads it without a transposing copy.
 //
 // Work is split over chunks of rows (every pass streams whole rows: walking down a column
@@ -20,6 +20,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "output_cache.h"
 
 #include <algorithm>
 #include <cmath>
@@ -31,35 +33,44 @@ namespace nextrec_fast {
 namespace {
 
 // A [E, B, N] view (unit stride over n) of a batch-major or expert-major buffer.
+// A buffer holding E experts' [B, N] blocks as [G, B, M * N] with G * M = E: expert e is
+// columns (e % M) * N.. of group e / M. Batch-major [B, E*N] is G = 1; expert-major [E, B, N]
+// is M = 1; [G, B, M*N] is what one bmm over G groups of experts with a shared input gives.
 template <typename T>
 struct Blocks {
   T* data;
-  int64_t expert_stride, row_stride;
-  T* at(int64_t e, int64_t b, int64_t n) const { return data + e * expert_stride + b * row_stride + n; }
+  int64_t group_stride, row_stride, per_group, width;
+  T* at(int64_t e, int64_t b, int64_t n) const {
+    return data + (e / per_group) * group_stride + b * row_stride + (e % per_group) * width + n;
+  }
 };
 
 template <typename T>
-Blocks<T> blocks_of(T* data, bool expert_major, int64_t experts, int64_t batch, int64_t width) {
-  if (expert_major) return {data, batch * width, width};
-  return {data, width, experts * width};
+Blocks<T> blocks_of(T* data, int64_t groups, int64_t experts, int64_t batch, int64_t width) {
+  const int64_t per_group = experts / groups;
+  return {data, batch * per_group * width, per_group * width, per_group, width};
 }
 
 struct Shape {
   int64_t experts, batch, width;  // E, B, N
-  bool x_expert_major;
+  int64_t x_groups;               // G of x's layout (see Blocks)
 };
 
 Shape shape_of(const at::Tensor& x, int64_t experts) {
   TORCH_CHECK_VALUE(experts >= 1, "batch_norm_act: experts must be >= 1, got ", experts);
   if (x.dim() == 3) {
-    TORCH_CHECK_VALUE(x.size(0) == experts, "batch_norm_act: x is [E, B, N] with E=", x.size(0),
-                      " but experts=", experts);
-    return {experts, x.size(1), x.size(2), true};
+    const int64_t groups = x.size(0);
+    TORCH_CHECK_VALUE(groups >= 1 && experts % groups == 0, "batch_norm_act: x is [G, B, M*N] with G=", groups,
+                      ", which does not divide experts=", experts);
+    const int64_t per_group = experts / groups;
+    TORCH_CHECK_VALUE(x.size(2) % per_group == 0, "batch_norm_act: x's ", x.size(2), " columns per group do not split into ",
+                      per_group, " experts");
+    return {experts, x.size(1), x.size(2) / per_group, groups};
   }
-  TORCH_CHECK_VALUE(x.dim() == 2, "batch_norm_act: x must be [B, C] or [E, B, N], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, "batch_norm_act: x must be [B, C] or [G, B, M*N], got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.size(1) % experts == 0, "batch_norm_act: ", x.size(1), " channels do not split into ",
                     experts, " experts");
-  return {experts, x.size(0), x.size(1) / experts, false};
+  return {experts, x.size(0), x.size(1) / experts, 1};
 }
 
 void check_channel_vector(const std::optional<at::Tensor>& v, const at::Tensor& x, int64_t channels,
@@ -318,8 +329,8 @@ void forward_kernel(const at::Tensor& x, const Shape& s, const T* weight, const 
   Pass<T> p{};
   p.experts = E;
   p.width = N;
-  p.x = blocks_of<const T>(x.data_ptr<T>(), s.x_expert_major, E, B, N);
-  p.out = blocks_of<T>(out, out_expert_major, E, B, N);
+  p.x = blocks_of<const T>(x.data_ptr<T>(), s.x_groups, E, B, N);
+  p.out = blocks_of<T>(out, out_expert_major ? E : 1, E, B, N);
   std::vector<T> x0(C);
   if (training) {
     // One pass, shifted by the first row against cancellation: sums of (x - x0) and (x - x0)^2.
@@ -348,9 +359,9 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
   Pass<T> p{};
   p.experts = E;
   p.width = N;
-  p.x = blocks_of<const T>(x.data_ptr<T>(), s.x_expert_major, E, B, N);
-  p.grad_out = blocks_of<const T>(grad_out.data_ptr<T>(), grad_expert_major, E, B, N);
-  p.out = blocks_of<T>(grad_x, s.x_expert_major, E, B, N);
+  p.x = blocks_of<const T>(x.data_ptr<T>(), s.x_groups, E, B, N);
+  p.grad_out = blocks_of<const T>(grad_out.data_ptr<T>(), grad_expert_major ? E : 1, E, B, N);
+  p.out = blocks_of<T>(grad_x, s.x_groups, E, B, N);
   std::vector<T> scale, shift;
   std::vector<double> scale_d, invstd;
   affine_params<T>(C, mean_x, var, weight, bias, eps, scale, shift, scale_d, invstd);
@@ -411,8 +422,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
     check_channel_vector(running_mean, x, channels, "running_mean");
     check_channel_vector(running_var, x, channels, "running_var");
   }
-  at::Tensor out = out_expert_major ? at::empty({s.experts, s.batch, s.width}, x.options())
-                                    : at::empty({s.batch, channels}, x.options());
+  OutputCache& cache = OutputCache::instance();
+  at::Tensor out = out_expert_major ? cache.empty({s.experts, s.batch, s.width}, x.options())
+                                    : cache.empty({s.batch, channels}, x.options());
   at::Tensor mean_x, var;
   // Statistics are kept in double whatever x's dtype (see Pass::mean).
   const auto stats_options = x.options().dtype(at::kDouble);
@@ -454,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
                     grad_out.sizes(), ", expected ", at::IntArrayRef(out_shape));
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "batch_norm_act: grad_out is ", grad_out.scalar_type(),
                    " but x is ", x.scalar_type());
-  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_x = OutputCache::instance().empty(x.sizes(), x.options());
   at::Tensor grad_linear_bias = at::empty({channels}, x.options());
   at::Tensor grad_weight = at::empty({channels}, x.options());
   at::Tensor grad_bias = at::empty({channels}, x.options());
@@ -470,7 +482,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
 }  // namespace nextrec_fast
 
 TORCH_LIBRARY_FRAGMENT(nextrec_fast, m) {
-  // x: [B, E*N] or [E, B, N]; out: [E, B, N] if out_expert_major else [B, E*N].
+  // x: [B, E*N] or [G, B, (E/G)*N] (G = E: [E, B, N]); out: [E, B, N] if out_expert_major
+  // else [B, E*N]; grad_x has x's shape.
   m.def(
       "batch_norm_act_forward(Tensor x, Tensor? linear_bias, Tensor? weight, Tensor? bias, Tensor? running_mean, "
       "Tensor? running_var, int experts, bool training, float eps, bool relu, bool out_expert_major) "

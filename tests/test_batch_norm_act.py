@@ -85,6 +85,26 @@ def test_matches_pytorch_float64(training, relu, x_expert_major, out_expert_majo
         torch.testing.assert_close(var, rv, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("groups", [1, 2, 3, 6])
+def test_grouped_input_layout(groups):
+    """x as [G, B, M*N]: G groups of M experts (one bmm over groups of experts sharing an input)."""
+    gen = torch.Generator().manual_seed(groups)
+    experts, batch, width = 6, 24, 10
+    x, lb, w, b, _, _ = random_case(gen, torch.float64, experts, batch, width)
+    xs = x.clone().requires_grad_()
+    expected = reference(xs, lb, w, b, None, None, True, 1e-5, True)
+    per_group = experts // groups
+    grouped = x.view(batch, groups, per_group * width).transpose(0, 1).contiguous().requires_grad_()
+    out, _, _ = op.batch_norm_act(grouped, experts=experts, linear_bias=lb, weight=w, bias=b, running_mean=None,
+                                  running_var=None, training=True, eps=1e-5, relu=True, out_expert_major=True)
+    torch.testing.assert_close(from_layout(out, experts, True), expected, rtol=1e-12, atol=1e-12)
+    g = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    (grad_grouped,) = torch.autograd.grad(out, grouped, to_layout(g, experts, True))
+    (grad_expected,) = torch.autograd.grad(expected, xs, g)
+    assert grad_grouped.shape == grouped.shape
+    torch.testing.assert_close(grad_grouped.transpose(0, 1).reshape(batch, -1), grad_expected, rtol=1e-10, atol=1e-11)
+
+
 @pytest.mark.parametrize("affine,with_linear_bias", [(False, True), (True, False), (False, False)])
 def test_optional_parameters(affine, with_linear_bias):
     gen = torch.Generator().manual_seed(3)
@@ -195,7 +215,7 @@ def test_compiles_fullgraph():
 @pytest.mark.parametrize("bad, match", [
     (dict(x=torch.zeros(4, 6, dtype=torch.int64)), "float32 or float64"),
     (dict(x=torch.zeros(4, 7)), "do not split into 3 experts"),
-    (dict(x=torch.zeros(2, 4, 2)), "E=2 but experts=3"),
+    (dict(x=torch.zeros(2, 4, 2)), "G=2, which does not divide experts=3"),
     (dict(weight=torch.ones(5)), r"weight must be \[6\]"),
     (dict(weight=torch.ones(6, dtype=torch.float64)), "weight is Double but x is Float"),
     (dict(x=torch.zeros(1, 6)), "more than one sample"),

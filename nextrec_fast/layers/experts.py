@@ -245,9 +245,22 @@ class ExpertBank:
         return h.view(h.shape[0], experts, -1)
 
     def _first_linear_cpu(self, inputs, input_of, with_bias: bool) -> torch.Tensor:
-        """``[E, B, N]`` from one input per expert (no copy for the next bmm), else ``[B, E*N]``."""
+        """``[E, B, N]`` from one input per expert (no copy for the next bmm); ``[G, B, M*N]`` from
+        G equal runs of M experts sharing an input (PLE's upper levels: one bmm, no concatenation);
+        else ``[B, E*N]``."""
+        linears = self.layers[0].linears
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 3:
-            return self._bmm(self.layers[0].linears, inputs, with_bias=with_bias)
+            return self._bmm(linears, inputs, with_bias=with_bias)
+        input_of = list(input_of) if input_of is not None else [0] * len(linears)
+        runs = _shared_input_runs(inputs, input_of, len(linears))
+        sizes = {stop - start for start, stop in runs}
+        if len(runs) > 1 and len(sizes) == 1:
+            x = torch.stack([inputs[input_of[start]] for start, _ in runs])  # [G, B, K]
+            weight = torch.stack([torch.cat([lin.weight for lin in linears[start:stop]]) for start, stop in runs])
+            if with_bias and linears[0].bias is not None:
+                bias = torch.stack([torch.cat([lin.bias for lin in linears[start:stop]]) for start, stop in runs])
+                return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+            return torch.bmm(x, weight.transpose(1, 2))
         return self._first_linear(inputs, input_of, with_bias=with_bias)
 
     @staticmethod
@@ -284,18 +297,14 @@ class ExpertBank:
             return self._bmm(linears, inputs).transpose(0, 1).reshape(batch, -1)
         input_of = list(input_of) if input_of is not None else [0] * len(linears)
         # Runs of consecutive experts that read the same tensor share one GEMM.
-        outputs, start = [], 0
-        while start < len(linears):
-            stop = start
-            while stop < len(linears) and inputs[input_of[stop]] is inputs[input_of[start]]:
-                stop += 1
+        outputs = []
+        for start, stop in _shared_input_runs(inputs, input_of, len(linears)):
             group = linears[start:stop]
             weight = torch.cat([lin.weight for lin in group]) if len(group) > 1 else group[0].weight
             bias = None
             if group[0].bias is not None and with_bias:
                 bias = torch.cat([lin.bias for lin in group]) if len(group) > 1 else group[0].bias
             outputs.append(F.linear(inputs[input_of[start]], weight, bias))
-            start = stop
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _batched_linear(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
@@ -376,6 +385,18 @@ def _batch_norm_mode(norms: list[nn.BatchNorm1d], batch: int) -> tuple[float, bo
         raise ValueError("BatchNorm in training mode needs more than one sample per batch "
                          f"(got a batch of {batch}); call model.eval() for single-row inference")
     return factor, use_batch_stats, track
+
+
+def _shared_input_runs(inputs, input_of: list[int], count: int) -> list[tuple[int, int]]:
+    """[(start, stop), ...]: runs of consecutive experts that read the same tensor."""
+    runs, start = [], 0
+    while start < count:
+        stop = start
+        while stop < count and inputs[input_of[stop]] is inputs[input_of[start]]:
+            stop += 1
+        runs.append((start, stop))
+        start = stop
+    return runs
 
 
 @torch.no_grad()

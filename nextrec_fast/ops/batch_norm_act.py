@@ -25,8 +25,9 @@ def batch_norm_act(x: Tensor, *, experts: int, linear_bias: Tensor | None, weigh
                    training: bool, eps: float, relu: bool, out_expert_major: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``act(batch_norm(x + linear_bias))`` over ``C = E * N`` channels (expert-major order).
 
-    ``x``: ``[B, C]`` or ``[E, B, N]``; the output is ``[E, B, N]`` if ``out_expert_major`` else
-    ``[B, C]``. ``training=True`` normalises with the batch statistics (``running_*`` are not
+    ``x``: ``[B, C]``, ``[E, B, N]``, or ``[G, B, M*N]`` (G groups of M = E/G experts, e.g. one bmm
+    over groups of experts sharing an input); the output is ``[E, B, N]`` if ``out_expert_major``
+    else ``[B, C]``. ``training=True`` normalises with the batch statistics (``running_*`` are not
     touched: the caller updates them from the returned statistics); ``False`` with
     ``running_mean``/``running_var``. ``act`` is ReLU if ``relu`` else the identity.
 
@@ -43,9 +44,10 @@ def batch_norm_act(x: Tensor, *, experts: int, linear_bias: Tensor | None, weigh
 
 
 def _shape(x: Tensor, experts: int) -> tuple[int, int, int]:
+    """(E, B, N) of x: [B, E*N] or [G, B, (E/G)*N]."""
     if x.dim() == 3:
-        return x.shape[0], x.shape[1], x.shape[2]
-    torch._check(x.dim() == 2, lambda: f"batch_norm_act: x must be [B, C] or [E, B, N], got {tuple(x.shape)}")
+        return experts, x.shape[1], x.shape[2] // (experts // x.shape[0])
+    torch._check(x.dim() == 2, lambda: f"batch_norm_act: x must be [B, C] or [G, B, M*N], got {tuple(x.shape)}")
     return experts, x.shape[0], x.shape[1] // experts
 
 

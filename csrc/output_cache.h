@@ -1,0 +1,79 @@
+// Reuse of large CPU output buffers across calls, for ops that fully overwrite their outputs.
+//
+// A training step frees its activations and gradients and allocates the same shapes again
+// next step. glibc hands large blocks back to the OS on free, so every fresh [B, C] buffer is
+// page-faulted in again (zero-filled by the kernel): for PLE's expert layers at batch 2048 that
+// is tens of MB per step, several ms. Here an op takes its output from a small pool of tensors
+// it returned before, once nothing else references them. The pool holds storages, not tensors:
+// a tensor still referenced from C++ keeps its Python object alive (and so a reference), while
+// a storage referenced by the pool alone has no tensor, view or saved variable left. Each call
+// gets a fresh tensor on the reused storage; contents are undefined, as with at::empty. NEXTREC_FAST_OUTPUT_CACHE=0 turns it off.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+namespace nextrec_fast {
+
+class OutputCache {
+ public:
+  static constexpr int64_t kMinBytes = 1 << 20;  // smaller buffers come from malloc's free lists anyway
+  static constexpr size_t kMaxEntries = 32;
+
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    int64_t numel = 1;
+    for (const int64_t s : sizes) numel *= s;
+    const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+    if (!enabled() || !options.device().is_cpu() || nbytes < kMinBytes) return at::empty(sizes, options);
+    c10::Storage storage;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const c10::Storage& s : entries_) {
+        if (s.use_count() == 1 && static_cast<int64_t>(s.nbytes()) == nbytes) {
+          storage = s;
+          break;
+        }
+      }
+    }
+    if (storage) {
+      at::Tensor t = at::empty({0}, options);
+      t.set_(storage, /*storage_offset=*/0, sizes, c10::contiguous_strides(sizes));
+      return t;
+    }
+    at::Tensor fresh = at::empty(sizes, options);
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (entries_.size() >= kMaxEntries) {
+      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
+        if (it->use_count() == 1) {  // the oldest unused entry makes room
+          entries_.erase(it);
+          break;
+        }
+      }
+    }
+    if (entries_.size() < kMaxEntries) entries_.push_back(fresh.storage());
+    return fresh;
+  }
+
+  static OutputCache& instance() {
+    static OutputCache cache;
+    return cache;
+  }
+
+ private:
+  static bool enabled() {
+    static const bool on = [] {
+      const char* v = std::getenv("NEXTREC_FAST_OUTPUT_CACHE");
+      return v == nullptr || std::strcmp(v, "0") != 0;
+    }();
+    return on;
+  }
+
+  std::mutex mutex_;
+  std::vector<c10::Storage> entries_;  // free when referenced by the pool alone
+};
+
+}  // namespace nextrec_fast
