@@ -46,15 +46,11 @@ class OutputCache {
     }
     at::Tensor fresh = at::empty(sizes, options);
     std::lock_guard<std::mutex> lock(mutex_);
-    if (entries_.size() >= kMaxEntries) {
-      for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-        if (it->use_count() == 1) {  // the oldest unused entry makes room
-          entries_.erase(it);
-          break;
-        }
-      }
-    }
-    if (entries_.size() < kMaxEntries) entries_.push_back(fresh.storage());
+    // Full: the oldest entry makes room, whether in use or not (dropping the pool's reference
+    // never affects a tensor; it bounds what the pool keeps, e.g. a storage whose Python object
+    // was created once and now keeps the use count up for good).
+    if (entries_.size() >= kMaxEntries) entries_.erase(entries_.begin());
+    entries_.push_back(fresh.storage());
     return fresh;
   }
 

@@ -227,3 +227,40 @@ def test_bad_input(bad, match):
     args.update(bad)
     with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
         op.batch_norm_act(**args)
+
+
+def test_output_buffers_reused_only_when_unreferenced():
+    """Large outputs come from a pool of storages the op returned before: never one still
+    referenced by a tensor or a view, and the values are always fresh. (data_ptr, not
+    untyped_storage(): a storage's Python object, once created, keeps its use count up.)"""
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(1024, 512, generator=gen)  # 2 MiB outputs: pooled
+    w, b = torch.ones(512), torch.zeros(512)
+
+    def run(scale):
+        out, _, _ = op.batch_norm_act(x * scale, experts=4, linear_bias=None, weight=w, bias=b, running_mean=None,
+                                      running_var=None, training=True, eps=1e-5, relu=False, out_expert_major=False)
+        return out
+
+    expected = reference(x, None, w, b, None, None, True, 1e-5, False)
+    first = run(1.0)
+    second = run(1.0)
+    assert second.data_ptr() != first.data_ptr()
+    view = second[:2]
+    del second
+    third = run(1.0)  # `second` is gone but its storage lives on in `view`
+    assert third.data_ptr() not in (first.data_ptr(),
+                                                     view.data_ptr())
+    for t in (first, third):
+        torch.testing.assert_close(t, expected, rtol=1e-5, atol=1e-5)
+    del first
+    pointers = set()
+    for scale in (1.0, 2.0, 3.0):  # a buffer freed each time is reused each time
+        fourth = run(scale)
+        pointers.add(fourth.data_ptr())
+        assert fourth.data_ptr() not in (view.data_ptr(),
+                                                          third.data_ptr())
+        torch.testing.assert_close(fourth, expected, rtol=1e-5, atol=1e-5)  # BatchNorm: scale-free
+        del fourth
+    assert len(pointers) == 1
+    torch.testing.assert_close(view, expected[:2], rtol=1e-5, atol=1e-5)  # untouched
