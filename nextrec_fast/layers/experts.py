@@ -206,6 +206,8 @@ class ExpertBank:
             return False
         if get_backend() not in ("auto", "triton") or _batch_norm_act_op() is None:
             return False
+        if _cpu_autocast_enabled():
+            return False  # the GEMMs run in bfloat16 under autocast: the PyTorch path follows its casts
         # PReLU's per-expert slopes need the batch-major layout: the PyTorch path handles them.
         return not any(layer.acts is not None and isinstance(layer.acts[0], nn.PReLU) for layer in self.layers)
 
@@ -309,10 +311,12 @@ class ExpertBank:
 
     def _batched_linear(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
         linears = layer.linears
-        if h.device.type == "cpu" and linears[0].bias is not None and not torch.compiler.is_compiling():
+        if (h.device.type == "cpu" and linears[0].bias is not None and not torch.compiler.is_compiling()
+                and not _cpu_autocast_enabled()):
             # On CPU one GEMM per expert on column blocks of [B, E*K] beats bmm, which needs the
             # [E, B, K] layout: two full-size transposing copies per layer and a slower kernel.
-            # (torch.compile cannot trace out= into strided blocks: it gets the bmm below.)
+            # (torch.compile cannot trace out= into strided blocks, and out= skips autocast's
+            # casts: both get the bmm below.)
             return _ExpertBlockLinear.apply(h, len(linears), *[l.weight for l in linears], *[l.bias for l in linears])
         batch, experts = h.shape[0], len(linears)
         x = h.view(batch, experts, -1).transpose(0, 1)  # [E, B, K], strided view
@@ -406,6 +410,13 @@ def _lerp_running_stats(norms: list[nn.BatchNorm1d], mean: torch.Tensor, unbiase
     for e, norm in enumerate(norms):
         norm.running_mean.lerp_(mean[e].to(norm.running_mean.dtype), factor)
         norm.running_var.lerp_(unbiased_var[e].to(norm.running_var.dtype), factor)
+
+
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
 
 
 def _batch_norm_act_op():
