@@ -23,6 +23,7 @@ class OutputCache {
  public:
   static constexpr int64_t kMinBytes = 1 << 20;  // smaller buffers come from malloc's free lists anyway
   static constexpr size_t kMaxEntries = 32;
+  static constexpr int64_t kMaxBytes = int64_t{1} << 30;  // what the pool may keep alive in all
 
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
     int64_t numel = 1;
@@ -46,11 +47,16 @@ class OutputCache {
     }
     at::Tensor fresh = at::empty(sizes, options);
     std::lock_guard<std::mutex> lock(mutex_);
-    // Full: the oldest entry makes room, whether in use or not (dropping the pool's reference
+    if (nbytes > kMaxBytes) return fresh;
+    // Full: the oldest entries make room, whether in use or not (dropping the pool's reference
     // never affects a tensor; it bounds what the pool keeps, e.g. a storage whose Python object
     // was created once and now keeps the use count up for good).
-    if (entries_.size() >= kMaxEntries) entries_.erase(entries_.begin());
+    while (!entries_.empty() && (entries_.size() >= kMaxEntries || bytes_ + nbytes > kMaxBytes)) {
+      bytes_ -= static_cast<int64_t>(entries_.front().nbytes());
+      entries_.erase(entries_.begin());
+    }
     entries_.push_back(fresh.storage());
+    bytes_ += nbytes;
     return fresh;
   }
 
@@ -69,7 +75,8 @@ class OutputCache {
   }
 
   std::mutex mutex_;
-  std::vector<c10::Storage> entries_;  // free when referenced by the pool alone
+  std::vector<c10::Storage> entries_;  // oldest first; free when referenced by the pool alone
+  int64_t bytes_ = 0;
 };
 
 }  // namespace nextrec_fast
