@@ -6,7 +6,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from nextrec_fast import benchmark, cli, profiling
-from nextrec_fast.ops import pooled_embedding
+from nextrec_fast.ops import batch_norm_act, pooled_embedding
 
 STAGE_NAMES = {f"nextrec_fast.{stage}" for stage in ("embedding", "experts", "gates", "towers")}
 
@@ -39,6 +39,15 @@ def test_fast_model_trace_has_pooled_embedding_op():
     _, fast = small_models()
     names = traced_names(fast, *small_batch(fast))
     assert any("pooled_embedding" in name for name in names)
+
+
+@pytest.mark.skipif(not batch_norm_act.is_available(), reason="C++ extension not built")
+def test_fast_model_trace_has_batch_norm_act_op():
+    """On CPU the experts' BatchNorm + ReLU show up by name, forward and backward."""
+    _, fast = small_models()
+    names = traced_names(fast, *small_batch(fast))
+    assert any("batch_norm_act_forward" in name for name in names)
+    assert any("batch_norm_act_backward" in name for name in names)
 
 
 @pytest.mark.parametrize("model", ["mmoe", "ple", "esmm"])
