@@ -113,16 +113,20 @@ def _step_fn(model, mode, x, labels):
     return run
 
 
-def time_pair(ref_fn, fast_fn, device, warmup: int, repeats: int):
+def time_interleaved(fns: dict, device, warmup: int, repeats: int, step=None) -> dict:
+    """Milliseconds per call of each of ``fns`` (name -> callable), ``repeats`` samples each,
+    after ``warmup`` rounds; each round calls them in turn, so machine noise hits all alike.
+    ``step(fn)`` wraps each call (default: ``fn()``)."""
+    step = step or (lambda fn: fn())
     for _ in range(warmup):
-        ref_fn()
-        fast_fn()
-    samples = {"reference": [], "fast": []}
+        for fn in fns.values():
+            step(fn)
+    samples = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in (("reference", ref_fn), ("fast", fast_fn)):
+        for name, fn in fns.items():
             _sync(device)
             start = time.perf_counter()
-            fn()
+            step(fn)
             _sync(device)
             samples[name].append((time.perf_counter() - start) * 1e3)
     return samples
@@ -185,7 +189,8 @@ def run(models=MODEL_NAMES, modes=MODES, batch: int = 2048, device: str | None =
             if progress:
                 print(f"[{done}/{total}] {model} {mode} (batch {batch}) ...", file=sys.stderr, flush=True)
             # Fresh copies of the weights for training modes so both start from the same state.
-            samples = time_pair(_step_fn(ref, mode, x, labels), _step_fn(fast, mode, x, labels), device, warmup, repeats)
+            samples = time_interleaved({"reference": _step_fn(ref, mode, x, labels),
+                                        "fast": _step_fn(fast, mode, x, labels)}, device, warmup, repeats)
             ref_ms, fast_ms = statistics.median(samples["reference"]), statistics.median(samples["fast"])
             rows.append(Row(model, mode, batch, ref_ms, fast_ms, ref_ms / fast_ms,
                             [round(s, 3) for s in samples["reference"]], [round(s, 3) for s in samples["fast"]]))

@@ -23,14 +23,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nextrec_fast.benchmark import CONFIGS, _sync, default_features, make_batch, time_interleaved
+
 IMPLS = ("nextrec", "fused", "embedding_bag")
 MODES = ("forward", "forward_backward")
 DEFAULT_BATCHES = (2048, 8192)
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_tables(sparse, sequence, device, seed: int = 0):
@@ -41,7 +38,6 @@ def make_tables(sparse, sequence, device, seed: int = 0):
 
 
 def make_ids(sparse, sequence, batch: int, device, seed: int = 1):
-    from nextrec_fast.benchmark import make_batch
     x, _ = make_batch([], sparse, sequence, batch=batch, device=device, seed=seed)
     return [x[f.name] for f in sparse], [x[f.name] for f in sequence]
 
@@ -125,7 +121,6 @@ def forward_bytes(tables, sequence, sparse_ids, seq_ids) -> int:
 def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2, progress=None,
         config: str = "default", check: bool = True) -> dict:
     """Times every implementation and mode per batch size. ``progress(msg)`` is called per step."""
-    from nextrec_fast.benchmark import CONFIGS, default_features
     from nextrec_fast.ops.pooled_embedding import is_available, unavailable_reason
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _, sparse, sequence = default_features(**CONFIGS[config])
@@ -163,17 +158,7 @@ def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2,
         for mode, step in (("forward", forward), ("forward_backward", forward_backward)):
             if progress:
                 progress(f"pooling {mode} (batch {batch}) ...")
-            for _ in range(warmup):
-                for fn in fns.values():
-                    step(fn)
-            samples = {name: [] for name in fns}
-            for _ in range(repeats):
-                for name, fn in fns.items():  # interleaved: machine noise hits all alike
-                    _sync(device)
-                    start = time.perf_counter()
-                    step(fn)
-                    _sync(device)
-                    samples[name].append((time.perf_counter() - start) * 1e3)
+            samples = time_interleaved(fns, device, warmup, repeats, step=step)
             ms = {name: statistics.median(s) for name, s in samples.items()}
             for name in fns:
                 row = {"batch": batch, "mode": mode, "impl": name, "ms": ms[name],
