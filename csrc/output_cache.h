@@ -11,6 +11,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/accumulate.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -26,9 +27,8 @@ class OutputCache {
   static constexpr int64_t kMaxBytes = int64_t{1} << 30;  // what the pool may keep alive in all
 
   at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    int64_t numel = 1;
-    for (const int64_t s : sizes) numel *= s;
-    const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+    const int64_t nbytes = c10::multiply_integers(sizes) *
+                           static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
     if (!enabled() || !options.device().is_cpu() || nbytes < kMinBytes) return at::empty(sizes, options);
     c10::Storage storage;
     {

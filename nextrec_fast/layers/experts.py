@@ -172,13 +172,13 @@ class ExpertBank:
         update_stats = False
         if norms is not None:
             first = norms[0]
-            use_batch_stats = first.training or first.running_mean is None
+            factor, use_batch_stats, track = _batch_norm_mode(norms, x.shape[-2])
             bn = dict(bn_weight=torch.stack([n.weight for n in norms]), bn_bias=torch.stack([n.bias for n in norms]),
                       bn_eps=first.eps, bn_training=use_batch_stats)
             if not use_batch_stats:
                 bn.update(bn_running_mean=torch.stack([n.running_mean for n in norms]),
                           bn_running_var=torch.stack([n.running_var for n in norms]))
-            update_stats = first.training and first.track_running_stats and first.running_mean is not None
+            update_stats = track and use_batch_stats
         act = layer.acts[0] if layer.acts is not None else None
         prelu = torch.cat([a.weight for a in layer.acts]) if isinstance(act, nn.PReLU) else None
         drop = layer.dropouts[0] if layer.dropouts is not None else None
@@ -186,19 +186,10 @@ class ExpertBank:
             x, weight, bias, input_index=index, activation=activation_name(act) if act is not None else "identity",
             prelu_weight=prelu, dropout_p=drop.p if drop is not None else 0.0,
             training=drop is not None and drop.training, **bn)
-        if update_stats:
-            ExpertBank._update_running_stats(norms, mean, var, batch=x.shape[-2])
+        if update_stats:  # from the op's batch statistics; running_var takes the unbiased variance
+            batch = x.shape[-2]
+            _lerp_running_stats(norms, mean, var * (batch / (batch - 1)), factor)
         return y
-
-    @staticmethod
-    @torch.no_grad()
-    def _update_running_stats(norms, mean: torch.Tensor, var: torch.Tensor, batch: int) -> None:
-        """nn.BatchNorm1d's update from the op's batch statistics (unbiased variance)."""
-        first = norms[0]
-        if first.num_batches_tracked is not None:
-            torch._foreach_add_([n.num_batches_tracked for n in norms], 1)
-        factor = first.momentum if first.momentum is not None else 1.0 / float(first.num_batches_tracked)
-        _lerp_running_stats(norms, mean, var * (batch / (batch - 1)), factor)
 
     # -- C++ path (CPU): BatchNorm + ReLU as one op, layers chained in the expert-major layout --
     def _cpu_op_supported(self, x: torch.Tensor) -> bool:
@@ -230,8 +221,8 @@ class ExpertBank:
             act = layer.acts[0] if layer.acts is not None else None
             if layer.norms is not None:
                 relu = type(act) is nn.ReLU
-                linear_bias = None
-                if fold_bias and layer.linears[0].bias is not None:
+                linear_bias = None  # folded (fold_bias holds here)
+                if layer.linears[0].bias is not None:
                     linear_bias = torch.cat([lin.bias for lin in layer.linears])
                 h = self._batch_norm_act(op, layer, h, linear_bias, relu=relu, out_expert_major=not last)
                 if relu:

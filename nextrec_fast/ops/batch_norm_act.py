@@ -78,7 +78,7 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     x, linear_bias, weight, bias, mean_x, var = ctx.saved_tensors
     experts, training, eps, relu, out_expert_major = ctx.flags
     grad_x, grad_linear_bias, grad_weight, grad_bias = torch.ops.nextrec_fast.batch_norm_act_backward(
-        grad_out.contiguous(), x, linear_bias, weight, bias, mean_x, var, experts, training, eps, relu,
+        grad_out, x, linear_bias, weight, bias, mean_x, var, experts, training, eps, relu,
         out_expert_major)
     needs = ctx.needs_input_grad
     return (grad_x if needs[0] else None, grad_linear_bias if needs[1] else None,
