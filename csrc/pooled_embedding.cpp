@@ -846,8 +846,6 @@ void weight_grad_feature(const FeatureMeta& f, const scalar_t* grad_out, int64_t
                          scalar_t* wgrad) {
   using acc_t = at::opmath_type<scalar_t>;
   const index_t* ids = static_cast<const index_t*>(f.ids);
-  const scalar_t* table = static_cast<const scalar_t*>(f.table);
-  const int64_t D = f.dim;
   at::parallel_for(0, batch, 256, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       int64_t begin, end;
@@ -857,16 +855,8 @@ void weight_grad_feature(const FeatureMeta& f, const scalar_t* grad_out, int64_t
       const int64_t count = pooled_count(f, kept, end);
       const acc_t denom = f.combiner == kMean ? mean_denominator<acc_t>(count) : acc_t(1);
       const scalar_t* g = grad_out + b * out_stride + f.out_offset;
-      for (int64_t p = kept; p < end; ++p) {
-        const int64_t id = static_cast<int64_t>(ids[p]);
-        acc_t dot = 0;
-        if (id_in_range(id, f.vocab) && is_pooled(id, f.mask_id)) {
-          const scalar_t* row = table + id * D;
-          for (int64_t d = 0; d < D; ++d) dot += static_cast<acc_t>(g[d]) * static_cast<acc_t>(row[d]);
-          if (f.combiner == kMean) dot /= denom;
-        }
-        wgrad[p] = static_cast<scalar_t>(dot);
-      }
+      for (int64_t p = kept; p < end; ++p)
+        wgrad[p] = static_cast<scalar_t>(position_weight_grad(f, g, static_cast<int64_t>(ids[p]), denom));
     }
   });
 }

@@ -359,14 +359,9 @@ __global__ void weight_grad_kernel(FeatureMeta f, int64_t batch, const scalar_t*
   begin = kept_begin(begin, end, f.max_len);
   if (p < begin || p >= end) return;
   const int64_t id = load_index(f.ids, f.ids_int64, p);
-  if (!id_in_range(id, f.vocab) || !is_pooled(id, f.mask_id)) return;
-  const int64_t count = f.combiner == kMean ? pooled_count(f, begin, end) : 0;
-  const scalar_t* row = static_cast<const scalar_t*>(f.table) + id * f.dim;
-  const scalar_t* g = grad_out + b * out_stride + f.out_offset;
-  acc_t dot = 0;
-  for (int64_t d = 0; d < f.dim; ++d) dot += static_cast<acc_t>(g[d]) * static_cast<acc_t>(row[d]);
-  if (f.combiner == kMean) dot /= mean_denominator<acc_t>(count);
-  wgrad[p] = static_cast<scalar_t>(dot);
+  if (!id_in_range(id, f.vocab) || !is_pooled(id, f.mask_id)) return;  // before the bag's count
+  const acc_t denom = f.combiner == kMean ? mean_denominator<acc_t>(pooled_count(f, begin, end)) : acc_t(1);
+  wgrad[p] = static_cast<scalar_t>(position_weight_grad(f, grad_out + b * out_stride + f.out_offset, id, denom));
 }
 
 TensorList weight_backward_cuda(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,

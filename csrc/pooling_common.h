@@ -100,6 +100,17 @@ C10_HOST_DEVICE inline bool receives_grad(const FeatureMeta& f, int64_t id) {
   return f.combiner == kConcat || is_pooled(id, f.mask_id);
 }
 
+// Gradient of one kept position's per-id weight: its table row dotted with the bag's output
+// gradient `g`, divided by the mean's denominator `denom`; zero for an out-of-range or padding id.
+template <typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline acc_t position_weight_grad(const FeatureMeta& f, const scalar_t* g, int64_t id, acc_t denom) {
+  if (!id_in_range(id, f.vocab) || !is_pooled(id, f.mask_id)) return acc_t(0);
+  const scalar_t* row = static_cast<const scalar_t*>(f.table) + id * f.dim;
+  acc_t dot = 0;
+  for (int64_t d = 0; d < f.dim; ++d) dot += static_cast<acc_t>(g[d]) * static_cast<acc_t>(row[d]);
+  return f.combiner == kMean ? dot / denom : dot;
+}
+
 // Output column of position `slot` (0-based within the kept range) of a bag.
 C10_HOST_DEVICE inline int64_t out_column(const FeatureMeta& f, int64_t slot) {
   return f.combiner == kConcat ? f.out_offset + slot * f.dim : f.out_offset;
