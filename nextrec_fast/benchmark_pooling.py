@@ -1,11 +1,15 @@
 """Pooling benchmark of ``nextrec-fast bench``: the multi-feature embedding pooling alone.
 
-Three implementations of nextrec 0.3.1's ``EmbeddingLayer`` pooling of every sparse and sequence
+Implementations of nextrec 0.3.1's ``EmbeddingLayer`` pooling of every sparse and sequence
 feature into one ``[B, total_dim]`` output, on the bench configuration's features:
 
 - ``nextrec``: nextrec's formulas (lookup -> ``[B, L, D]``, padding mask, ``bmm``,
   ``/ (count + 1e-16)`` for mean, ``cat``);
-- ``fused``: ``nextrec_fast.ops.pooled_embedding`` (the C++/CUDA op; padded layout, one call);
+- ``fused``: ``nextrec_fast.ops.pooled_embedding`` (the C++/CUDA op; padded layout, one call) on
+  the tables placed as the fast models place them (large CPU tables on 2 MiB pages,
+  ``nextrec_fast.huge_pages``);
+- ``fused_4k_pages``: the same op on the tables as PyTorch allocates them, as the other rows use
+  them (CPU with huge pages only: it shows what the placement alone is worth);
 - ``embedding_bag``: one ``F.embedding_bag`` per feature on jagged ``(values, offsets)`` inputs
   (padding dropped beforehand, not timed), then ``cat``.
 
@@ -23,9 +27,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from nextrec_fast import huge_pages
 from nextrec_fast.benchmark import CONFIGS, _sync, default_features, make_batch, time_interleaved
 
-IMPLS = ("nextrec", "fused", "embedding_bag")
+IMPLS = ("nextrec", "fused", "fused_4k_pages", "embedding_bag")
 MODES = ("forward", "forward_backward")
 DEFAULT_BATCHES = (2048, 8192)
 
@@ -125,7 +130,10 @@ def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2,
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _, sparse, sequence = default_features(**CONFIGS[config])
     tables = make_tables(sparse, sequence, device)
-    impls = list(IMPLS) if is_available() else [i for i in IMPLS if i != "fused"]
+    placed = [torch.nn.Parameter(huge_pages.placed_copy(t.detach())) for t in tables]
+    any_placed = any(huge_pages.is_placed(t) for t in placed)
+    impls = [i for i in IMPLS if (is_available() or not i.startswith("fused"))
+             and (any_placed or i != "fused_4k_pages")]
     copy_bw = copy_bandwidth(device)
     rows = []
     for batch in batches:
@@ -133,7 +141,8 @@ def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2,
         jagged = to_jagged(sequence, sparse_ids, seq_ids)
         fns = {
             "nextrec": lambda: nextrec_pooling(tables, sparse, sequence, sparse_ids, seq_ids),
-            "fused": lambda: fused_pooling(tables, sparse, sequence, sparse_ids, seq_ids),
+            "fused": lambda: fused_pooling(placed, sparse, sequence, sparse_ids, seq_ids),
+            "fused_4k_pages": lambda: fused_pooling(tables, sparse, sequence, sparse_ids, seq_ids),
             "embedding_bag": lambda: embedding_bag_pooling(tables, sparse, sequence, jagged),
         }
         fns = {name: fns[name] for name in impls}
@@ -151,7 +160,7 @@ def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2,
                 fn()
 
         def forward_backward(fn):
-            for t in tables:
+            for t in tables + placed:
                 t.grad = None  # zero_grad(set_to_none=True)
             fn().backward(grad_out)
 
@@ -169,12 +178,13 @@ def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2,
                     bw = fwd_bytes / (ms[name] * 1e-3)
                     row.update(forward_gbps=bw / 1e9, fraction_of_copy=bw / copy_bw)
                 rows.append(row)
-        for t in tables:
+        for t in tables + placed:
             t.grad = None
     return {
         "features": {"sparse": len(sparse), "sequence": len(sequence), "table_rows": sum(t.shape[0] for t in tables),
                      "dim": sorted({t.shape[1] for t in tables}), "dtype": "float32"},
         "copy_bandwidth_gbps": copy_bw / 1e9,
+        "huge_pages": any_placed,
         "fused_available": is_available(),
         "fused_unavailable_reason": None if is_available() else unavailable_reason(),
         "rows": rows,

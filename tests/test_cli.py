@@ -21,6 +21,8 @@ def test_bench_small_config(tmp_path, capsys):
     pooling = result["pooling"]
     assert pooling["copy_bandwidth_gbps"] > 0
     impls = {"nextrec", "fused", "embedding_bag"} if pooling["fused_available"] else {"nextrec", "embedding_bag"}
+    if pooling["fused_available"] and pooling["huge_pages"]:
+        impls.add("fused_4k_pages")  # some tables are large enough to be placed on huge pages
     assert {(r["batch"], r["mode"], r["impl"]) for r in pooling["rows"]} == {
         (64, mode, impl) for mode in ("forward", "forward_backward") for impl in impls}
     for r in pooling["rows"]:

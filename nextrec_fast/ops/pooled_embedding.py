@@ -13,7 +13,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from nextrec_fast import _extension
+from nextrec_fast import _extension, huge_pages
 
 __all__ = ["pooled_embedding", "is_available", "unavailable_reason", "COMBINERS"]
 
@@ -232,28 +232,42 @@ _SOLE_OWNER_REFS = _storage_refs(torch.empty(1))
 
 
 class _GradBufferCache:
+    # Fresh buffers per table that may go on huge pages: faulting them in is slower than small
+    # pages, so it pays only for buffers that are then reused. Steady states need one buffer
+    # (zero_grad(set_to_none=True)) or two (.grad kept and accumulated into); a table that keeps
+    # missing gets ordinary buffers.
+    HUGE_PAGE_ALLOCATIONS = 2
+
     def __init__(self):
         self._lock = threading.Lock()
-        self._entries: dict[int, tuple[weakref.ref, Tensor]] = {}
+        self._entries: dict[int, tuple[weakref.ref, Tensor, int]] = {}
 
     def acquire(self, table: Tensor) -> Tensor:
         """A contiguous buffer shaped like ``table`` that nobody else can observe (contents undefined)."""
         key = id(table)
         with self._lock:
             entry = self._entries.get(key)
+            allocations = 0
             if entry is not None:
-                ref, alias = entry
-                if (ref() is table and alias.shape == table.shape and alias.dtype == table.dtype
-                        and alias.device == table.device and _storage_refs(alias) == _SOLE_OWNER_REFS):
+                ref, alias, allocations = entry
+                if ref() is not table:
+                    allocations = 0
+                elif (alias.shape == table.shape and alias.dtype == table.dtype and alias.device == table.device
+                        and _storage_refs(alias) == _SOLE_OWNER_REFS):
                     return alias.detach()
-            buffer = torch.empty(table.shape, dtype=table.dtype, device=table.device)
+            # The backward's scatter reads and writes rows of the buffer at random, like the
+            # forward reads the table: on CPU it goes on huge pages too.
+            if table.device.type == "cpu" and allocations < self.HUGE_PAGE_ALLOCATIONS:
+                buffer = huge_pages.empty(table.shape, table.dtype)
+            else:
+                buffer = torch.empty(table.shape, dtype=table.dtype, device=table.device)
 
             def _forget(dead_ref, key=key, entries=self._entries):
                 current = entries.get(key)
                 if current is not None and current[0] is dead_ref:
                     del entries[key]
 
-            self._entries[key] = (weakref.ref(table, _forget), buffer.detach())
+            self._entries[key] = (weakref.ref(table, _forget), buffer.detach(), allocations + 1)
             return buffer
 
     def clear(self):
