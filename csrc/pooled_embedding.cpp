@@ -3,6 +3,7 @@
 //
 // One call pools every feature of a model into one [B, total_dim] output, written once.
 #include "pooled_embedding.h"
+#include "output_cache.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -499,7 +500,10 @@ at::Tensor forward_cpu(const TensorList& tables, const TensorList& ids, const Op
   (void)check_ids;
   PoolingPlan plan = make_plan({tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens, names});
   check_offsets_cpu(plan, names);
-  at::Tensor out = at::empty({plan.batch, plan.total_dim}, plan.tables[0].options());
+  // From the output cache: a fresh [B, total_dim] buffer is page-faulted in on every call once
+  // other large allocations churn malloc's heap (e.g. nextrec's or the optimizer's temporaries),
+  // ~0.7 us per 4 KiB page: 2.6 ms of a 5 ms forward at batch 8192 here.
+  at::Tensor out = OutputCache::instance().empty({plan.batch, plan.total_dim}, plan.tables[0].options());
   ErrorSink err;
   NEXTREC_FAST_DISPATCH_FLOATING(plan.dtype, "pooled_embedding_forward_cpu",
                                  [&] { forward_cpu_kernel<scalar_t>(plan, out, err); });

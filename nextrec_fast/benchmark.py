@@ -113,10 +113,15 @@ def _step_fn(model, mode, x, labels):
     return run
 
 
-def time_interleaved(fns: dict, device, warmup: int, repeats: int, step=None) -> dict:
+def time_interleaved(fns: dict, device, warmup: int, repeats: int, step=None, burst: int = 1) -> dict:
     """Milliseconds per call of each of ``fns`` (name -> callable), ``repeats`` samples each,
     after ``warmup`` rounds; each round calls them in turn, so machine noise hits all alike.
-    ``step(fn)`` wraps each call (default: ``fn()``)."""
+    ``step(fn)`` wraps each call (default: ``fn()``).
+
+    ``burst`` > 1: a sample is one untimed call followed by ``burst`` timed ones (their mean):
+    each function's steady state when called repeatedly, without the after-effects of the
+    function timed before it (its malloc churn and page faults, its cache footprint), which on
+    this 2-core VM slowed a 1 ms pooling call that followed nextrec's pooling by up to 2x."""
     step = step or (lambda fn: fn())
     for _ in range(warmup):
         for fn in fns.values():
@@ -124,11 +129,14 @@ def time_interleaved(fns: dict, device, warmup: int, repeats: int, step=None) ->
     samples = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if burst > 1:
+                step(fn)
             _sync(device)
             start = time.perf_counter()
-            step(fn)
+            for _ in range(burst):
+                step(fn)
             _sync(device)
-            samples[name].append((time.perf_counter() - start) * 1e3)
+            samples[name].append((time.perf_counter() - start) * 1e3 / burst)
     return samples
 
 

@@ -15,7 +15,8 @@ feature into one ``[B, total_dim]`` output, on the bench configuration's feature
 
 ``forward`` runs under ``no_grad``; ``forward_backward`` backpropagates a fixed ``grad_out``
 into dense table gradients, with ``zero_grad(set_to_none=True)`` before each step. Repeats
-alternate the implementations, medians are reported. The forward's achieved bandwidth (table rows
+alternate the implementations, medians are reported; each sample times an implementation in its
+steady state (``BURST`` consecutive calls after an untimed one, see ``time_interleaved``). The forward's achieved bandwidth (table rows
 read + ids read + output written) is given as a fraction of the ``copy_`` bandwidth of a 256 MiB
 buffer measured in the same run.
 """
@@ -33,6 +34,8 @@ from nextrec_fast.benchmark import CONFIGS, _sync, default_features, make_batch,
 IMPLS = ("nextrec", "fused", "fused_4k_pages", "embedding_bag")
 MODES = ("forward", "forward_backward")
 DEFAULT_BATCHES = (2048, 8192)
+# Calls per sample (see time_interleaved): each implementation timed in its steady state.
+BURST = {"forward": 5, "forward_backward": 2}
 
 
 def make_tables(sparse, sequence, device, seed: int = 0):
@@ -167,7 +170,7 @@ def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2,
         for mode, step in (("forward", forward), ("forward_backward", forward_backward)):
             if progress:
                 progress(f"pooling {mode} (batch {batch}) ...")
-            samples = time_interleaved(fns, device, warmup, repeats, step=step)
+            samples = time_interleaved(fns, device, warmup, repeats, step=step, burst=BURST[mode])
             ms = {name: statistics.median(s) for name, s in samples.items()}
             for name in fns:
                 row = {"batch": batch, "mode": mode, "impl": name, "ms": ms[name],
@@ -185,6 +188,7 @@ def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2,
                      "dim": sorted({t.shape[1] for t in tables}), "dtype": "float32"},
         "copy_bandwidth_gbps": copy_bw / 1e9,
         "huge_pages": any_placed,
+        "calls_per_sample": dict(BURST),
         "fused_available": is_available(),
         "fused_unavailable_reason": None if is_available() else unavailable_reason(),
         "rows": rows,
@@ -197,6 +201,9 @@ def format_table(pooling: dict) -> str:
              f"({feats['table_rows']:,} table rows, {feats['dtype']}); copy_ bandwidth "
              f"{pooling['copy_bandwidth_gbps']:.1f} GB/s"
              + ("" if pooling["fused_available"] else f"; fused op unavailable: {pooling['fused_unavailable_reason']}"),
+             "steady state: a sample is the mean of "
+             + ", ".join(f"{n} {m} calls" for m, n in pooling.get("calls_per_sample", {}).items())
+             + " after an untimed one; implementations alternate between samples",
              f"{'batch':>6} {'mode':<17} {'impl':<14} {'ms':>9} {'vs nextrec':>11} {'vs emb_bag':>11} "
              f"{'fwd GB/s':>9} {'of copy':>8}"]
     for r in pooling["rows"]:

@@ -54,3 +54,15 @@ def test_import_never_imports_nextrec():
     code = "import sys, nextrec_fast; assert 'nextrec' not in sys.modules, 'nextrec imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_time_interleaved_bursts():
+    """burst=n: one untimed call, then n timed calls per sample; functions alternate."""
+    from nextrec_fast.benchmark import time_interleaved
+
+    calls = []
+    samples = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu",
+                               warmup=1, repeats=2, burst=3)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 2, "b": 2}
+    assert "".join(calls) == "ab" + ("a" * 4 + "b" * 4) * 2
+    assert all(s >= 0 for v in samples.values() for s in v)
