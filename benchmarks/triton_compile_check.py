@@ -63,7 +63,8 @@ class CompileOnlyDriver:
 
 
 class Recorder:
-    """Patches JITFunction.run to compile only, and Autotuner.run to compile every config."""
+    """Patches JITFunction.run to compile only, and Autotuner.run to compile every config it
+    would time (or the first)."""
 
     def __init__(self, all_configs: bool):
         self.all_configs = all_configs  # per case: whether its autotune spaces are swept
@@ -90,7 +91,10 @@ class Recorder:
         def autotuned_run(tuner, *args, **kwargs):
             kwargs.pop("grid", None)
             kwargs.pop("warmup", None)
-            configs = tuner.configs if recorder.all_configs else tuner.configs[:1]
+            # The configs the autotuner would time for this call (after its early pruning).
+            tuner.nargs = dict(zip(tuner.arg_names, args))
+            configs = tuner.prune_configs(kwargs)
+            configs = configs if recorder.all_configs else configs[:1]
             for config in configs:
                 tuner.fn.run(*args, **kwargs, **config.all_kwargs(), grid=None, warmup=True)
 

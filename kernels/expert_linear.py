@@ -20,15 +20,16 @@ import triton.language as tl
 from nextrec_fast.kernels import activations as act_lib
 from nextrec_fast.kernels.activations import activation_forward
 from nextrec_fast.kernels.dropout import dropout_multiplier, dropout_scale
-from nextrec_fast.kernels.utils import INTERPRET, accumulator_dtype, allow_tf32, autotune_configs, new_tensor
+from nextrec_fast.kernels.utils import INTERPRET, accumulator_dtype, allow_tf32, dot_autotune_space, new_tensor
 
 # Rows per block of the train-mode stats kernel: fixed (not autotuned) because the size of the
 # partial-stats buffer depends on it.
 STATS_BLOCK_M = 32 if INTERPRET else 128
 
-# The first config of each space is small enough for every dtype (fp64 included): it is the
-# only one used with NEXTREC_FAST_AUTOTUNE=0. Spaces stay small: each config costs a compile.
-_FWD_CONFIGS = autotune_configs(
+# Tensor-core spaces (bf16/fp16, fp32 with TF32) and FMA spaces (fp32 ieee, fp64): see
+# dot_autotune_space. The FMA tiles were chosen spill-free on sm_90. Spaces stay small: each
+# config costs a compile.
+_FWD_CONFIGS, _FWD_PRUNE = dot_autotune_space(
     [dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
      dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
      dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
@@ -36,27 +37,35 @@ _FWD_CONFIGS = autotune_configs(
      dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
      dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
      dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)],
+    [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=3) for m, n, k, w in
+     ((64, 64, 32, 8), (32, 64, 32, 4), (64, 32, 32, 4), (64, 64, 16, 4), (128, 64, 16, 8), (64, 128, 16, 8))],
     dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2))
 # Train-mode stats variant: BLOCK_M is STATS_BLOCK_M, passed by the launcher.
-_STATS_CONFIGS = autotune_configs(
+_STATS_CONFIGS, _STATS_PRUNE = dot_autotune_space(
     [dict(BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
      dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
      dict(BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
      dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)],
+    [dict(BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s) for n, k, w, s in
+     ((32, 32, 8, 3), (64, 16, 8, 3), (32, 16, 4, 3), (64, 32, 8, 2))],
     dict(BLOCK_N=16, BLOCK_K=16, GROUP_M=2))
-_DX_CONFIGS = autotune_configs(
+_DX_CONFIGS, _DX_PRUNE = dot_autotune_space(
     [dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=32, num_warps=4, num_stages=3),
      dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=64, num_warps=8, num_stages=3),
      dict(BLOCK_M=128, BLOCK_K=64, BLOCK_N=64, num_warps=4, num_stages=4),
      dict(BLOCK_M=64, BLOCK_K=128, BLOCK_N=64, num_warps=4, num_stages=4),
      dict(BLOCK_M=128, BLOCK_K=256, BLOCK_N=64, num_warps=8, num_stages=3)],
+    [dict(BLOCK_M=m, BLOCK_K=k, BLOCK_N=n, num_warps=w, num_stages=3) for m, k, n, w in
+     ((64, 64, 32, 8), (64, 64, 16, 4), (32, 64, 32, 4), (64, 32, 32, 4), (128, 64, 16, 8), (64, 128, 16, 8))],
     dict(BLOCK_M=32, BLOCK_K=16, BLOCK_N=16))
-_DW_CONFIGS = autotune_configs(
+_DW_CONFIGS, _DW_PRUNE = dot_autotune_space(
     [dict(BLOCK_N=64, BLOCK_K=64, BLOCK_M=32, num_warps=4, num_stages=3),
      dict(BLOCK_N=128, BLOCK_K=128, BLOCK_M=64, num_warps=8, num_stages=3),
      dict(BLOCK_N=128, BLOCK_K=64, BLOCK_M=64, num_warps=4, num_stages=4),
      dict(BLOCK_N=64, BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=4),
      dict(BLOCK_N=256, BLOCK_K=128, BLOCK_M=32, num_warps=8, num_stages=3)],
+    [dict(BLOCK_N=n, BLOCK_K=k, BLOCK_M=m, num_warps=w, num_stages=3) for n, k, m, w in
+     ((64, 64, 32, 8), (64, 64, 16, 4), (32, 64, 32, 4), (64, 32, 32, 4), (128, 64, 16, 8), (64, 128, 16, 8))],
     dict(BLOCK_N=16, BLOCK_K=16, BLOCK_M=16))
 
 
@@ -152,8 +161,11 @@ def _expert_linear_fwd_kernel(
         tl.store(y_ptr + out_offs, y.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["N", "K"])(_expert_linear_fwd_kernel)
-_fwd_stats_tuned = triton.autotune(_STATS_CONFIGS, key=["N", "K"])(_expert_linear_fwd_kernel)
+# ALLOW_TF32 in the keys: it picks the config space (and torch's TF32 switch can change).
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["N", "K", "ALLOW_TF32"], prune_configs_by=_FWD_PRUNE)(
+    _expert_linear_fwd_kernel)
+_fwd_stats_tuned = triton.autotune(_STATS_CONFIGS, key=["N", "K", "ALLOW_TF32"], prune_configs_by=_STATS_PRUNE)(
+    _expert_linear_fwd_kernel)
 
 
 @triton.jit
@@ -204,7 +216,8 @@ def _expert_linear_dx_kernel(
     tl.store(dx_ptr + dx_offs, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
 
 
-_dx_tuned = triton.autotune(_DX_CONFIGS, key=["N", "K", "E"])(_expert_linear_dx_kernel)
+_dx_tuned = triton.autotune(_DX_CONFIGS, key=["N", "K", "E", "ALLOW_TF32"], prune_configs_by=_DX_PRUNE)(
+    _expert_linear_dx_kernel)
 
 
 @triton.jit
@@ -248,7 +261,8 @@ def _expert_linear_dw_kernel(
     tl.store(dw_ptr + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 
 
-_dw_tuned = triton.autotune(_DW_CONFIGS, key=["N", "K"])(_expert_linear_dw_kernel)
+_dw_tuned = triton.autotune(_DW_CONFIGS, key=["N", "K", "ALLOW_TF32"], prune_configs_by=_DW_PRUNE)(
+    _expert_linear_dw_kernel)
 
 
 def _x_strides(x: torch.Tensor):
