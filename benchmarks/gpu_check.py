@@ -11,6 +11,11 @@
    fast model (eager), which runs the C++/CUDA pooling op and the Triton kernels.
 Prints one table. Usage: python benchmarks/gpu_check.py [--skip-tests] [--test-timeout SECONDS]
 [--models mmoe ple esmm] [--compile-models mmoe] (gpu_check.sh rebuilds the extension first).
+
+``--dry-run-cpu`` runs the same code on the CPU at toy sizes, the Triton kernels under the
+interpreter (forced with the ``triton`` backend), plain timers instead of do_bench, no tests and no
+torch.compile: the numbers mean nothing, but every step of the script runs, so a GPU session is
+not spent finding a bug in the script itself (tests/test_gpu_check.py runs it in CI).
 """
 import argparse
 import os
@@ -18,12 +23,20 @@ import subprocess
 import sys
 import time
 
+DRY_RUN = "--dry-run-cpu" in sys.argv
 # Compiled kernels, not the interpreter: must hold before triton / the kernels are imported.
 # ("0" rather than unset: tests/conftest.py turns the interpreter on when the variable is unset.)
-os.environ["TRITON_INTERPRET"] = "0"
+os.environ["TRITON_INTERPRET"] = "1" if DRY_RUN else "0"
+if DRY_RUN:
+    os.environ["NEXTREC_FAST_BACKEND"] = "triton"  # the Triton kernels on CPU tensors (interpreted)
+DEVICE = "cpu" if DRY_RUN else "cuda"
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+# Kernel-level rows in bf16 on the GPU; fp32 in the dry run (the interpreter's bf16 tl.dot is wrong).
+KERNEL_DTYPE = torch.float32 if DRY_RUN else torch.bfloat16
+KDT = "fp32" if DRY_RUN else "bf16"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A CUDA subset that compiles quickly: every feature, a few activations.
@@ -53,19 +66,29 @@ def run_tests(timeout_s: int) -> str:
 
 
 def bench(fn, warmup=10, rep=50):
+    """Median ms (do_bench's rep/warmup are in ms; the dry run calls fn twice after one warm-up)."""
+    if DRY_RUN:
+        fn()
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[len(times) // 2]
     from triton.testing import do_bench
     return do_bench(fn, warmup=warmup, rep=rep)
 
 
 def matmul_peak(dtype, n=8192):
-    a = torch.randn(n, n, device="cuda", dtype=dtype)
-    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    n = 256 if DRY_RUN else n
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
     ms = bench(lambda: torch.matmul(a, b), warmup=5, rep=30)
-    return 2 * n**3 / (ms * 1e-3) / 1e12, ms
+    return 2 * n**3 / (ms * 1e-3) / 1e12, n
 
 
 def expert_inputs(E, B, K, N, dtype, requires_grad=False):
-    dev = "cuda"
+    dev = DEVICE
     x = torch.randn(B, K, device=dev, dtype=dtype)
     w = (torch.randn(E, N, K, device=dev, dtype=dtype) / K**0.5)
     b = torch.randn(E, N, device=dev, dtype=dtype) * 0.1
@@ -100,29 +123,36 @@ def main():
     parser.add_argument("--compile-models", nargs="*", default=["mmoe"],
                         help="models whose reference is also timed under torch.compile (compiling is slow)")
     parser.add_argument("--batch-size", type=int, default=8192)
+    parser.add_argument("--config", choices=["default", "small"], default="default",
+                        help="model features (nextrec-fast bench's configs)")
+    parser.add_argument("--dry-run-cpu", action="store_true", help="see the module docstring")
     args = parser.parse_args()
-    assert torch.cuda.is_available(), "gpu_check needs a CUDA device"
+    if DRY_RUN:
+        args.skip_tests, args.compile_models, args.batch_size = True, [], min(args.batch_size, 32)
+    else:
+        assert torch.cuda.is_available(), "gpu_check needs a CUDA device (or --dry-run-cpu)"
     sys.path.insert(0, ROOT)
     from nextrec_fast.ops.triton_ops import expert_layer, gate_mixture
 
     rows = []  # (name, fast ms, reference ms, TFLOP/s, % of peak)
-    print(f"device: {torch.cuda.get_device_name()} | torch {torch.__version__}")
+    device_name = "CPU dry run (interpreter; timings meaningless)" if DRY_RUN else torch.cuda.get_device_name()
+    print(f"device: {device_name} | torch {torch.__version__}")
     test_summary = "skipped" if args.skip_tests else run_tests(args.test_timeout)
 
-    peak_bf16, _ = matmul_peak(torch.bfloat16)
+    peak_bf16, n = matmul_peak(torch.bfloat16)
     prev_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     peak_fp32, _ = matmul_peak(torch.float32)
     torch.backends.cuda.matmul.allow_tf32 = True
     peak_tf32, _ = matmul_peak(torch.float32)
     torch.backends.cuda.matmul.allow_tf32 = prev_tf32
-    rows.append(("matmul 8192^2 bf16 (peak)", None, None, peak_bf16, 100.0))
-    rows.append(("matmul 8192^2 fp32 strict (peak)", None, None, peak_fp32, None))
-    rows.append(("matmul 8192^2 fp32 tf32", None, None, peak_tf32, None))
+    rows.append((f"matmul {n}^2 bf16 (peak)", None, None, peak_bf16, 100.0))
+    rows.append((f"matmul {n}^2 fp32 strict (peak)", None, None, peak_fp32, None))
+    rows.append((f"matmul {n}^2 fp32 tf32", None, None, peak_tf32, None))
 
-    E, B, K, N = 8, 65536, 512, 256
+    E, B, K, N = (2, 64, 32, 16) if DRY_RUN else (8, 65536, 512, 256)
     flops = 2 * E * B * K * N
-    x, w, b, gamma, beta, rm, rv = expert_inputs(E, B, K, N, torch.bfloat16)
+    x, w, b, gamma, beta, rm, rv = expert_inputs(E, B, K, N, KERNEL_DTYPE)
     with torch.no_grad():
         fast_eval = lambda: expert_layer(x, w, b, bn_weight=gamma, bn_bias=beta, bn_running_mean=rm,
                                          bn_running_var=rv, activation="relu")[0]
@@ -133,12 +163,12 @@ def main():
         err = (y_fast.float() - ref_eval().float()).abs().max().item()
         ms_fast, ms_ref = bench(fast_eval), bench(ref_eval)
     tflops = flops / (ms_fast * 1e-3) / 1e12
-    rows.append((f"expert_layer eval bf16 E={E} B={B} {K}->{N}", ms_fast, ms_ref, tflops, 100 * tflops / peak_bf16))
+    rows.append((f"expert_layer eval {KDT} E={E} B={B} {K}->{N}", ms_fast, ms_ref, tflops, 100 * tflops / peak_bf16))
     print(f"eval: autotune {tune_s:.1f}s, max |fast - ref| = {err:.3g}")
 
-    x, w, b, gamma, beta, rm, rv = expert_inputs(E, B, K, N, torch.bfloat16, requires_grad=True)
+    x, w, b, gamma, beta, rm, rv = expert_inputs(E, B, K, N, KERNEL_DTYPE, requires_grad=True)
     params = [x, w, b, gamma, beta]
-    grad_y = torch.randn(E, B, N, device="cuda", dtype=torch.bfloat16)
+    grad_y = torch.randn(E, B, N, device=DEVICE, dtype=KERNEL_DTYPE)
 
     def fast_train():
         y, _, _ = expert_layer(x, w, b, bn_weight=gamma, bn_bias=beta, bn_training=True, activation="relu")
@@ -153,14 +183,14 @@ def main():
     tune_s = time.time() - t0
     ms_fast, ms_ref = bench(fast_train, rep=30), bench(ref_train, rep=30)
     tflops = 3 * flops / (ms_fast * 1e-3) / 1e12  # forward + dX + dW GEMMs
-    rows.append((f"expert_layer train bf16 fwd+bwd", ms_fast, ms_ref, tflops, 100 * tflops / peak_bf16))
+    rows.append((f"expert_layer train {KDT} fwd+bwd", ms_fast, ms_ref, tflops, 100 * tflops / peak_bf16))
     print(f"train: autotune {tune_s:.1f}s")
     del x, w, b, gamma, beta, rm, rv, params, grad_y
 
-    T, GE, GB, D = 2, 8, 8192, 128
-    logits = torch.randn(T, GB, GE, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    experts = torch.randn(GE, GB, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    grad_out = torch.randn(T, GB, D, device="cuda", dtype=torch.bfloat16)
+    T, GE, GB, D = (2, 4, 64, 16) if DRY_RUN else (2, 8, 8192, 128)
+    logits = torch.randn(T, GB, GE, device=DEVICE, dtype=KERNEL_DTYPE, requires_grad=True)
+    experts = torch.randn(GE, GB, D, device=DEVICE, dtype=KERNEL_DTYPE, requires_grad=True)
+    grad_out = torch.randn(T, GB, D, device=DEVICE, dtype=KERNEL_DTYPE)
 
     def fast_gate():
         return torch.autograd.grad(gate_mixture(logits, experts), [logits, experts], grad_out)
@@ -172,9 +202,9 @@ def main():
 
     fast_gate()
     ms_fast, ms_ref = bench(fast_gate), bench(ref_gate)
-    rows.append((f"gate_mixture bf16 T={T} E={GE} B={GB} D={D} fwd+bwd", ms_fast, ms_ref, None, None))
+    rows.append((f"gate_mixture {KDT} T={T} E={GE} B={GB} D={D} fwd+bwd", ms_fast, ms_ref, None, None))
 
-    rows += model_rows(args.models, args.compile_models, args.batch_size)
+    rows += model_rows(args.models, args.compile_models, args.batch_size, args.config)
 
     print()
     print(f"{'case':<48} {'fast ms':>9} {'ref ms':>9} {'speedup':>8} {'TFLOP/s':>9} {'% peak':>7}")
@@ -188,18 +218,28 @@ def main():
     print(f"tests: {test_summary}")
 
 
-def model_rows(models, compile_models, batch):
+# Dry run: the same model structure with small experts (the interpreter runs every program).
+TINY_MODELS = {
+    "mmoe": dict(expert_params={"dims": [16, 8]}, num_experts=3),
+    "ple": dict(shared_expert_params={"dims": [16, 8]}, specific_expert_params={"dims": [16, 8]}),
+    "esmm": dict(ctr_params={"dims": [16, 8]}, cvr_params={"dims": [16, 8]}),
+}
+
+
+def model_rows(models, compile_models, batch, config="default"):
     """(name, fast ms, reference ms, None, None) rows; compiled-reference rows put the compiled
     reference in the 'fast' column so the speed-up column reads reference / compiled."""
     from nextrec_fast import benchmark
     rows = []
+    features = benchmark.default_features(**benchmark.CONFIGS[config])
     for dtype in (torch.bfloat16, torch.float32):
         for model in models:
-            ref, fast = benchmark.build_models(model, "cuda")
+            ref, fast = benchmark.build_models(model, DEVICE, features=features,
+                                               overrides=TINY_MODELS[model] if DRY_RUN else None)
             ref.to(dtype)
             fast.to(dtype)
             x, labels = benchmark.make_batch(ref.dense_features, ref.sparse_features, ref.sequence_features,
-                                             batch=batch, device="cuda")
+                                             batch=batch, device=DEVICE)
             x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
             labels = labels.to(dtype)
             tag = f"{model} {str(dtype).replace('torch.', '')} B={batch}"
@@ -221,7 +261,8 @@ def model_rows(models, compile_models, batch):
                 if (mode, "compiled ref") in timings:
                     rows.append((f"{tag} {mode} compiled ref", timings[(mode, "compiled ref")], ms_ref, None, None))
             del ref, fast, impls, x
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return rows
 
 

@@ -147,10 +147,10 @@ CONFIGS = {
 }
 
 
-def build_models(model: str, device, features=None, seed: int = 0):
+def build_models(model: str, device, features=None, seed: int = 0, overrides: dict | None = None):
     import nextrec_fast
     dense, sparse, sequence = features or default_features()
-    kwargs = default_model_kwargs(model)
+    kwargs = {**default_model_kwargs(model), **(overrides or {})}
     fast_cls = {"mmoe": nextrec_fast.MMOE, "ple": nextrec_fast.PLE, "esmm": nextrec_fast.ESMM}[model]
     ref_cls = {"mmoe": reference.MMOE, "ple": reference.PLE, "esmm": reference.ESMM}[model]
     torch.manual_seed(seed)
