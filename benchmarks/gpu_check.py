@@ -132,7 +132,8 @@ def main():
         args.skip_tests, args.compile_models, args.batch_size = True, [], min(args.batch_size, 32)
     else:
         assert torch.cuda.is_available(), "gpu_check needs a CUDA device (or --dry-run-cpu)"
-    sys.path.insert(0, ROOT)
+    # The installed package (gpu_check.sh installs it): the source tree's nextrec_fast lacks the
+    # kernels subpackage, which installation maps from kernels/.
     from nextrec_fast.ops.triton_ops import expert_layer, gate_mixture
 
     rows = []  # (name, fast ms, reference ms, TFLOP/s, % of peak)
