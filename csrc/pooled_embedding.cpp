@@ -469,8 +469,11 @@ void forward_cpu_kernel(const PoolingPlan& plan, at::Tensor& out, ErrorSink& err
   std::atomic<int64_t> next_chunk{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_chunks));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    GatherList<scalar_t> gl;
-    gl.segs.resize(rows_per_chunk * num_features);  // at most one segment per row and feature
+    // Kept per thread across calls: a fresh list (~150-350 KB of pointers and segments,
+    // zero-initialised, often mmap'ed and so page-faulted in) cost tens of us per call.
+    thread_local GatherList<scalar_t> gl;
+    const size_t max_segs = static_cast<size_t>(rows_per_chunk * num_features);  // one per row and feature
+    if (gl.segs.size() < max_segs) gl.segs.resize(max_segs);
     for (int64_t c = next_chunk.fetch_add(1); c < num_chunks; c = next_chunk.fetch_add(1)) {
       const int64_t b0 = c * rows_per_chunk;
       const int64_t b1 = std::min(plan.batch, b0 + rows_per_chunk);
@@ -483,6 +486,11 @@ void forward_cpu_kernel(const PoolingPlan& plan, at::Tensor& out, ErrorSink& err
       if (lines == 1) pool_segments<scalar_t, 1>(gl, lines, pf);
       else pool_segments<scalar_t, 0>(gl, lines, pf);
     }
+    // Very long bags once must not pin their list for good.
+    constexpr size_t kKeepBytes = size_t{8} << 20;
+    if (gl.src.capacity() * sizeof(const scalar_t*) > kKeepBytes) std::vector<const scalar_t*>().swap(gl.src);
+    if (gl.weight.capacity() * sizeof(at::opmath_type<scalar_t>) > kKeepBytes)
+      std::vector<at::opmath_type<scalar_t>>().swap(gl.weight);
   });
 }
 
