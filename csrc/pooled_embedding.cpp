@@ -904,7 +904,7 @@ TensorList weight_backward_cpu(const at::Tensor& grad_out, const TensorList& tab
 }  // namespace nextrec_fast
 
 // Fragment, not TORCH_LIBRARY: other parts of the package may define ops in this namespace.
-TORCH_LIBRARY_FRAGMENT(nextrec_fast, m) {
+NEXTREC_FAST_LIBRARY_FRAGMENT(NEXTREC_FAST_OP_NAMESPACE, m) {
   m.def(
       "pooled_embedding_forward(Tensor[] tables, Tensor[] ids, Tensor?[] offsets, Tensor[] per_id_weights, int[] weighted_features, "
       "int[] table_index, int[] combiners, int[] mask_ids, int[] max_lens, str[] feature_names, "
@@ -934,11 +934,14 @@ TORCH_LIBRARY_FRAGMENT(nextrec_fast, m) {
       "str[] feature_names) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(nextrec_fast, CPU, m) {
+// The CUDA-emulation test build registers pooled_embedding_cuda.cu's host code for CPU tensors.
+#ifndef NEXTREC_FAST_CUDA_EMULATION
+NEXTREC_FAST_LIBRARY_IMPL(NEXTREC_FAST_OP_NAMESPACE, CPU, m) {
   m.impl("pooled_embedding_forward", &nextrec_fast::forward_cpu);
   m.impl("pooled_embedding_backward", &nextrec_fast::backward_cpu);
   m.impl("pooled_embedding_backward_into", &nextrec_fast::backward_into_cpu);
   m.impl("pooled_embedding_backward_sparse", &nextrec_fast::backward_sparse_cpu);
   m.impl("pooled_embedding_weight_backward", &nextrec_fast::weight_backward_cpu);
 }
+#endif
 

@@ -8,15 +8,33 @@
 #include "pooled_embedding.h"
 
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#ifdef NEXTREC_FAST_CUDA_EMULATION
+#include "cuda_emulation.h"  // plain C++ on the CPU, for the tests
+#else
 #include <ATen/cuda/Atomic.cuh>
 // ATen/cuda/CUDAContext.h is avoided on purpose: it pulls in cuSPARSE/cuBLAS headers that a
 // bare CUDA toolkit (nvcc + runtime only) does not ship.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
 
-#include <cstring>
+namespace nextrec_fast {
+constexpr bool kCudaEmulation = false;
+using DeviceGuard = c10::cuda::CUDAGuard;
+inline c10::cuda::CUDAStream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+}  // namespace nextrec_fast
+
+#define NEXTREC_FAST_LAUNCH(kernel, blocks, threads, stream, ...) \
+  do {                                                             \
+    kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__);           \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                \
+  } while (0)
+#define NEXTREC_FAST_CUDA_DISPATCH_KEY CUDA
+#endif
 
 namespace nextrec_fast {
 namespace {
@@ -30,7 +48,7 @@ constexpr int kThreads = 256;
 // from pinned memory (the caching host allocator keeps the staging buffer alive until done).
 at::Tensor upload_meta(const PoolingPlan& plan) {
   const int64_t bytes = static_cast<int64_t>(plan.features.size() * sizeof(FeatureMeta));
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(!kCudaEmulation));
   std::memcpy(host.data_ptr(), plan.features.data(), bytes);
   return host.to(plan.device, /*non_blocking=*/true);
 }
@@ -141,7 +159,7 @@ at::Tensor forward_cuda(const TensorList& tables, const TensorList& ids, const O
   // grad_padding_idx, deterministic and sparse_grad are for the autograd formula only.
   (void)grad_padding_idx, (void)deterministic, (void)sparse_grad;
   PoolingPlan plan = make_plan({tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens, names});
-  c10::cuda::CUDAGuard guard(plan.device);
+  DeviceGuard guard(plan.device);
   at::Tensor out = at::empty({plan.batch, plan.total_dim}, plan.tables[0].options());
   const int64_t num_bags = static_cast<int64_t>(plan.features.size()) * plan.batch;
   if (num_bags == 0) return out;
@@ -149,13 +167,12 @@ at::Tensor forward_cuda(const TensorList& tables, const TensorList& ids, const O
   at::Tensor err = at::zeros({4}, plan.tables[0].options().dtype(at::kLong));
   const int lanes = lanes_per_bag(plan);
   const int64_t blocks = (num_bags * lanes + kThreads - 1) / kThreads;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto stream = current_stream();
   NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_forward_cuda", [&] {
-    forward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        reinterpret_cast<const FeatureMeta*>(meta.data_ptr()), num_bags, plan.batch, out.data_ptr<scalar_t>(),
-        plan.total_dim, lanes, err.data_ptr<int64_t>());
+    NEXTREC_FAST_LAUNCH(forward_kernel<scalar_t>, blocks, kThreads, stream,
+                        reinterpret_cast<const FeatureMeta*>(meta.data_ptr()), num_bags, plan.batch,
+                        out.data_ptr<scalar_t>(), plan.total_dim, lanes, err.data_ptr<int64_t>());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (check_ids) raise_if_failed(plan, names, err);
   return out;
 }
@@ -174,8 +191,9 @@ template <typename scalar_t>
 __global__ void emit_kernel(const FeatureMeta* __restrict__ feats, int64_t num_bags, int64_t batch,
                             const scalar_t* __restrict__ grad_out, int64_t out_stride, int lanes,
                             const int64_t* __restrict__ entry_base, int64_t* __restrict__ entry_key,
-                            int64_t* __restrict__ entry_src, float* __restrict__ entry_denom,
-                            float* __restrict__ entry_weight, int32_t* __restrict__ entry_feature) {
+                            int64_t* __restrict__ entry_src, at::opmath_type<scalar_t>* __restrict__ entry_denom,
+                            at::opmath_type<scalar_t>* __restrict__ entry_weight,
+                            int32_t* __restrict__ entry_feature) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t bag = thread / lanes;
@@ -203,8 +221,8 @@ __global__ void emit_kernel(const FeatureMeta* __restrict__ feats, int64_t num_b
         const int64_t e = entry_base[fi] + p;
         entry_key[e] = f.row_base + id;
         entry_src[e] = src;
-        entry_denom[e] = static_cast<float>(denom);
-        entry_weight[e] = static_cast<float>(w);
+        entry_denom[e] = denom;
+        entry_weight[e] = w;
         entry_feature[e] = static_cast<int32_t>(fi);
       }
       continue;
@@ -223,8 +241,9 @@ template <typename scalar_t>
 __global__ void reduce_sorted_kernel(const FeatureMeta* __restrict__ feats, int64_t num_entries, int64_t sentinel,
                                      const scalar_t* __restrict__ grad_out, int lanes,
                                      const int64_t* __restrict__ sorted_key, const int64_t* __restrict__ order,
-                                     const int64_t* __restrict__ entry_src, const float* __restrict__ entry_denom,
-                                     const float* __restrict__ entry_weight,
+                                     const int64_t* __restrict__ entry_src,
+                                     const at::opmath_type<scalar_t>* __restrict__ entry_denom,
+                                     const at::opmath_type<scalar_t>* __restrict__ entry_weight,
                                      const int32_t* __restrict__ entry_feature) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -241,8 +260,8 @@ __global__ void reduce_sorted_kernel(const FeatureMeta* __restrict__ feats, int6
     for (int64_t j = i; j < num_entries && sorted_key[j] == key; ++j) {
       const int64_t e = order[j];
       acc_t v = static_cast<acc_t>(grad_out[entry_src[e] + d]);
-      if (feats[entry_feature[e]].combiner == kMean) v /= static_cast<acc_t>(entry_denom[e]);
-      acc += v * static_cast<acc_t>(entry_weight[e]);
+      if (feats[entry_feature[e]].combiner == kMean) v /= entry_denom[e];
+      acc += v * entry_weight[e];
     }
     grad_row[d] = static_cast<scalar_t>(static_cast<acc_t>(grad_row[d]) + acc);
   }
@@ -255,7 +274,7 @@ void backward_into_cuda(const at::Tensor& grad_out, const TensorList& grads, con
                         at::IntArrayRef grad_padding_idx, at::IntArrayRef table_needs_grad, bool deterministic) {
   PoolingPlan plan = backward_plan(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
                                         max_lens, names, grad_padding_idx);
-  c10::cuda::CUDAGuard guard(plan.device);
+  DeviceGuard guard(plan.device);
   attach_grads(plan, grads, table_needs_grad);
   for (const at::Tensor& g : grads) g.zero_();
   // Global row space over the tables that need a gradient (sort keys of the deterministic path).
@@ -281,41 +300,40 @@ void backward_into_cuda(const at::Tensor& grad_out, const TensorList& grads, con
   const auto long_opts = g.options().dtype(at::kLong);
   const int lanes = lanes_per_bag(plan);
   const int64_t blocks = (num_bags * lanes + kThreads - 1) / kThreads;
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto stream = current_stream();
   const FeatureMeta* feats = reinterpret_cast<const FeatureMeta*>(meta.data_ptr());
 
   if (!deterministic) {
     NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_backward_cuda", [&] {
-      emit_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(feats, num_bags, plan.batch, g.data_ptr<scalar_t>(),
-                                                             plan.total_dim, lanes, nullptr, nullptr, nullptr,
-                                                             nullptr, nullptr, nullptr);
+      NEXTREC_FAST_LAUNCH(emit_kernel<scalar_t>, blocks, kThreads, stream, feats, num_bags, plan.batch,
+                          g.data_ptr<scalar_t>(), plan.total_dim, lanes, nullptr, nullptr, nullptr, nullptr,
+                          nullptr, nullptr);
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
   at::Tensor base_dev = at::tensor(entry_base, at::TensorOptions().dtype(at::kLong)).to(plan.device, true);
   // Slots of positions that send no gradient keep the sentinel key and sort last.
   at::Tensor keys = at::full({num_entries}, total_rows, long_opts);
   at::Tensor src = at::empty({num_entries}, long_opts);
-  at::Tensor denom = at::empty({num_entries}, g.options().dtype(at::kFloat));
-  at::Tensor weight = at::empty({num_entries}, g.options().dtype(at::kFloat));
+  // Scales in the accumulation type (double for float64 tables: float would round their weights).
+  const auto scale_opts = g.options().dtype(plan.dtype == at::kDouble ? at::kDouble : at::kFloat);
+  at::Tensor denom = at::empty({num_entries}, scale_opts);
+  at::Tensor weight = at::empty({num_entries}, scale_opts);
   at::Tensor feature = at::empty({num_entries}, g.options().dtype(at::kInt));
   NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_backward_cuda", [&] {
-    emit_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        feats, num_bags, plan.batch, g.data_ptr<scalar_t>(), plan.total_dim, lanes, base_dev.data_ptr<int64_t>(),
-        keys.data_ptr<int64_t>(), src.data_ptr<int64_t>(), denom.data_ptr<float>(), weight.data_ptr<float>(),
-        feature.data_ptr<int32_t>());
+    NEXTREC_FAST_LAUNCH(emit_kernel<scalar_t>, blocks, kThreads, stream, feats, num_bags, plan.batch,
+                        g.data_ptr<scalar_t>(), plan.total_dim, lanes, base_dev.data_ptr<int64_t>(),
+                        keys.data_ptr<int64_t>(), src.data_ptr<int64_t>(), denom.data_ptr<at::opmath_type<scalar_t>>(),
+                        weight.data_ptr<at::opmath_type<scalar_t>>(), feature.data_ptr<int32_t>());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto [sorted_keys, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const int64_t reduce_blocks = (num_entries * lanes + kThreads - 1) / kThreads;
   NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_backward_cuda", [&] {
-    reduce_sorted_kernel<scalar_t><<<reduce_blocks, kThreads, 0, stream>>>(
-        feats, num_entries, total_rows, g.data_ptr<scalar_t>(), lanes, sorted_keys.data_ptr<int64_t>(),
-        order.data_ptr<int64_t>(), src.data_ptr<int64_t>(), denom.data_ptr<float>(), weight.data_ptr<float>(),
-        feature.data_ptr<int32_t>());
+    NEXTREC_FAST_LAUNCH(reduce_sorted_kernel<scalar_t>, reduce_blocks, kThreads, stream, feats, num_entries,
+                        total_rows, g.data_ptr<scalar_t>(), lanes, sorted_keys.data_ptr<int64_t>(),
+                        order.data_ptr<int64_t>(), src.data_ptr<int64_t>(), denom.data_ptr<at::opmath_type<scalar_t>>(),
+                        weight.data_ptr<at::opmath_type<scalar_t>>(), feature.data_ptr<int32_t>());
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 TensorList backward_cuda(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
@@ -370,9 +388,9 @@ TensorList weight_backward_cuda(const at::Tensor& grad_out, const TensorList& ta
                                 at::IntArrayRef max_lens, const std::vector<std::string>& names) {
   PoolingPlan plan = backward_plan(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
                                         max_lens, names, {});
-  c10::cuda::CUDAGuard guard(plan.device);
+  DeviceGuard guard(plan.device);
   at::Tensor g = grad_out.contiguous();
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto stream = current_stream();
   TensorList out(weights.size());
   for (size_t i = 0; i < plan.features.size(); ++i) {
     const FeatureMeta& f = plan.features[i];
@@ -381,10 +399,9 @@ TensorList weight_backward_cuda(const at::Tensor& grad_out, const TensorList& ta
     const int64_t n = wgrad.numel();
     if (n > 0) {
       NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_weight_backward_cuda", [&] {
-        weight_grad_kernel<scalar_t><<<(n + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-            f, plan.batch, g.data_ptr<scalar_t>(), plan.total_dim, wgrad.data_ptr<scalar_t>());
+        NEXTREC_FAST_LAUNCH(weight_grad_kernel<scalar_t>, (n + kThreads - 1) / kThreads, kThreads, stream, f,
+                            plan.batch, g.data_ptr<scalar_t>(), plan.total_dim, wgrad.data_ptr<scalar_t>());
       });
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     out[plan.weight_slot[i]] = wgrad;
   }
@@ -394,7 +411,7 @@ TensorList weight_backward_cuda(const at::Tensor& grad_out, const TensorList& ta
 }  // namespace
 }  // namespace nextrec_fast
 
-TORCH_LIBRARY_IMPL(nextrec_fast, CUDA, m) {
+NEXTREC_FAST_LIBRARY_IMPL(NEXTREC_FAST_OP_NAMESPACE, NEXTREC_FAST_CUDA_DISPATCH_KEY, m) {
   m.impl("pooled_embedding_forward", &nextrec_fast::forward_cuda);
   m.impl("pooled_embedding_backward", &nextrec_fast::backward_cuda);
   m.impl("pooled_embedding_backward_into", &nextrec_fast::backward_into_cuda);
