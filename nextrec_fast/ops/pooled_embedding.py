@@ -61,7 +61,8 @@ def pooled_embedding(
       ``grad_padding_idx[t]`` gets none. ``sparse_grad=True`` gives uncoalesced sparse COO
       gradients instead, like ``nn.Embedding(sparse=True)``.
     - ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()`` (the CPU
-      backward is always deterministic). ``check_ids=False`` skips the id-range report on CUDA
+      backward is always deterministic; on CUDA, fp16/bf16 tables always take the deterministic
+      path, which accumulates in fp32, since atomics would round after every addition). ``check_ids=False`` skips the id-range report on CUDA
       (one device sync); ids are always checked on the CPU, and never read out of bounds.
     """
     if not _OPS_REGISTERED:
