@@ -20,10 +20,14 @@ def _config(c: dict, num_warps: int, num_stages: int) -> triton.Config:
                          num_warps=c.get("num_warps", num_warps), num_stages=c.get("num_stages", num_stages))
 
 
-def autotune_configs(gpu_space: list[dict], interpret_config: dict, num_warps=4, num_stages=3):
+def _interpreter_configs(interpret_config: dict) -> list[triton.Config]:
     """The interpreter fails with more than one autotune config: give it exactly one."""
+    return [triton.Config(interpret_config, num_warps=1, num_stages=1)]
+
+
+def autotune_configs(gpu_space: list[dict], interpret_config: dict, num_warps=4, num_stages=3):
     if INTERPRET:
-        return [triton.Config(interpret_config, num_warps=1, num_stages=1)]
+        return _interpreter_configs(interpret_config)
     if not AUTOTUNE:
         gpu_space = gpu_space[:1]
     return [_config(c, num_warps, num_stages) for c in gpu_space]
@@ -49,7 +53,7 @@ def dot_autotune_space(tensor_core_space: list[dict], fma_space: list[dict], int
     ~30 over the shared-memory limit), while the FMA space compiles without spills. The first
     config of each space is the one used with NEXTREC_FAST_AUTOTUNE=0."""
     if INTERPRET:
-        return [triton.Config(interpret_config, num_warps=1, num_stages=1)], None
+        return _interpreter_configs(interpret_config), None
     tensor_core = [_config(c, num_warps, num_stages) for c in tensor_core_space]
     fma = [_config(c, num_warps, num_stages) for c in fma_space]
 

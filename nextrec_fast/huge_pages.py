@@ -52,8 +52,7 @@ def enabled() -> bool:
 
 def eligible(shape, dtype: torch.dtype, device="cpu") -> bool:
     device = torch.device(device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    return device.type == "cpu" and nbytes >= MIN_BYTES and enabled()
+    return device.type == "cpu" and math.prod(shape) * dtype.itemsize >= MIN_BYTES and enabled()
 
 
 def empty(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -62,7 +61,7 @@ def empty(shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     if not eligible(shape, dtype):
         return torch.empty(shape, dtype=dtype)
     count = math.prod(shape)
-    nbytes = count * torch.empty((), dtype=dtype).element_size()
+    nbytes = count * dtype.itemsize
     # Whole huge pages, plus one for the alignment (the unused head is never touched, so it
     # costs address space only).
     length = -(-nbytes // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES + HUGE_PAGE_BYTES

@@ -149,8 +149,7 @@ def accelerate(model, *, fast_regularization: bool = True, fused_optimizer: bool
                         f"got {type(model).__module__}.{type(model).__qualname__}")
     embedding = model.embedding
     embedding.__class__ = _subclass(type(embedding), (_AcceleratedEmbedding,))
-    embedding._build_plan()
-    embedding.place_tables_on_huge_pages()
+    embedding._prepare_fast_path()
     model.__class__ = _subclass(type(model), (_FORWARDS[kind], _Accelerated))
     model._nextrec_fast_options = {"fast_regularization": fast_regularization, "fused_optimizer": fused_optimizer,
                                    "fast_data": fast_data}

@@ -92,8 +92,7 @@ class FastPLEForward(_FastForward):
 def _use_fast_embedding(model) -> None:
     # Same parameters, same state_dict keys: only the class (and so the forward) changes.
     model.embedding.__class__ = FastEmbeddingLayer
-    model.embedding._build_plan()
-    model.embedding.place_tables_on_huge_pages()
+    model.embedding._prepare_fast_path()
 
 
 class ESMM(FastESMMForward, reference.ESMM):

@@ -53,7 +53,7 @@ def _as_op_ids(ids: torch.Tensor) -> torch.Tensor:
 class FastEmbeddingMixin:
     """A batched forward for a module with nextrec's EmbeddingLayer attributes (``features``,
     ``embed_dict``, ``dense_transforms``, ``dense_input_dims``): ours, or nextrec's own class in
-    ``nextrec_fast.integration``. Call ``_build_plan()`` once the attributes exist."""
+    ``nextrec_fast.integration``. Call ``_prepare_fast_path()`` once the attributes exist."""
 
     check_inputs = True  # id-range and shape checks (one aminmax per feature)
 
@@ -61,6 +61,12 @@ class FastEmbeddingMixin:
     # dtype: the same for float32 models, and an accelerated nextrec model also runs in float64.
     _project_dense = reference.EmbeddingLayer._project_dense
     _dense_dtype = reference.EmbeddingLayer._dense_dtype
+
+    def _prepare_fast_path(self):
+        """What every fast embedding layer needs once its tables exist: the pooling plan, and
+        large CPU tables on huge pages."""
+        self._build_plan()
+        self.place_tables_on_huge_pages()
 
     def _build_plan(self):
         table_names = list(self.embed_dict.keys())
@@ -170,5 +176,4 @@ class FastEmbeddingLayer(FastEmbeddingMixin, reference.EmbeddingLayer):
 
     def __init__(self, features: list):
         super().__init__(features)
-        self._build_plan()
-        self.place_tables_on_huge_pages()
+        self._prepare_fast_path()

@@ -62,8 +62,9 @@ def pooled_embedding(
       gradients instead, like ``nn.Embedding(sparse=True)``.
     - ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()`` (the CPU
       backward is always deterministic; on CUDA, fp16/bf16 tables always take the deterministic
-      path, which accumulates in fp32, since atomics would round after every addition). ``check_ids=False`` skips the id-range report on CUDA
-      (one device sync); ids are always checked on the CPU, and never read out of bounds.
+      path, which accumulates in fp32, since atomics would round after every addition).
+    - ``check_ids=False`` skips the id-range report on CUDA (one device sync); ids are always
+      checked on the CPU, and never read out of bounds.
     """
     if not _OPS_REGISTERED:
         raise RuntimeError(f"nextrec_fast pooled_embedding is unavailable: {unavailable_reason()}")
