@@ -208,6 +208,28 @@ def test_random_mixes_match_reference(rng, dtype, draw):
     check_case(case, tables, dtype)
 
 
+@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("draw", range(3))
+def test_both_row_listings_match_reference(rng, monkeypatch, simd, draw):
+    """The forward lists a bag's rows 8 ids at a time with AVX-512 where the CPU has it
+    (NEXTREC_FAST_CPU_SIMD=0: the scalar loop): long bags (several 8-wide steps and a tail),
+    several row chunks, both id dtypes."""
+    monkeypatch.setenv("NEXTREC_FAST_CPU_SIMD", simd)
+    case, tables = random_case(rng, dtype=torch.float64, batch=rng.choice([1, 9, 300]), max_seq=37)
+    check_case(case, tables, torch.float64)
+
+
+def test_row_listings_are_bit_identical(rng, monkeypatch):
+    for _ in range(4):
+        case, tables = random_case(rng, dtype=torch.float32, batch=300, max_seq=41)
+        with torch.no_grad():
+            monkeypatch.setenv("NEXTREC_FAST_CPU_SIMD", "0")
+            scalar = call(case, tables).clone()
+            monkeypatch.setenv("NEXTREC_FAST_CPU_SIMD", "1")
+            simd = call(case, tables)
+        assert torch.equal(scalar, simd)
+
+
 @pytest.mark.parametrize("jagged", [False, True])
 @pytest.mark.parametrize("draw", range(3))
 def test_per_id_weights_and_their_gradients(rng, jagged, draw):
@@ -540,6 +562,23 @@ def test_bad_inputs_name_the_feature():
     _bad([t], [good, good.to("meta")], ValueError, "bad_feat1.*on meta but the tables are on cpu")
     _bad([t, torch.randn(5, 4, device="meta")], [good], ValueError, "one device")
     _bad([t], [good], ValueError, "mask_ids has 2 entries", mask_ids=[0, 0])
+
+
+@pytest.mark.parametrize("simd", ["1", "0"])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_bad_id_inside_a_long_bag_or_a_run_of_single_ids(monkeypatch, simd, id_dtype):
+    """A bad id in the middle of an 8-id step (vector listing) or of a chunk's run of single-id
+    rows (one copy segment per run) is reported with its feature and row."""
+    monkeypatch.setenv("NEXTREC_FAST_CPU_SIMD", simd)
+    t = torch.randn(10, 4)
+    seq = torch.randint(0, 10, (300, 21), dtype=id_dtype)
+    single = torch.randint(0, 10, (300,), dtype=id_dtype)
+    bad_seq = seq.clone()
+    bad_seq[173, 11] = 10
+    _bad([t], [single, bad_seq], ValueError, "bad_feat1.*id 10 in row 173.*out of range", mask_ids=[-1, 0])
+    bad_single = single.clone()
+    bad_single[250] = -3
+    _bad([t], [bad_single, seq], ValueError, "bad_feat0.*id -3 in row 250.*out of range", mask_ids=[-1, 0])
 
 
 def test_no_out_of_bounds_read_for_huge_ids():
