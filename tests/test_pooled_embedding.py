@@ -230,6 +230,24 @@ def test_row_listings_are_bit_identical(rng, monkeypatch):
         assert torch.equal(scalar, simd)
 
 
+def test_inference_call_skips_autograd_but_training_call_records_it():
+    """Without anything to differentiate the wrapper calls the kernel below the Autograd key;
+    the result must be the same, and a table that needs grad must still get a graph."""
+    tables = [torch.randn(20, 4, dtype=torch.float64)]
+    ids = [torch.randint(0, 20, (5, 3))]
+    kwargs = dict(table_index=[0], combiners=["mean"], mask_ids=[0], max_lens=[-1], feature_names=["f"])
+    plain = pe.pooled_embedding(tables, ids, **kwargs)
+    assert plain.grad_fn is None and not plain.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(pe.pooled_embedding([tables[0].requires_grad_()], ids, **kwargs), plain,
+                                   rtol=0, atol=0)
+    trained = pe.pooled_embedding(tables, ids, **kwargs)
+    assert trained.requires_grad and trained.grad_fn is not None
+    torch.testing.assert_close(trained.detach(), plain, rtol=0, atol=0)
+    trained.sum().backward()
+    assert tables[0].grad is not None and tables[0].grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("jagged", [False, True])
 @pytest.mark.parametrize("draw", range(3))
 def test_per_id_weights_and_their_gradients(rng, jagged, draw):

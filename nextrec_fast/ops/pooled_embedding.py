@@ -78,14 +78,16 @@ def pooled_embedding(
         if len(values) != num_features:
             raise ValueError(f"pooled_embedding: {what} has {len(values)} entries but there are "
                              f"{num_features} features (ids)")
-    codes = []
-    for name, combiner in zip(feature_names, combiners):
-        code = COMBINERS.get(combiner)
-        if code is None:
-            raise ValueError(f"pooled_embedding: feature '{name}': unknown combiner {combiner!r} "
-                             f"(expected one of {sorted(COMBINERS)})")
-        codes.append(code)
-    _check_devices_and_dtypes(tables, ids, offsets, per_id_weights, feature_names)
+    try:
+        codes = [COMBINERS[c] for c in combiners]
+    except (KeyError, TypeError):
+        for name, combiner in zip(feature_names, combiners):
+            if COMBINERS.get(combiner) is None:
+                raise ValueError(f"pooled_embedding: feature '{name}': unknown combiner {combiner!r} "
+                                 f"(expected one of {sorted(COMBINERS)})") from None
+        raise
+    # Devices and dtypes are checked by the kernels (CPU, CUDA) and by the fake implementation
+    # (meta, fake tensors), whichever the dispatcher picks for a mix of devices.
     if sparse_grad and tables and tables[0].device.type != "cpu":
         raise NotImplementedError("pooled_embedding: sparse_grad=True is implemented on the CPU only; "
                                   "use the dense gradient on CUDA")
@@ -97,10 +99,25 @@ def pooled_embedding(
         weights = [w if w.dtype == tables[0].dtype else w.to(tables[0].dtype) for w in weights]
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    return torch.ops.nextrec_fast.pooled_embedding_forward(
-        list(tables), list(ids), offsets, weights, weighted_features, [int(t) for t in table_index], codes,
-        [int(m) for m in mask_ids], [int(m) for m in max_lens], list(feature_names), grad_padding_idx,
-        bool(check_ids), bool(deterministic), bool(sparse_grad))
+    args = (list(tables), list(ids), offsets, weights, weighted_features, [int(t) for t in table_index], codes,
+            [int(m) for m in mask_ids], [int(m) for m in max_lens], list(feature_names), grad_padding_idx,
+            bool(check_ids), bool(deterministic), bool(sparse_grad))
+    if _needs_autograd(tables, weights):
+        return torch.ops.nextrec_fast.pooled_embedding_forward(*args)
+    # Nothing to differentiate: call the kernel below the Autograd key, as torch.library's own
+    # autograd wrapper would after a Python round trip (about 30 us of a 100 us call at batch 1).
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.nextrec_fast.pooled_embedding_forward(*args)
+
+
+def _needs_autograd(tables, weights) -> bool:
+    """Whether the call must go through the op's autograd formula. Under torch.compile and
+    functorch transforms always (they trace or wrap the dispatcher's Autograd key)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in tables) or any(w.requires_grad for w in weights)
 
 
 # ---------------------------------------------------------------------------------------------
