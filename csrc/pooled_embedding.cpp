@@ -294,7 +294,9 @@ void check_offsets_cpu(const PoolingPlan& plan, const std::vector<std::string>& 
 // Checked again on huge-page tables, two threads, against distance 96, 128 rows, prefetcht0:
 // distance 64 / 160 gave 1.08x / 1.06x at batch 2048 but 0.96x / 0.90x at 8192; 64 / 256 rows
 // 1.01x / 0.94x (0.89x / 0.87x); prefetcht2 / prefetchnta 0.94x / 0.68x; also prefetching
-// every row into L2 from pass 1: 0.90x (0.72x).
+// every row into L2 from pass 1: 0.90x (0.72x). Non-temporal stores of the output (no
+// read-for-ownership) made the op alone 1.07x / 1.22x faster but the op followed by an expert
+// layer's GEMM 0.95x slower (the GEMM then reads its input from DRAM): not used.
 #ifndef NEXTREC_FAST_GATHER_PREFETCH
 #define NEXTREC_FAST_GATHER_PREFETCH 96
 #endif
