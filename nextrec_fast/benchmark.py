@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -113,24 +114,39 @@ def _step_fn(model, mode, x, labels):
     return run
 
 
-def time_interleaved(fns: dict, device, warmup: int, repeats: int, step=None, burst: int = 1) -> dict:
+def time_interleaved(fns: dict, device, warmup: int, repeats: int, step=None, burst: int = 1,
+                     settle_ms: float = 0.0, shuffle_seed: int | None = None) -> dict:
     """Milliseconds per call of each of ``fns`` (name -> callable), ``repeats`` samples each,
     after ``warmup`` rounds; each round calls them in turn, so machine noise hits all alike.
     ``step(fn)`` wraps each call (default: ``fn()``).
 
-    ``burst`` > 1: a sample is one untimed call followed by ``burst`` timed ones (their mean):
-    each function's steady state when called repeatedly, without the after-effects of the
-    function timed before it (its malloc churn and page faults, its cache footprint), which on
-    this 2-core VM slowed a 1 ms pooling call that followed nextrec's pooling by up to 2x."""
+    ``burst`` > 1: a sample is untimed calls of the function (at least one, and for at least
+    ``settle_ms``) followed by ``burst`` timed ones (their mean): each function's steady state
+    when called repeatedly, without the after-effects of the function timed before it (its
+    malloc churn and page faults, its cache footprint). On this 2-core VM memory-bound work runs
+    slowly for a few ms after heavy compute: a 16 MB copy_ took 3.8x / 2.3x / 1.2x its usual
+    time in the 1st / 2nd / 3rd call after a 2048x2048 matmul, and the pooling op 1.8x / 1.2x
+    after nextrec's pooling.
+
+    ``shuffle_seed``: draw the order of the functions afresh each round (seeded), so that none
+    always follows the same one."""
     step = step or (lambda fn: fn())
+    order_rng = random.Random(shuffle_seed) if shuffle_seed is not None else None
     for _ in range(warmup):
         for fn in fns.values():
             step(fn)
     samples = {name: [] for name in fns}
     for _ in range(repeats):
-        for name, fn in fns.items():
+        names = list(fns)
+        if order_rng is not None:
+            order_rng.shuffle(names)
+        for name in names:
+            fn = fns[name]
             if burst > 1:
+                settle_start = time.perf_counter()
                 step(fn)
+                while (time.perf_counter() - settle_start) * 1e3 < settle_ms:
+                    step(fn)
             _sync(device)
             start = time.perf_counter()
             for _ in range(burst):

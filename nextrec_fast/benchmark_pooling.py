@@ -16,7 +16,8 @@ feature into one ``[B, total_dim]`` output, on the bench configuration's feature
 ``forward`` runs under ``no_grad``; ``forward_backward`` backpropagates a fixed ``grad_out``
 into dense table gradients, with ``zero_grad(set_to_none=True)`` before each step. Repeats
 alternate the implementations, medians are reported; each sample times an implementation in its
-steady state (``BURST`` consecutive calls after an untimed one, see ``time_interleaved``). The forward's achieved bandwidth (table rows
+steady state: ``BURST`` consecutive calls after ``SETTLE_MS`` of untimed ones, the
+implementations in a fresh random order each round (see ``time_interleaved``). The forward's achieved bandwidth (table rows
 read + ids read + output written) is given as a fraction of the ``copy_`` bandwidth of a 256 MiB
 buffer measured in the same run.
 """
@@ -36,6 +37,9 @@ MODES = ("forward", "forward_backward")
 DEFAULT_BATCHES = (2048, 8192)
 # Calls per sample (see time_interleaved): each implementation timed in its steady state.
 BURST = {"forward": 5, "forward_backward": 2}
+# Untimed calls of the same implementation before its timed burst: the previous implementation's
+# after-effects (slow memory-bound work for a few ms after heavy compute here) fade first.
+SETTLE_MS = 5.0
 
 
 def make_tables(sparse, sequence, device, seed: int = 0):
@@ -170,7 +174,8 @@ def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2,
         for mode, step in (("forward", forward), ("forward_backward", forward_backward)):
             if progress:
                 progress(f"pooling {mode} (batch {batch}) ...")
-            samples = time_interleaved(fns, device, warmup, repeats, step=step, burst=BURST[mode])
+            samples = time_interleaved(fns, device, warmup, repeats, step=step, burst=BURST[mode],
+                                       settle_ms=SETTLE_MS, shuffle_seed=batch)
             ms = {name: statistics.median(s) for name, s in samples.items()}
             for name in fns:
                 row = {"batch": batch, "mode": mode, "impl": name, "ms": ms[name],
@@ -189,6 +194,7 @@ def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2,
         "copy_bandwidth_gbps": copy_bw / 1e9,
         "huge_pages": any_placed,
         "calls_per_sample": dict(BURST),
+        "settle_ms": SETTLE_MS,
         "fused_available": is_available(),
         "fused_unavailable_reason": None if is_available() else unavailable_reason(),
         "rows": rows,
@@ -203,7 +209,8 @@ def format_table(pooling: dict) -> str:
              + ("" if pooling["fused_available"] else f"; fused op unavailable: {pooling['fused_unavailable_reason']}"),
              "steady state: a sample is the mean of "
              + ", ".join(f"{n} {m} calls" for m, n in pooling.get("calls_per_sample", {}).items())
-             + " after an untimed one; implementations alternate between samples",
+             + (f" after {pooling['settle_ms']:g} ms of untimed ones; implementations in a random order each round"
+                if "settle_ms" in pooling else " after an untimed one; implementations alternate between samples"),
              f"{'batch':>6} {'mode':<17} {'impl':<14} {'ms':>9} {'vs nextrec':>11} {'vs emb_bag':>11} "
              f"{'fwd GB/s':>9} {'of copy':>8}"]
     for r in pooling["rows"]:

@@ -1,7 +1,9 @@
 """The benchmark command runs end to end (small config) and writes its JSON."""
+import itertools
 import json
 import subprocess
 import sys
+import time
 
 from nextrec_fast import cli
 
@@ -66,3 +68,28 @@ def test_time_interleaved_bursts():
     assert {k: len(v) for k, v in samples.items()} == {"a": 2, "b": 2}
     assert "".join(calls) == "ab" + ("a" * 4 + "b" * 4) * 2
     assert all(s >= 0 for v in samples.values() for s in v)
+
+
+def test_time_interleaved_settles_and_shuffles():
+    """settle_ms: untimed calls until that long has passed; shuffle_seed: a fresh order each round."""
+    from nextrec_fast.benchmark import time_interleaved
+
+    def run(seed):
+        calls = []
+
+        def slow(name):
+            calls.append(name)
+            time.sleep(0.001)
+
+        fns = {n: (lambda n=n: slow(n)) for n in "abcd"}
+        samples = time_interleaved(fns, "cpu", warmup=0, repeats=1, burst=2, settle_ms=3.0, shuffle_seed=seed)
+        assert {k: len(v) for k, v in samples.items()} == {n: 1 for n in "abcd"}
+        return [(name, len(list(group))) for name, group in itertools.groupby(calls)]
+
+    orders = []
+    for seed in range(6):
+        blocks = run(seed)
+        # One block per function: >= 3 untimed calls of 1 ms (settle_ms=3), then 2 timed ones.
+        assert sorted(name for name, _ in blocks) == list("abcd") and all(n >= 5 for _, n in blocks), blocks
+        orders.append("".join(name for name, _ in blocks))
+    assert len(set(orders)) > 1, orders
