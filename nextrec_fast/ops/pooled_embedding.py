@@ -110,10 +110,14 @@ def pooled_embedding(
         return torch.ops.nextrec_fast.pooled_embedding_forward(*args)
 
 
+# Private torch API: where it is missing, assume a transform may be active (the safe answer).
+_functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
 def _needs_autograd(tables, weights) -> bool:
     """Whether the call must go through the op's autograd formula. Under torch.compile and
     functorch transforms always (they trace or wrap the dispatcher's Autograd key)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or _functorch_transforms_active():
         return True
     if not torch.is_grad_enabled():
         return False
