@@ -10,6 +10,9 @@ feature into one ``[B, total_dim]`` output, on the bench configuration's feature
   ``nextrec_fast.huge_pages``);
 - ``fused_4k_pages``: the same op on the tables as PyTorch allocates them, as the other rows use
   them (CPU with huge pages only: it shows what the placement alone is worth);
+- ``fused_unchecked`` (CUDA only): the op with ``check_ids=False``, the fast path for callers
+  that vouch for their ids (no device sync to report bad ids; they are still never read out of
+  bounds);
 - ``embedding_bag``: one ``F.embedding_bag`` per feature on jagged ``(values, offsets)`` inputs
   (padding dropped beforehand, not timed), then ``cat``.
 
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from nextrec_fast import huge_pages
 from nextrec_fast.benchmark import CONFIGS, _sync, default_features, make_batch, time_interleaved
 
-IMPLS = ("nextrec", "fused", "fused_4k_pages", "embedding_bag")
+IMPLS = ("nextrec", "fused", "fused_4k_pages", "fused_unchecked", "embedding_bag")
 MODES = ("forward", "forward_backward")
 DEFAULT_BATCHES = (2048, 8192)
 # Calls per sample (see time_interleaved): each implementation timed in its steady state.
@@ -69,7 +72,7 @@ def nextrec_pooling(tables, sparse, sequence, sparse_ids, seq_ids):
     return torch.cat(outs, dim=1)
 
 
-def fused_pooling(tables, sparse, sequence, sparse_ids, seq_ids):
+def fused_pooling(tables, sparse, sequence, sparse_ids, seq_ids, check_ids: bool = True):
     from nextrec_fast.ops.pooled_embedding import pooled_embedding
     n_sparse = len(sparse)
     return pooled_embedding(
@@ -79,6 +82,7 @@ def fused_pooling(tables, sparse, sequence, sparse_ids, seq_ids):
         mask_ids=[-1] * n_sparse + [-1 if f.padding_idx is None else f.padding_idx for f in sequence],
         max_lens=[-1] * n_sparse + [f.max_len for f in sequence],
         feature_names=[f.name for f in list(sparse) + list(sequence)],
+        check_ids=check_ids,
     )
 
 
@@ -140,7 +144,8 @@ def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2,
     placed = [torch.nn.Parameter(huge_pages.placed_copy(t.detach())) for t in tables]
     any_placed = any(huge_pages.is_placed(t) for t in placed)
     impls = [i for i in IMPLS if (is_available() or not i.startswith("fused"))
-             and (any_placed or i != "fused_4k_pages")]
+             and (any_placed or i != "fused_4k_pages")
+             and (device.type == "cuda" or i != "fused_unchecked")]  # CPU ids are always checked
     copy_bw = copy_bandwidth(device)
     rows = []
     for batch in batches:
@@ -150,6 +155,7 @@ def run(batches=DEFAULT_BATCHES, device=None, repeats: int = 5, warmup: int = 2,
             "nextrec": lambda: nextrec_pooling(tables, sparse, sequence, sparse_ids, seq_ids),
             "fused": lambda: fused_pooling(placed, sparse, sequence, sparse_ids, seq_ids),
             "fused_4k_pages": lambda: fused_pooling(tables, sparse, sequence, sparse_ids, seq_ids),
+            "fused_unchecked": lambda: fused_pooling(placed, sparse, sequence, sparse_ids, seq_ids, check_ids=False),
             "embedding_bag": lambda: embedding_bag_pooling(tables, sparse, sequence, jagged),
         }
         fns = {name: fns[name] for name in impls}
@@ -211,10 +217,10 @@ def format_table(pooling: dict) -> str:
              + ", ".join(f"{n} {m} calls" for m, n in pooling.get("calls_per_sample", {}).items())
              + (f" after {pooling['settle_ms']:g} ms of untimed ones; implementations in a random order each round"
                 if "settle_ms" in pooling else " after an untimed one; implementations alternate between samples"),
-             f"{'batch':>6} {'mode':<17} {'impl':<14} {'ms':>9} {'vs nextrec':>11} {'vs emb_bag':>11} "
+             f"{'batch':>6} {'mode':<17} {'impl':<15} {'ms':>9} {'vs nextrec':>11} {'vs emb_bag':>11} "
              f"{'fwd GB/s':>9} {'of copy':>8}"]
     for r in pooling["rows"]:
         bw = f"{r['forward_gbps']:>9.2f} {r['fraction_of_copy']:>8.1%}" if "forward_gbps" in r else ""
-        lines.append(f"{r['batch']:>6} {r['mode']:<17} {r['impl']:<14} {r['ms']:>9.2f} "
+        lines.append(f"{r['batch']:>6} {r['mode']:<17} {r['impl']:<15} {r['ms']:>9.2f} "
                      f"{r['speedup_vs_nextrec']:>10.2f}x {r['speedup_vs_embedding_bag']:>10.2f}x {bw}".rstrip())
     return "\n".join(lines)
