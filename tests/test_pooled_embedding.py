@@ -230,6 +230,44 @@ def test_row_listings_are_bit_identical(rng, monkeypatch):
         assert torch.equal(scalar, simd)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_rows_pooled_16_at_a_time_are_bit_identical(rng, monkeypatch, dtype):
+    """fp16/bf16 sum/mean rows whose length is a multiple of 16 are pooled 16 values per step with
+    AVX-512 where the CPU has it: bit-identical to the scalar loop on random mixes (weights too),
+    and on rounding ties, overflow and NaN equal to the fp32 sum rounded by torch."""
+    def both(case, tables):
+        with torch.no_grad():
+            monkeypatch.setenv("NEXTREC_FAST_CPU_SIMD", "0")
+            scalar = call(case, tables).clone()
+            monkeypatch.setenv("NEXTREC_FAST_CPU_SIMD", "1")
+            simd = call(case, tables).clone()
+        return scalar, simd
+
+    for _ in range(3):
+        case, tables = random_case(rng, dtype=dtype, batch=300, max_seq=30, weights=True, half=True)
+        tables = [torch.randn(t.shape[0], rng.choice([16, 32, 48]), dtype=torch.float64).to(dtype) for t in tables]
+        scalar, simd = both(case, tables)
+        assert torch.equal(scalar.view(torch.int16), simd.view(torch.int16))
+
+    # Ties (1 + half an ulp), a sum past the largest finite value, NaN, -0.0; dims 16 and 32.
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
+    big = torch.finfo(dtype).max
+    values = [1.0, ulp / 2, 1.0 + ulp, big, float("nan"), -0.0]
+    for dim in (16, 32):
+        table = torch.tensor(values, dtype=torch.float64).unsqueeze(1).expand(-1, dim).contiguous().to(dtype)
+        pairs = torch.tensor([[0, 1], [2, 1], [3, 3], [4, 0], [5, 5], [1, 0]])
+        case = dict(ids=[pairs], offsets=[None], table_index=[0], combiners=["sum"], mask_ids=[-1], max_lens=[-1],
+                    feature_names=["ties"], per_id_weights=[None], grad_padding_idx=[-1])
+        scalar, simd = both(case, [table])
+        assert torch.equal(scalar.view(torch.int16), simd.view(torch.int16))
+        # Summed in position order from +0 (so -0.0 + -0.0 pools to +0.0, as the scalar loop does).
+        rows = table.float()
+        expected = ((torch.zeros(rows.shape[1]) + rows[pairs[:, 0]]) + rows[pairs[:, 1]]).to(dtype)
+        nan = expected.isnan()
+        assert torch.equal(simd.isnan(), nan)
+        assert torch.equal(simd.view(torch.int16)[~nan], expected.view(torch.int16)[~nan]), (simd, expected)
+
+
 def test_inference_call_skips_autograd_but_training_call_records_it():
     """Without anything to differentiate the wrapper calls the kernel below the Autograd key;
     the result must be the same, and a table that needs grad must still get a graph."""
