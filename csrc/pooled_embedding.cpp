@@ -12,10 +12,12 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
-// AVX-512 pass-1 listing, compiled for x86-64 with GCC/Clang whatever the baseline ISA and used
-// only where the CPU has it (see simd_listing_enabled).
+// AVX-512 loops of the forward (pass-1 listing, fp16/bf16 pass 2), compiled for x86-64 with
+// GCC/Clang whatever the baseline ISA and run only where the CPU has every feature in
+// NEXTREC_FAST_AVX512_TARGET (see cpu_simd_enabled).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(NEXTREC_FAST_CUDA_EMULATION)
 #define NEXTREC_FAST_HAVE_AVX512 1
+#define NEXTREC_FAST_AVX512_TARGET __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,f16c")))
 #include <immintrin.h>
 #else
 #define NEXTREC_FAST_HAVE_AVX512 0
@@ -309,12 +311,13 @@ void check_offsets_cpu(const PoolingPlan& plan, const std::vector<std::string>& 
 constexpr int64_t kGatherPrefetch = NEXTREC_FAST_GATHER_PREFETCH;  // listed rows
 constexpr int64_t kGatherRows = NEXTREC_FAST_GATHER_ROWS;          // batch rows per chunk
 
-// The AVX-512 listing runs where the CPU supports it, unless NEXTREC_FAST_CPU_SIMD=0 (read on
-// every call, so that tests can compare both paths in one process).
-bool simd_listing_enabled() {
+// The AVX-512 loops run where the CPU has every feature they are compiled for, unless
+// NEXTREC_FAST_CPU_SIMD=0 (read on every call, so that tests can compare both paths in one process).
+bool cpu_simd_enabled() {
 #if NEXTREC_FAST_HAVE_AVX512
   static const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                                __builtin_cpu_supports("avx512vl");
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("f16c");
   if (!supported) return false;
   const char* env = std::getenv("NEXTREC_FAST_CPU_SIMD");
   return env == nullptr || std::strcmp(env, "0") != 0;
@@ -402,9 +405,8 @@ struct RowLister {
   }
 
 #if NEXTREC_FAST_HAVE_AVX512
-  __attribute__((target("avx512f,avx512dq,avx512vl"))) int64_t list_avx512(const scalar_t** src, int64_t n,
-                                                                             int64_t begin, int64_t end,
-                                                                             int64_t row, ErrorSink& err) const {
+  NEXTREC_FAST_AVX512_TARGET int64_t list_avx512(const scalar_t** src, int64_t n, int64_t begin, int64_t end,
+                                                 int64_t row, ErrorSink& err) const {
     static_assert(sizeof(const scalar_t*) == 8, "64-bit pointers");
     const __m512i vocab_v = _mm512_set1_epi64(static_cast<int64_t>(vocab));
     const __m512i mask_v = _mm512_set1_epi64(mask_id);
@@ -486,19 +488,24 @@ template <typename scalar_t>
 using ListFn = void (*)(const FeatureMeta&, scalar_t*, int64_t, int64_t, int64_t, bool, GatherList<scalar_t>&,
                         ErrorSink&);
 
+// Prefetches the listed row pf entries ahead of entry i. LINES > 0: cache lines per row as a
+// constant, else `lines`.
+template <int LINES, typename scalar_t>
+C10_ALWAYS_INLINE void prefetch_listed_row(const scalar_t* const* src, int64_t i, int lines, int64_t pf) {
+  const char* p = reinterpret_cast<const char*>(src[i + pf]);
+  __builtin_prefetch(p, 0, NEXTREC_FAST_PREFETCH_LOCALITY);
+  const int nl = LINES > 0 ? LINES : lines;
+  for (int l = 1; l < nl; ++l) __builtin_prefetch(p + 64 * l, 0, NEXTREC_FAST_PREFETCH_LOCALITY);
+}
+
 // Pass 2 for one segment. DC > 0: the row length as a compile-time constant (DC == dim);
-// LINES > 0: cache lines prefetched per row as a constant, else `lines`.
+// LINES: see prefetch_listed_row.
 template <typename scalar_t, int DC, int LINES>
 C10_ALWAYS_INLINE void pool_segment(const Segment<scalar_t>& s, const scalar_t* const* src,
                                     const at::opmath_type<scalar_t>* weight, int lines, int64_t pf) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t D = DC > 0 ? DC : s.dim;
-  auto prefetch = [&](int64_t i) {
-    const char* p = reinterpret_cast<const char*>(src[i + pf]);
-    __builtin_prefetch(p, 0, NEXTREC_FAST_PREFETCH_LOCALITY);
-    const int nl = LINES > 0 ? LINES : lines;
-    for (int l = 1; l < nl; ++l) __builtin_prefetch(p + 64 * l, 0, NEXTREC_FAST_PREFETCH_LOCALITY);
-  };
+  auto prefetch = [&](int64_t i) { prefetch_listed_row<LINES>(src, i, lines, pf); };
   if (s.mode == kSegConcat) {
     scalar_t* dst = s.dst;
     for (int64_t i = s.begin; i < s.end; ++i, dst += s.dst_stride) {
@@ -537,21 +544,25 @@ C10_ALWAYS_INLINE void pool_segment(const Segment<scalar_t>& s, const scalar_t* 
   }
 }
 
+// pool_segment with the row length as a constant for the common dims.
+template <typename scalar_t, int LINES>
+C10_ALWAYS_INLINE void pool_segment_any_dim(const Segment<scalar_t>& s, const scalar_t* const* src,
+                                            const at::opmath_type<scalar_t>* weight, int lines, int64_t pf) {
+  switch (s.dim) {
+    case 16: pool_segment<scalar_t, 16, LINES>(s, src, weight, lines, pf); break;
+    case 8: pool_segment<scalar_t, 8, LINES>(s, src, weight, lines, pf); break;
+    case 32: pool_segment<scalar_t, 32, LINES>(s, src, weight, lines, pf); break;
+    case 4: pool_segment<scalar_t, 4, LINES>(s, src, weight, lines, pf); break;
+    case 64: pool_segment<scalar_t, 64, LINES>(s, src, weight, lines, pf); break;
+    default: pool_segment<scalar_t, 0, LINES>(s, src, weight, lines, pf); break;
+  }
+}
+
 template <typename scalar_t, int LINES>
 void pool_segments(const GatherList<scalar_t>& gl, int lines, int64_t pf) {
   const scalar_t* const* src = gl.src.data();
   const auto* weight = gl.weight.empty() ? nullptr : gl.weight.data();
-  for (int64_t k = 0; k < gl.num_segs; ++k) {
-    const Segment<scalar_t>& s = gl.segs[k];
-    switch (s.dim) {
-      case 16: pool_segment<scalar_t, 16, LINES>(s, src, weight, lines, pf); break;
-      case 8: pool_segment<scalar_t, 8, LINES>(s, src, weight, lines, pf); break;
-      case 32: pool_segment<scalar_t, 32, LINES>(s, src, weight, lines, pf); break;
-      case 4: pool_segment<scalar_t, 4, LINES>(s, src, weight, lines, pf); break;
-      case 64: pool_segment<scalar_t, 64, LINES>(s, src, weight, lines, pf); break;
-      default: pool_segment<scalar_t, 0, LINES>(s, src, weight, lines, pf); break;
-    }
-  }
+  for (int64_t k = 0; k < gl.num_segs; ++k) pool_segment_any_dim<scalar_t, LINES>(gl.segs[k], src, weight, lines, pf);
 }
 
 #if NEXTREC_FAST_HAVE_AVX512
@@ -562,7 +573,7 @@ void pool_segments(const GatherList<scalar_t>& gl, int lines, int64_t pf) {
 // division, round to nearest even with c10's NaN), so the output is bit-identical. Copies and
 // other row lengths go to pool_segment.
 template <typename scalar_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline __m512 load16_as_float(const scalar_t* p) {
+NEXTREC_FAST_AVX512_TARGET inline __m512 load16_as_float(const scalar_t* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   if constexpr (std::is_same_v<scalar_t, at::Half>) {
     return _mm512_cvtph_ps(h);
@@ -572,7 +583,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline __m512 load16_a
 }
 
 template <typename scalar_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline void store16_from_float(scalar_t* p, __m512 v) {
+NEXTREC_FAST_AVX512_TARGET inline void store16_from_float(scalar_t* p, __m512 v) {
   __m256i h;
   if constexpr (std::is_same_v<scalar_t, at::Half>) {
     h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -587,25 +598,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) inline void store16_fr
 }
 
 template <typename scalar_t>
-__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void pool_half_segments_avx512(
+NEXTREC_FAST_AVX512_TARGET void pool_half_segments_avx512(
     const GatherList<scalar_t>& gl, int lines, int64_t pf) {
   const scalar_t* const* src = gl.src.data();
   const float* weight = gl.weight.empty() ? nullptr : gl.weight.data();
   for (int64_t k = 0; k < gl.num_segs; ++k) {
     const Segment<scalar_t>& s = gl.segs[k];
     if (s.mode == kSegConcat || s.dim % 16 != 0) {
-      if (s.dim == 16) pool_segment<scalar_t, 16, 0>(s, src, weight, lines, pf);
-      else pool_segment<scalar_t, 0, 0>(s, src, weight, lines, pf);
+      pool_segment_any_dim<scalar_t, 0>(s, src, weight, lines, pf);
       continue;
     }
     const __m512 denom = _mm512_set1_ps(mean_denominator<float>(s.end - s.begin));
     for (int64_t d0 = 0; d0 < s.dim; d0 += 16) {
       __m512 acc = _mm512_setzero_ps();
       for (int64_t i = s.begin; i < s.end; ++i) {
-        if (d0 == 0) {
-          const char* p = reinterpret_cast<const char*>(src[i + pf]);
-          for (int l = 0; l < lines; ++l) __builtin_prefetch(p + 64 * l, 0, NEXTREC_FAST_PREFETCH_LOCALITY);
-        }
+        if (d0 == 0) prefetch_listed_row<0>(src, i, lines, pf);
         const __m512 v = load16_as_float(src[i] + d0);
         acc = _mm512_add_ps(acc, s.weighted ? _mm512_mul_ps(_mm512_set1_ps(weight[i]), v) : v);
       }
@@ -622,7 +629,7 @@ void forward_cpu_kernel(const PoolingPlan& plan, at::Tensor& out, ErrorSink& err
   const int64_t stride = plan.total_dim;
   const int64_t num_features = static_cast<int64_t>(plan.features.size());
   const int64_t pf = kGatherPrefetch, rows_per_chunk = kGatherRows;
-  const bool simd = simd_listing_enabled();
+  const bool simd = cpu_simd_enabled();
   std::vector<ListFn<scalar_t>> fns;
   int64_t max_row_bytes = 1;
   for (const auto& f : plan.features) {
