@@ -129,8 +129,8 @@ def _needs_autograd(tables, weights) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def _check_devices_and_dtypes(tables, ids, offsets, weights, feature_names):
-    """Checked here as well as in C++: a mix of devices would otherwise be dispatched by the
-    highest-priority device (e.g. meta) and never reach the C++ checks."""
+    """The fake implementation's device/dtype checks: a mix of devices that includes meta or
+    fake tensors is dispatched here and never reaches the C++ checks."""
     if not tables:
         return
     device, dtype = tables[0].device, tables[0].dtype
