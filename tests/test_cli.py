@@ -3,7 +3,9 @@ import itertools
 import json
 import subprocess
 import sys
-import time
+import types
+
+import pytest
 
 from nextrec_fast import cli
 
@@ -70,26 +72,33 @@ def test_time_interleaved_bursts():
     assert all(s >= 0 for v in samples.values() for s in v)
 
 
-def test_time_interleaved_settles_and_shuffles():
-    """settle_ms: untimed calls until that long has passed; shuffle_seed: a fresh order each round."""
-    from nextrec_fast.benchmark import time_interleaved
+def test_time_interleaved_settles_and_shuffles(monkeypatch):
+    """settle_ms: untimed calls until that long has passed; shuffle_seed: a fresh order each round.
+    The clock is simulated (each call advances it 1 ms), so no assertion depends on real time."""
+    from nextrec_fast import benchmark
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
 
     def run(seed):
         calls = []
 
         def slow(name):
             calls.append(name)
-            time.sleep(0.001)
+            clock["now"] += 1e-3
 
         fns = {n: (lambda n=n: slow(n)) for n in "abcd"}
-        samples = time_interleaved(fns, "cpu", warmup=0, repeats=1, burst=2, settle_ms=3.0, shuffle_seed=seed)
+        samples = benchmark.time_interleaved(fns, "cpu", warmup=0, repeats=1, burst=2, settle_ms=3.0,
+                                             shuffle_seed=seed)
         assert {k: len(v) for k, v in samples.items()} == {n: 1 for n in "abcd"}
+        assert all(v[0] == pytest.approx(1.0) for v in samples.values()), samples  # ms per timed call
         return [(name, len(list(group))) for name, group in itertools.groupby(calls)]
 
     orders = []
     for seed in range(6):
         blocks = run(seed)
-        # One block per function: >= 3 untimed calls of 1 ms (settle_ms=3), then 2 timed ones.
-        assert sorted(name for name, _ in blocks) == list("abcd") and all(n >= 5 for _, n in blocks), blocks
+        # One block per function: 3 untimed calls of 1 ms (settle_ms=3; one more where the float
+        # sum of three 1e-3 steps falls short of 3 ms), then 2 timed ones.
+        assert sorted(name for name, _ in blocks) == list("abcd") and all(n in (5, 6) for _, n in blocks), blocks
         orders.append("".join(name for name, _ in blocks))
     assert len(set(orders)) > 1, orders
