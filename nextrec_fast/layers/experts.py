@@ -6,7 +6,8 @@ tensors (a few MB of copies, negligible beside the GEMMs) and runs:
 - the first Linear of all experts that read the same input as ONE matmul over concatenated weights,
 - deeper Linears as one batched matmul,
 - BatchNorm of all experts at once (per-channel statistics are exactly per-expert BatchNorm's;
-  running stats are written back to every expert's buffers),
+  running stats are written back to every expert's buffers), or LayerNorm of all experts at
+  once (per expert and row, as each expert's own LayerNorm),
 - the activation and dropout once over all experts.
 Layout between layers is ``[B, E * N]`` (expert-major columns); results are returned as
 ``[B, E, N]``. On CUDA (or with the ``triton`` backend) each layer is one fused Triton op
@@ -30,13 +31,13 @@ from nextrec_fast.layers.indexing import index_tensor
 @dataclass
 class _Layer:
     linears: list[nn.Linear]
-    norms: list[nn.BatchNorm1d] | None
+    norms: list[nn.BatchNorm1d] | list[nn.LayerNorm] | None
     acts: list[nn.Module] | None
     dropouts: list[nn.Dropout] | None
 
 
 def _split_blocks(mlp: nn.Module) -> list[tuple]:
-    """An MLP's Sequential as [(Linear, BatchNorm|None, activation|None, Dropout|None), ...]."""
+    """An MLP's Sequential as [(Linear, BatchNorm|LayerNorm|None, activation|None, Dropout|None), ...]."""
     seq = mlp.mlp if hasattr(mlp, "mlp") else mlp
     blocks, current = [], None
     for module in seq:
@@ -46,7 +47,7 @@ def _split_blocks(mlp: nn.Module) -> list[tuple]:
             current = [module, None, None, None]
         elif current is None:
             raise ValueError(f"an MLP must start with nn.Linear, got {type(module).__name__}")
-        elif isinstance(module, nn.BatchNorm1d) and current[1] is None and current[2] is None:
+        elif isinstance(module, (nn.BatchNorm1d, nn.LayerNorm)) and current[1] is None and current[2] is None:
             current[1] = module
         elif isinstance(module, nn.Dropout):
             current[3] = module
@@ -65,6 +66,8 @@ def _module_signature(module: nn.Module | None):
     if isinstance(module, nn.BatchNorm1d):
         return ("bn", module.num_features, module.eps, module.momentum, module.affine,
                 module.track_running_stats, module.training)
+    if isinstance(module, nn.LayerNorm):
+        return ("ln", tuple(module.normalized_shape), module.eps, module.weight is not None, module.bias is not None)
     if isinstance(module, nn.Linear):
         return ("linear", module.in_features, module.out_features, module.bias is not None)
     if isinstance(module, nn.PReLU):
@@ -137,8 +140,8 @@ class ExpertBank:
                 return False
             if layer.linears[0].bias is None:
                 return False
-            if layer.norms is not None and not layer.norms[0].affine:
-                return False
+            if layer.norms is not None and (_is_layer_norm(layer) or not layer.norms[0].affine):
+                return False  # LayerNorm: the batched PyTorch path
         return True
 
     def _forward_triton(self, inputs, input_of) -> torch.Tensor:
@@ -199,8 +202,10 @@ class ExpertBank:
             return False
         if _cpu_autocast_enabled():
             return False  # the GEMMs run in bfloat16 under autocast: the PyTorch path follows its casts
-        # PReLU's per-expert slopes need the batch-major layout: the PyTorch path handles them.
-        return not any(layer.acts is not None and isinstance(layer.acts[0], nn.PReLU) for layer in self.layers)
+        # PReLU's per-expert slopes need the batch-major layout, and LayerNorm normalises rows of
+        # each expert's block: the PyTorch path handles both.
+        return not any((layer.acts is not None and isinstance(layer.acts[0], nn.PReLU)) or _is_layer_norm(layer)
+                       for layer in self.layers)
 
     def _forward_cpu_op(self, inputs, input_of) -> torch.Tensor:
         """Each layer with BatchNorm: a GEMM without bias, then ``batch_norm_act`` (bias, norm,
@@ -212,7 +217,8 @@ class ExpertBank:
         for depth, layer in enumerate(self.layers):
             fold_bias = layer.norms is not None  # the batch-stat mean absorbs the bias: fold it into the op
             if depth == 0:
-                h = self._first_linear_cpu(inputs, input_of, with_bias=not fold_bias)
+                # The grouped [G, B, M*N] layout is read by batch_norm_act only.
+                h = self._first_linear_cpu(inputs, input_of, with_bias=not fold_bias, grouped=fold_bias)
             else:
                 if h.dim() == 2:  # batch-major after a layer without BatchNorm: bmm needs [E, B, K]
                     h = h.view(h.shape[0], experts, -1).transpose(0, 1).contiguous()
@@ -237,17 +243,17 @@ class ExpertBank:
             return h.transpose(0, 1)  # [E, B, N] -> [B, E, N] view
         return h.view(h.shape[0], experts, -1)
 
-    def _first_linear_cpu(self, inputs, input_of, with_bias: bool) -> torch.Tensor:
-        """``[E, B, N]`` from one input per expert (no copy for the next bmm); ``[G, B, M*N]`` from
-        G equal runs of M experts sharing an input (PLE's upper levels: one bmm, no concatenation);
-        else ``[B, E*N]``."""
+    def _first_linear_cpu(self, inputs, input_of, with_bias: bool, grouped: bool) -> torch.Tensor:
+        """``[E, B, N]`` from one input per expert (no copy for the next bmm); with ``grouped``,
+        ``[G, B, M*N]`` from G equal runs of M experts sharing an input (PLE's upper levels: one
+        bmm, no concatenation); else ``[B, E*N]``."""
         linears = self.layers[0].linears
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 3:
             return self._bmm(linears, inputs, with_bias=with_bias)
         input_of = list(input_of) if input_of is not None else [0] * len(linears)
         runs = _shared_input_runs(inputs, input_of, len(linears))
         sizes = {stop - start for start, stop in runs}
-        if len(runs) > 1 and len(sizes) == 1:
+        if grouped and len(runs) > 1 and len(sizes) == 1:
             x = torch.stack([inputs[input_of[start]] for start, _ in runs])  # [G, B, K]
             weight = torch.stack([torch.cat([lin.weight for lin in linears[start:stop]]) for start, stop in runs])
             if with_bias and linears[0].bias is not None:
@@ -325,7 +331,7 @@ class ExpertBank:
     # -- BatchNorm, activation, dropout ------------------------------------------------------
     def _post_linear(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
         if layer.norms is not None:
-            h = self._batch_norm(layer.norms, h)
+            h = self._layer_norm(layer.norms, h) if _is_layer_norm(layer) else self._batch_norm(layer.norms, h)
         if layer.acts is not None:
             h = self._activation(layer.acts, h)
         if layer.dropouts is not None:
@@ -351,6 +357,21 @@ class ExpertBank:
         return out
 
     @staticmethod
+    def _layer_norm(norms: list[nn.LayerNorm], h: torch.Tensor) -> torch.Tensor:
+        """nn.LayerNorm.forward of every expert on its own block of ``[B, E*N]``: one normalisation
+        over ``[B, E, N]``, then the experts' affine parameters as ``[E, N]``."""
+        first = norms[0]
+        batch, experts = h.shape[0], len(norms)
+        out = F.layer_norm(h.view(batch, experts, -1), first.normalized_shape, None, None, first.eps)
+        if first.weight is not None:
+            weight = torch.stack([n.weight for n in norms])
+            out = torch.addcmul(torch.stack([n.bias for n in norms]), out, weight) if first.bias is not None \
+                else out * weight
+        elif first.bias is not None:
+            out = out + torch.stack([n.bias for n in norms])
+        return out.reshape(batch, -1)
+
+    @staticmethod
     def _activation(acts: list[nn.Module], h: torch.Tensor) -> torch.Tensor:
         if type(acts[0]) is nn.ReLU:
             # h is always a fresh output of linear / batch_norm, neither of which saves its
@@ -362,6 +383,10 @@ class ExpertBank:
             slopes = torch.cat([a.weight.expand(width) if a.weight.numel() == 1 else a.weight for a in acts])
             return F.prelu(h, slopes)
         return acts[0](h)  # parameter-free: the same function for every expert
+
+
+def _is_layer_norm(layer: _Layer) -> bool:
+    return layer.norms is not None and isinstance(layer.norms[0], nn.LayerNorm)
 
 
 def _batch_norm_mode(norms: list[nn.BatchNorm1d], batch: int) -> tuple[float, bool, bool]:
