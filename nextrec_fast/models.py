@@ -10,56 +10,85 @@ from __future__ import annotations
 import torch
 from torch.profiler import record_function
 
-from nextrec_fast import reference
-from nextrec_fast.backend import get_backend
-from nextrec_fast.layers.embedding import FastEmbeddingLayer
-from nextrec_fast.layers.experts import run_experts
-from nextrec_fast.layers.gates import gate_logits, mix_experts
+from nextrec_fast import compat, reference
+from nextrec_fast.backend import get_backend, use_backend
+from nextrec_fast.layers.embedding import FastEmbeddingMixin
+from nextrec_fast.layers.experts import build_banks, run_experts
+from nextrec_fast.layers.gates import check_gates, gate_logits, mix_experts
 
-__all__ = ["ESMM", "MMOE", "PLE", "FastESMMForward", "FastMMOEForward", "FastPLEForward"]
+__all__ = ["ESMM", "MMOE", "PLE", "FastESMMForward", "FastMMOEForward", "FastPLEForward", "FAST_FORWARDS"]
 
 
 class _FastForward:
-    """The fast forward passes are mixins over a model with nextrec's module layout: our
-    reference models here, nextrec's own classes in ``nextrec_fast.integration``. With the
-    ``reference`` backend they defer to the next class's forward (nextrec's loops)."""
+    """The fast forward passes are mixins over a model with nextrec's module layout (``embedding``,
+    ``experts`` / ``gates`` / ``towers``, ``cgc_layers``, ``ctr_tower`` / ``cvr_tower``): our
+    drop-in models here, nextrec's own classes in ``nextrec_fast.integration``. What differs
+    between nextrec generations (task count, what forward returns, when nextrec's own forward
+    must run) comes from ``self._compat``, a ``nextrec_fast.compat.NextrecGeneration``."""
+
+    _compat: compat.NextrecGeneration = compat.V03
+
+    def _use_plain_forward(self) -> bool:
+        """nextrec's own forward for this call: the ``reference`` backend, ONNX export, GradNorm."""
+        return get_backend() == "reference" or self._compat.plain_forward_needed(self)
 
     def _embed(self, x) -> torch.Tensor:
         with record_function("nextrec_fast.embedding"):
             return self.embedding(x=x, features=self.all_features, squeeze_dim=True)
 
+    def _check_fast_plan(self) -> None:
+        """Raise (naming the module) if the fast forward cannot batch this model's MLPs and gates."""
+        for mlps in self._mlp_groups():
+            build_banks(list(mlps))
+
+    def _mlp_groups(self):
+        raise NotImplementedError
+
 
 class FastESMMForward(_FastForward):
     def forward(self, x):
-        if get_backend() == "reference":
-            return super().forward(x)
+        if self._use_plain_forward():
+            with use_backend("reference"):  # nextrec's forward, its embedding layer's too
+                return super().forward(x)
         features = self._embed(x)
         with record_function("nextrec_fast.towers"):
             logits = run_experts([self.ctr_tower, self.cvr_tower], [features]).flatten(1)  # [B, 2]
-        ctr, cvr = self.prediction_layer(logits).chunk(2, dim=1)
-        return torch.cat([ctr, ctr * cvr], dim=1)
+        return self._compat.esmm_output(self, logits)
+
+    def _mlp_groups(self):
+        return [[self.ctr_tower, self.cvr_tower]]
 
 
 class FastMMOEForward(_FastForward):
     def forward(self, x):
-        if get_backend() == "reference":
-            return super().forward(x)
+        if self._use_plain_forward():
+            with use_backend("reference"):  # nextrec's forward, its embedding layer's too
+                return super().forward(x)
         features = self._embed(x)
         with record_function("nextrec_fast.experts"):
             experts = run_experts(self.experts, [features])  # [B, E, D]
         with record_function("nextrec_fast.gates"):
-            gated = mix_experts(gate_logits(self.gates, [features] * self.num_tasks), experts)  # [B, T, D]
+            tasks = self._compat.num_tasks(self)
+            gated = mix_experts(gate_logits(self.gates, [features] * tasks), experts)  # [B, T, D]
         with record_function("nextrec_fast.towers"):
             logits = run_experts(self.towers, gated.transpose(0, 1)).flatten(1)  # [B, T]
-        return self.prediction_layer(logits)
+        return self._compat.multitask_output(self, logits)
+
+    def _check_fast_plan(self) -> None:
+        super()._check_fast_plan()
+        check_gates(self.gates)
+
+    def _mlp_groups(self):
+        return [self.experts, self.towers]
 
 
 class FastPLEForward(_FastForward):
     def forward(self, x):
-        if get_backend() == "reference":
-            return super().forward(x)
+        if self._use_plain_forward():
+            with use_backend("reference"):  # nextrec's forward, its embedding layer's too
+                return super().forward(x)
         features = self._embed(x)
-        tasks = self.num_tasks
+        tasks = self._compat.num_tasks(self)
         n_shared, n_specific = self.num_shared_experts, self.num_specific_experts
         # Expert order inside a level: shared experts, then task 0's specific ones, task 1's, ...
         task_gate_index = [list(range(n_shared)) + [n_shared + t * n_specific + j for j in range(n_specific)]
@@ -69,7 +98,7 @@ class FastPLEForward(_FastForward):
         gated = None
         for level, layer in enumerate(self.cgc_layers):
             last = level == len(self.cgc_layers) - 1
-            mlps = list(layer.shared_experts) + [e for task_experts in layer.specific_experts for e in task_experts]
+            mlps = _level_experts(layer)
             with record_function("nextrec_fast.experts"):
                 if level == 0:
                     experts = run_experts(mlps, [features])
@@ -86,7 +115,30 @@ class FastPLEForward(_FastForward):
             shared_input = None if last else gated[:, tasks]
         with record_function("nextrec_fast.towers"):
             logits = run_experts(self.towers, gated[:, :tasks].transpose(0, 1)).flatten(1)  # [B, T]
-        return self.prediction_layer(logits)
+        return self._compat.multitask_output(self, logits)
+
+    def _check_fast_plan(self) -> None:
+        super()._check_fast_plan()
+        for layer in self.cgc_layers:
+            check_gates(list(layer.task_gates) + [layer.shared_gate])
+
+    def _mlp_groups(self):
+        return [_level_experts(layer) for layer in self.cgc_layers] + [self.towers]
+
+
+def _level_experts(layer) -> list:
+    return list(layer.shared_experts) + [e for task_experts in layer.specific_experts for e in task_experts]
+
+
+FAST_FORWARDS = {"ESMM": FastESMMForward, "MMOE": FastMMOEForward, "PLE": FastPLEForward}
+
+
+class FastEmbeddingLayer(FastEmbeddingMixin, reference.EmbeddingLayer):
+    """nextrec 0.3's EmbeddingLayer (the reference's copy of it) with the batched forward."""
+
+    def __init__(self, features: list):
+        super().__init__(features)
+        self._prepare_fast_path()
 
 
 def _use_fast_embedding(model) -> None:

@@ -1,4 +1,4 @@
-"""accelerate / restore / patch_nextrec on the real nextrec 0.3.1 models."""
+"""accelerate / restore / patch_nextrec on the real nextrec 0.3.x models (0.6.x: test_nextrec_v06.py)."""
 from __future__ import annotations
 
 import copy
@@ -11,8 +11,9 @@ import torch
 
 import nextrec_fast
 from model_factory import random_features, random_inputs, random_model_kwargs
+from nextrec_generation import require
 
-pytest.importorskip("nextrec", reason="nextrec 0.3.1 is not installed (CI installs it: see .ci/run)")
+require("0.3")
 from nextrec.basic import features as nr_features  # noqa: E402
 from nextrec.models.multi_task.esmm import ESMM  # noqa: E402
 from nextrec.models.multi_task.mmoe import MMOE  # noqa: E402
@@ -91,7 +92,7 @@ def test_accelerate_in_place_same_results(kind, mode):
 
 
 def test_unsupported_model_error():
-    with pytest.raises(TypeError, match="supports nextrec 0.3.1's .*MMOE"):
+    with pytest.raises(TypeError, match="supports nextrec's ESMM, MMOE and PLE .*multi_task.mmoe.MMOE"):
         nextrec_fast.accelerate(torch.nn.Linear(2, 2))
 
 

@@ -10,8 +10,9 @@ import nextrec_fast
 from nextrec_fast import features as our_features
 from nextrec_fast import reference
 from model_factory import random_features, random_inputs, random_model_kwargs
+from nextrec_generation import require
 
-nextrec = pytest.importorskip("nextrec", reason="nextrec 0.3.1 is not installed (CI installs it: see .ci/run)")
+require("0.3")
 from nextrec.basic import features as nr_features  # noqa: E402
 from nextrec.models.multi_task.esmm import ESMM as NrESMM  # noqa: E402
 from nextrec.models.multi_task.mmoe import MMOE as NrMMOE  # noqa: E402

@@ -3,34 +3,21 @@
 Same parameters (and state_dict keys) as nextrec's EmbeddingLayer. The pooling runs through the
 ``nextrec_fast::pooled_embedding`` op (C++/CUDA) when the extension is available, otherwise
 through one ``F.embedding`` / ``F.embedding_bag`` per feature: never a ``[B, L, D]`` tensor
-plus a masked bmm as nextrec does.
+plus a masked bmm as nextrec does. Combiners the op does not compute (nextrec 0.6's attention
+poolings, which have parameters) are pooled by the layer's own module for that feature, while
+every other feature still goes through the one call. Which features, tables, combiners and
+projections a layer has comes from ``nextrec_fast.compat`` (``embedding_plan``).
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from nextrec_fast import huge_pages, reference
+from nextrec_fast import compat, huge_pages
 from nextrec_fast.backend import get_backend
-from nextrec_fast.features import DENSE, SEQUENCE, SPARSE, feature_kind
+from nextrec_fast.compat import DenseFeatureSpec, PooledFeatureSpec
+from nextrec_fast.features import DENSE, SPARSE
 from nextrec_fast.validation import check_batch_inputs
-
-
-@dataclass(frozen=True)
-class PooledSlot:
-    """How one sparse/sequence feature is pooled into the output."""
-    name: str
-    kind: str
-    table_name: str
-    table_index: int
-    combiner: str          # "sum" for single-id sparse features
-    mask_id: int           # id left out of sum/mean pooling (-1: none)
-    max_len: int           # keep the last max_len ids (-1: all)
-    embedding_dim: int
-    out_dim: int
-    vocab_size: int
 
 
 def _pooling_backend():
@@ -52,15 +39,14 @@ def _as_op_ids(ids: torch.Tensor) -> torch.Tensor:
 
 class FastEmbeddingMixin:
     """A batched forward for a module with nextrec's EmbeddingLayer attributes (``features``,
-    ``embed_dict``, ``dense_transforms``, ``dense_input_dims``): ours, or nextrec's own class in
-    ``nextrec_fast.integration``. Call ``_prepare_fast_path()`` once the attributes exist."""
+    ``embed_dict``, ``dense_transforms``, ...): ours, or nextrec's own class in
+    ``nextrec_fast.integration``. ``_compat`` (a class attribute) is the nextrec generation whose
+    layout the layer has. Call ``_prepare_fast_path()`` once the attributes exist."""
 
     check_inputs = True  # id-range and shape checks (one aminmax per feature)
-
-    # nextrec's own _project_dense casts dense values with .float(); ours casts to the model's
-    # dtype: the same for float32 models, and an accelerated nextrec model also runs in float64.
-    _project_dense = reference.EmbeddingLayer._project_dense
-    _dense_dtype = reference.EmbeddingLayer._dense_dtype
+    _compat: compat.NextrecGeneration = compat.V03
+    # Instance attributes the plan adds (dropped again by restore() and when pickling as nextrec's class).
+    FAST_STATE = ("slots", "_slot_tables", "_op_slots", "dense_specs", "_check_spec")
 
     def _prepare_fast_path(self):
         """What every fast embedding layer needs once its tables exist: the pooling plan, and
@@ -69,43 +55,27 @@ class FastEmbeddingMixin:
         self.place_tables_on_huge_pages()
 
     def _build_plan(self):
+        pooled, dense = self._compat.embedding_plan(self)
         table_names = list(self.embed_dict.keys())
-        slots, dense = [], []
-        for feature in self.features:
-            kind = feature_kind(feature)
-            if kind == DENSE:
-                if not feature.use_embedding and reference._dense_output_dim(feature) != self.dense_input_dims[feature.name]:
-                    raise ValueError(
-                        f"dense feature {feature.name!r}: use_embedding=False passes its {self.dense_input_dims[feature.name]} "
-                        f"input value(s) through, but embedding_dim={feature.embedding_dim} says otherwise; "
-                        "set embedding_dim=None (or equal to input_dim) or use_embedding=True")
-                dense.append(feature)
-                continue
-            dim = int(feature.embedding_dim)
-            if kind == SPARSE:
-                combiner, mask_id, max_len, out_dim = "sum", -1, -1, dim
-            else:
-                combiner = feature.combiner
-                if combiner not in ("sum", "mean", "concat"):
-                    raise ValueError(f"Unknown combiner for {feature.name}: {combiner}")
-                mask_id = -1 if combiner == "concat" else (feature.padding_idx if feature.padding_idx is not None else 0)
-                max_len = -1 if feature.max_len is None else int(feature.max_len)
-                out_dim = dim * max_len if combiner == "concat" else dim
-            slots.append(PooledSlot(feature.name, kind, feature.embedding_name,
-                                    table_names.index(feature.embedding_name), combiner, mask_id, max_len, dim,
-                                    out_dim, int(feature.vocab_size)))
-        self.slots = tuple(slots)
-        self.dense_feature_list = tuple(dense)
+        self.slots: tuple[PooledFeatureSpec, ...] = tuple(pooled)
+        self._slot_tables = tuple(table_names.index(s.table_name) for s in pooled)
+        self._op_slots = tuple(i for i, s in enumerate(pooled) if s.pooling_module is None)
+        self.dense_specs: tuple[DenseFeatureSpec, ...] = tuple(dense)
         self._check_spec = tuple(
-            [(s.name, s.kind, s.vocab_size, 0) for s in slots]
-            + [(f.name, DENSE, 0, self.dense_input_dims[f.name]) for f in dense])
+            [(s.name, s.kind, s.vocab_size, 0) for s in pooled] + [(d.name, DENSE, 0, d.input_dim) for d in dense])
 
     # -- forward -------------------------------------------------------------------------
-    def forward(self, x: dict, features: list | None = None, squeeze_dim: bool = True) -> torch.Tensor:
-        if get_backend() == "reference" or not squeeze_dim or (features is not None and list(features) != self.features):
-            return super().forward(x, features, squeeze_dim)  # layouts the models never ask for
+    def forward(self, x: dict, features: list | None = None, squeeze_dim: bool | None = None, **kwargs) -> torch.Tensor:
+        """``[B, sum of output dims]``: pooled features in feature order, then dense ones (nextrec's
+        ``squeeze_dim=True`` layout, which the multi-task models ask for). Other layouts
+        (``squeeze_dim=False``, ``sequence_output="raw"``, a subset of features) run nextrec's own
+        forward, as do the ``reference`` backend and ONNX export."""
+        squeeze = self._compat.squeeze_dim_default if squeeze_dim is None else squeeze_dim
+        if (get_backend() == "reference" or not squeeze or kwargs.get("sequence_output", "pooled") != "pooled"
+                or torch.onnx.is_in_onnx_export() or (features is not None and list(features) != self.features)):
+            return super().forward(x, self.features if features is None else features, squeeze, **kwargs)
         param = next(self.parameters(), None)
-        op = _pooling_backend() if self.slots else None
+        op = _pooling_backend() if self._op_slots else None
         if param is not None and not torch.compiler.is_compiling():
             # The pooling op checks id ranges itself (in its kernels, naming the feature): no
             # separate pass over the ids (and, on CUDA, no sync per feature) when it runs.
@@ -113,8 +83,17 @@ class FastEmbeddingMixin:
         pieces = []
         if self.slots:
             pieces.append(self.pool(x, op))
-        pieces += [self._project_dense(f, x) for f in self.dense_feature_list]
+        pieces += [self._dense_column(spec, x) for spec in self.dense_specs]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    def _dense_column(self, spec: DenseFeatureSpec, x: dict) -> torch.Tensor:
+        if spec.name not in x:
+            raise KeyError(f"Dense feature '{spec.name}' is missing from input.")
+        value = self._compat.dense_value(self, x[spec.name])
+        value = value.unsqueeze(-1) if value.dim() == 1 else value.view(value.size(0), -1)
+        if value.shape[1] != spec.input_dim:
+            raise ValueError(f"Dense feature '{spec.name}' expects {spec.input_dim} inputs but got {value.shape[1]}.")
+        return value if spec.projection is None else spec.projection(value)
 
     def tables(self) -> list[torch.Tensor]:
         return [table.weight for table in self.embed_dict.values()]
@@ -128,28 +107,55 @@ class FastEmbeddingMixin:
 
     def pool(self, x: dict, op=None) -> torch.Tensor:
         """``[B, sum(out_dim)]``: every sparse/sequence feature pooled, in feature order, by the
-        pooling op when it is available (``op``: ``_pooling_backend()``, looked up if None), else by PyTorch."""
+        pooling op when it is available (``op``: ``_pooling_backend()``, looked up if None), else by
+        PyTorch; features with a pooling module of their own by that module."""
         op = op if op is not None else _pooling_backend()
-        for slot in self.slots:
+        slots = self.slots
+        for slot in slots:
             if slot.combiner == "concat" and slot.max_len > 0 and x[slot.name].shape[1] < slot.max_len:
                 raise ValueError(
                     f"sequence feature {slot.name!r} uses the concat combiner with max_len={slot.max_len}, "
                     f"but its ids have only {x[slot.name].shape[1]} positions; pad them to max_len")
-        tables = self.tables()
-        if op is not None and tables[0].device.type in ("cpu", "cuda"):
-            return op.pooled_embedding(
-                tables, [_as_op_ids(x[s.name]) for s in self.slots],
-                table_index=[s.table_index for s in self.slots],
-                combiners=[s.combiner for s in self.slots],
-                mask_ids=[s.mask_id for s in self.slots],
-                max_lens=[s.max_len for s in self.slots],
-                feature_names=[s.name for s in self.slots],
-                grad_padding_idx=[-1 if t.padding_idx is None else int(t.padding_idx) for t in self.embed_dict.values()],
-                check_ids=self.check_inputs,
-            )
-        return torch.cat([self._pool_one_torch(slot, x[slot.name]) for slot in self.slots], dim=1)
+        op_slots = [slots[i] for i in self._op_slots]
+        pooled = None
+        if op_slots:
+            tables = self.tables()
+            if op is not None and tables[0].device.type in ("cpu", "cuda"):
+                pooled = op.pooled_embedding(
+                    tables, [_as_op_ids(x[s.name]) for s in op_slots],
+                    table_index=[self._slot_tables[i] for i in self._op_slots],
+                    combiners=[s.combiner for s in op_slots],
+                    mask_ids=[s.mask_id for s in op_slots],
+                    max_lens=[s.max_len for s in op_slots],
+                    feature_names=[s.name for s in op_slots],
+                    grad_padding_idx=[-1 if t.padding_idx is None else int(t.padding_idx)
+                                      for t in self.embed_dict.values()],
+                    check_ids=self.check_inputs,
+                )
+            else:
+                pooled = torch.cat([self._pool_one_torch(slot, x[slot.name]) for slot in op_slots], dim=1)
+        if len(op_slots) == len(slots):
+            return pooled
+        pieces, column = [], 0  # module-pooled features between the op's columns, in feature order
+        for slot in slots:
+            if slot.pooling_module is None:
+                pieces.append(pooled[:, column:column + slot.out_dim])
+                column += slot.out_dim
+            else:
+                pieces.append(self._pool_by_module(slot, x[slot.name]))
+        return torch.cat(pieces, dim=1)
 
-    def _pool_one_torch(self, slot: PooledSlot, ids: torch.Tensor) -> torch.Tensor:
+    def _pool_by_module(self, slot: PooledFeatureSpec, ids: torch.Tensor) -> torch.Tensor:
+        """nextrec's own path for one sequence feature: look up ``[B, L, D]``, mask padding ids
+        (``[B, 1, L]``, 1 for valid), pool with the feature's module."""
+        ids = ids.long()
+        if slot.max_len > 0:
+            ids = ids[:, -slot.max_len:]
+        emb = self.embed_dict[slot.table_name](ids)
+        mask = (ids != slot.mask_id).unsqueeze(1).to(emb.dtype)
+        return slot.pooling_module(emb, mask)
+
+    def _pool_one_torch(self, slot: PooledFeatureSpec, ids: torch.Tensor) -> torch.Tensor:
         table = self.embed_dict[slot.table_name]
         weight, table_pad = table.weight, table.padding_idx
         ids = ids.long()
@@ -169,11 +175,3 @@ class FastEmbeddingMixin:
         # embedding_bag skips padding_idx entries in the sum, in the mean's count and in the
         # gradient: exactly nextrec's mask (mean: sum / count, and 0 for an all-padding row).
         return F.embedding_bag(ids, weight, mode=slot.combiner, padding_idx=slot.mask_id)
-
-
-class FastEmbeddingLayer(FastEmbeddingMixin, reference.EmbeddingLayer):
-    """nextrec's EmbeddingLayer with a batched forward."""
-
-    def __init__(self, features: list):
-        super().__init__(features)
-        self._prepare_fast_path()

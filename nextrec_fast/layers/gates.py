@@ -18,9 +18,16 @@ from nextrec_fast.layers.indexing import index_tensor
 
 def _gate_linear(gate: nn.Module) -> nn.Linear:
     linear = gate[0] if isinstance(gate, nn.Sequential) else None
-    if not isinstance(linear, nn.Linear) or len(gate) != 2 or not isinstance(gate[1], nn.Softmax):
+    if (not isinstance(linear, nn.Linear) or len(gate) != 2 or not isinstance(gate[1], nn.Softmax)
+            or gate[1].dim not in (1, -1)):
         raise ValueError("a gate must be nn.Sequential(nn.Linear, nn.Softmax(dim=1)) as nextrec builds it")
     return linear
+
+
+def check_gates(gates: Sequence[nn.Module]) -> None:
+    """Raise ValueError unless every gate is ``nn.Sequential(nn.Linear, nn.Softmax(dim=1))``."""
+    for gate in gates:
+        _gate_linear(gate)
 
 
 def gate_logits(gates: Sequence[nn.Module], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

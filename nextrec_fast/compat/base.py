@@ -1,0 +1,131 @@
+"""What the fast path needs to know about a nextrec model, as one small interface.
+
+The generic layers (``nextrec_fast.layers``) and the fast forwards (``nextrec_fast.models``)
+consume only what is declared here; each nextrec generation has one adapter module beside this
+one (``nextrec_v03``, ``nextrec_v06``) and ``nextrec_fast.compat`` picks it by what a model or
+layer *can do* (its attributes), never by a version string, so releases between and after the
+ones tested keep working as long as they keep those capabilities.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+__all__ = ["MODEL_KINDS", "PooledFeatureSpec", "DenseFeatureSpec", "NextrecGeneration", "UnsupportedModelError"]
+
+# The multi-task models with a fast forward; the rest of nextrec's zoo is added here, per kind.
+MODEL_KINDS = ("ESMM", "MMOE", "PLE")
+
+
+class UnsupportedModelError(TypeError, ValueError):
+    """A model, layer or feature the fast path cannot take; the message says what and why. A
+    TypeError (an unsupported kind of model) and a ValueError (an unsupported configuration)."""
+
+
+@dataclass(frozen=True)
+class PooledFeatureSpec:
+    """One sparse or sequence feature as the embedding layer pools it.
+
+    ``combiner`` is "sum" (single-id sparse features too), "mean" or "concat" for the one-call
+    pooling op; any other combiner is pooled by ``pooling_module`` (an ``nn.Module`` of the
+    layer taking ``([B, L, D] embeddings, [B, 1, L] 0/1 mask)``). ``mask_id``: the id left out
+    of sum/mean pooling (-1: none); ``max_len``: keep the last ``max_len`` ids (-1: all)."""
+    name: str
+    kind: str                 # "sparse" | "sequence"
+    table_name: str
+    combiner: str
+    mask_id: int
+    max_len: int
+    embedding_dim: int
+    vocab_size: int
+    pooling_module: nn.Module | None = None
+
+    @property
+    def out_dim(self) -> int:
+        return self.embedding_dim * self.max_len if self.combiner == "concat" else self.embedding_dim
+
+
+@dataclass(frozen=True)
+class DenseFeatureSpec:
+    """One dense feature: ``input_dim`` values per row, passed through or projected by
+    ``projection`` (an ``nn.Module``: nextrec's Linear or MLP) to ``out_dim`` columns."""
+    name: str
+    input_dim: int
+    out_dim: int
+    projection: nn.Module | None
+
+
+class NextrecGeneration:
+    """One nextrec generation's internals, behind the methods the fast path calls.
+
+    ``recognises_model`` / ``recognises_layer`` decide by capability; the other methods may assume
+    a model or layer this generation recognised."""
+
+    name = "?"
+    # Module prefixes under which nextrec keeps its multi-task models in this generation.
+    model_packages: tuple[str, ...] = ()
+    # EmbeddingLayer.forward's default for squeeze_dim.
+    squeeze_dim_default = True
+
+    # -- recognition ----------------------------------------------------------------------
+    def recognises_model(self, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def recognises_layer(self, layer: nn.Module) -> bool:
+        raise NotImplementedError
+
+    def model_kind(self, model: nn.Module) -> str | None:
+        """'ESMM', 'MMOE' or 'PLE' for nextrec's class (or a subclass of it), else None."""
+        for cls in type(model).__mro__:
+            if cls.__name__ in MODEL_KINDS and cls.__module__.startswith(self.model_packages):
+                return cls.__name__
+        return None
+
+    # -- the model ------------------------------------------------------------------------
+    def num_tasks(self, model: nn.Module) -> int:
+        raise NotImplementedError
+
+    def multitask_output(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        """What the model's forward returns from its towers' ``[B, T]`` logits."""
+        raise NotImplementedError
+
+    def esmm_output(self, model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        """What ESMM's forward returns from its ``[B, 2]`` (ctr, cvr) tower logits."""
+        raise NotImplementedError
+
+    def plain_forward_needed(self, model: nn.Module) -> bool:
+        """Whether this call must run nextrec's own forward (ONNX export, double backward, ...)."""
+        return torch.onnx.is_in_onnx_export()
+
+    def regularization_terms(self, model: nn.Module) -> list[tuple[torch.Tensor, float, float]]:
+        """(parameter, l1, l2) as nextrec's ``add_reg_loss`` weighs them (a parameter listed twice
+        counts twice, as there)."""
+        raise NotImplementedError
+
+    # -- the embedding layer --------------------------------------------------------------
+    def embedding_plan(self, layer: nn.Module) -> tuple[list[PooledFeatureSpec], list[DenseFeatureSpec]]:
+        """The layer's features in its output order (pooled ones first, then dense ones)."""
+        raise NotImplementedError
+
+    def dense_value(self, layer: nn.Module, value: torch.Tensor) -> torch.Tensor:
+        """A dense input column cast as nextrec casts it (``.float()``), except that a float64
+        model keeps float64 (the precision tests run whole models in float64)."""
+        param = next(layer.parameters(), None)
+        dtype = param.dtype if param is not None and param.dtype == torch.float64 else torch.float32
+        return value.to(dtype)
+
+    # -- nextrec's training loop ----------------------------------------------------------
+    def fast_data_loader(self, model: nn.Module, plain, data, batch_size: int, shuffle: bool, options: dict):
+        """nextrec's loader for in-memory ``data``, batched by indexing whole columns (same
+        batches, same order, same random stream), or ``plain()`` where that does not apply."""
+        return plain()
+
+
+def pooled_spec(feature, kind: str, combiner: str, mask_id: int, max_len, pooling_module=None) -> PooledFeatureSpec:
+    """A PooledFeatureSpec from a nextrec feature's common fields."""
+    return PooledFeatureSpec(
+        name=feature.name, kind=kind, table_name=feature.embedding_name, combiner=combiner, mask_id=int(mask_id),
+        max_len=-1 if max_len is None else int(max_len), embedding_dim=int(feature.embedding_dim),
+        vocab_size=int(feature.vocab_size), pooling_module=pooling_module)

@@ -1,0 +1,65 @@
+"""nextrec's in-memory data path, batched by indexing whole columns.
+
+nextrec's loaders index a dataset one sample at a time and stack the samples in ``collate_fn``
+(thousands of small tensors per batch); here each batch indexes every column once with the
+batch's sample indices. The sampler is the one ``DataLoader(shuffle=...)`` builds, so the same
+batches come out in the same order from the same random stream; only the collation differs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+__all__ = ["ColumnBatchDataset", "column_batch_loader"]
+
+
+class ColumnBatchDataset(Dataset):
+    """``tensors``: nextrec's ``{section: {column: tensor or numpy array} or None}``; item ``indices``
+    (a batch of sample indices) gives every section's columns indexed by them, plus ``constants``.
+
+    A 1-D numpy column (nextrec 0.6's key columns) comes back as a list of its elements, as
+    nextrec's ``collate_fn`` stacks per-sample numpy scalars; a tensor column as a tensor."""
+
+    def __init__(self, tensors: dict, sections: tuple[str, ...], constants: dict | None = None):
+        self.sections = {name: tensors.get(name) or None for name in sections}
+        self.constants = dict(constants or {})
+        features = self.sections.get("features")
+        if not features:
+            raise ValueError("Dataset requires at least one feature tensor.")
+        lengths = {len(t) for t in features.values()}
+        if len(lengths) != 1:
+            raise ValueError("All feature tensors must have the same length.")
+        self.length = lengths.pop()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, indices) -> dict:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        batch = {}
+        for name, columns in self.sections.items():
+            batch[name] = {key: _take(column, index) for key, column in columns.items()} if columns else None
+        batch.update(self.constants)
+        return batch
+
+
+def _take(column, index: torch.Tensor):
+    if isinstance(column, torch.Tensor):
+        return column[index]
+    taken = np.asarray(column)[index.numpy()]
+    return list(taken) if taken.ndim == 1 else taken
+
+
+def _as_is(batch):
+    return batch
+
+
+def column_batch_loader(tensors: dict, batch_size: int, shuffle: bool,
+                        sections: tuple[str, ...] = ("features", "labels", "ids"),
+                        constants: dict | None = None) -> DataLoader:
+    """A DataLoader giving nextrec's batches (same samplers, same order) from whole-column indexing."""
+    dataset = ColumnBatchDataset(tensors, sections, constants)
+    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last=False),
+                      collate_fn=_as_is)

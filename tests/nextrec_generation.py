@@ -1,0 +1,162 @@
+"""The installed nextrec generation, for tests that run against whichever one CI installed.
+
+``GENERATION`` is "0.3", "0.6" or None (no nextrec). ``require(generation)`` skips a test module
+written for one generation's API when another is installed, with the reason. For 0.6:
+random models across the options nextrec offers (``random_v06_model``), the probabilities a user
+sees (``predict_proba``), and nextrec itself run in float64 (``nextrec_float64``), the yardstick
+of the parity tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import random
+
+import pytest
+import torch
+
+
+def _generation() -> str | None:
+    if importlib.util.find_spec("nextrec") is None:
+        return None
+    if importlib.util.find_spec("nextrec.models.multitask") is not None:
+        return "0.6"
+    if importlib.util.find_spec("nextrec.models.multi_task") is not None:
+        return "0.3"
+    return "unknown"
+
+
+GENERATION = _generation()
+
+
+def require(generation: str) -> None:
+    """Skip the calling test module unless nextrec ``generation`` is installed."""
+    if GENERATION is None:
+        pytest.skip(f"nextrec is not installed (CI installs 0.3.1 and 0.6.14: see .ci/run)", allow_module_level=True)
+    if GENERATION != generation:
+        pytest.skip(f"tests nextrec {generation}'s API; nextrec {GENERATION} is installed (CI runs each generation "
+                    "in its own environment)", allow_module_level=True)
+
+
+def predict_proba(model, x):
+    """What the user's training loop sees: 0.6 applies the head (and ESMM's ctcvr) after forward."""
+    if hasattr(model, "call_model"):
+        return model.training_adapter.forward(model, x)
+    return model(x)
+
+
+@contextlib.contextmanager
+def nextrec_float64():
+    """nextrec 0.6 hard-codes ``.float()`` (dense values, sequence masks, mean counts); inside this
+    context ``Tensor.float`` gives float64, so a ``.double()`` nextrec model computes in float64."""
+    original = torch.Tensor.float
+
+    def to_double(self, *args, **kwargs):
+        return self.to(torch.float64, *args, **kwargs)
+
+    torch.Tensor.float = to_double
+    try:
+        yield
+    finally:
+        torch.Tensor.float = original
+
+
+# -- nextrec 0.6 random configurations ------------------------------------------------------
+V06_ACTIVATIONS = ("relu", "tanh", "silu", "mish", "sigmoid", "gelu", "leaky_relu", "elu", "linear")
+
+
+def random_v06_features(rng: random.Random):
+    from nextrec.basic.features import DenseFeature, SequenceFeature, SparseFeature
+    sparse, sequence, dense, tables = [], [], [], []
+    for i in range(rng.randint(1, 4)):
+        if tables and rng.random() < 0.3:
+            name, vocab, dim = rng.choice(tables)
+            sparse.append(SparseFeature(f"sp{i}", vocab, embedding_name=name, embedding_dim=dim))
+            continue
+        vocab, dim = rng.randint(3, 40), rng.choice([2, 4, 8])
+        kwargs = dict(embedding_dim=dim, padding_idx=rng.choice([0, 0, rng.randrange(vocab)]))
+        if rng.random() < 0.2:  # pretrained, sometimes frozen
+            kwargs.update(pretrained_weight=torch.randn(vocab, dim), trainable=rng.random() < 0.5)
+        sparse.append(SparseFeature(f"sp{i}", vocab, **kwargs))
+        tables.append((f"sp{i}", vocab, dim))
+    for i in range(rng.randint(0, 3)):
+        combiner = rng.choice(["mean", "sum", "concat", "dot_attention", "self_attention"])
+        max_len = rng.randint(1, 5)
+        dims = [d for _, _, d in tables if d % 4 == 0] if combiner == "self_attention" else None
+        if tables and rng.random() < 0.3 and (dims is None or dims):
+            name, vocab, dim = rng.choice([t for t in tables if dims is None or t[2] % 4 == 0])
+            sequence.append(SequenceFeature(f"seq{i}", vocab, max_len=max_len, embedding_name=name, embedding_dim=dim,
+                                            combiner=combiner, padding_idx=rng.choice([0, rng.randrange(vocab)])))
+            continue
+        vocab = rng.randint(3, 40)
+        dim = rng.choice([4, 8]) if combiner == "self_attention" else rng.choice([2, 4, 8])
+        sequence.append(SequenceFeature(f"seq{i}", vocab, max_len=max_len, embedding_dim=dim, combiner=combiner,
+                                        padding_idx=rng.choice([0, rng.randrange(vocab)])))
+        tables.append((f"seq{i}", vocab, dim))
+    for i in range(rng.randint(0, 3)):
+        kind = rng.choice(["plain", "linear", "mlp"])
+        input_dim = rng.randint(1, 3)
+        if kind == "plain":
+            dense.append(DenseFeature(f"d{i}", input_dim=input_dim))
+        elif kind == "linear":
+            dense.append(DenseFeature(f"d{i}", input_dim=input_dim, proj_dim=rng.randint(2, 4)))
+        else:
+            dense.append(DenseFeature(f"d{i}", input_dim=input_dim, proj_dim=rng.randint(1, 4), projection_type="mlp",
+                                      mlp_hidden_dims=[rng.randint(1, 5)], mlp_activation=rng.choice(V06_ACTIVATIONS)))
+    return dense, sparse, sequence
+
+
+def random_v06_mlp(rng: random.Random, norm_type: str | None = None, tower: bool = False, layers: int = 2) -> dict:
+    params = {"hidden_dims": [rng.randint(2, 7) for _ in range(rng.randint(1, layers))],
+              "activation": rng.choice(V06_ACTIVATIONS),
+              "norm_type": norm_type or rng.choice(["none", "batch_norm", "layer_norm"])}
+    if tower and rng.random() < 0.3:
+        params["output_activation"] = rng.choice(["tanh", "sigmoid", "relu"])
+    return params
+
+
+def random_v06_model(kind: str, seed: int, norm_type: str | None = None, **extra):
+    """A random 0.6 ESMM / MMOE / PLE (built under ``torch.manual_seed(seed)``) and its features."""
+    from nextrec.models.multitask.esmm import ESMM
+    from nextrec.models.multitask.mmoe import MMOE
+    from nextrec.models.multitask.ple import PLE
+    rng = random.Random(seed)
+    feats = random_v06_features(rng)
+    tasks = rng.randint(1, 3) if kind != "esmm" else 2
+    target = [f"t{i}" for i in range(tasks)]
+    torch.manual_seed(seed)
+    if kind == "esmm":
+        return ESMM(*feats, ctr_mlp_params=random_v06_mlp(rng, norm_type, layers=3),
+                    cvr_mlp_params=random_v06_mlp(rng, norm_type, layers=3), target=target, **extra), feats
+    towers = [random_v06_mlp(rng, norm_type, tower=True) for _ in range(tasks)]
+    if kind == "mmoe":
+        return MMOE(*feats, expert_mlp_params=random_v06_mlp(rng, norm_type), num_experts=rng.randint(1, 6),
+                    tower_mlp_params_list=towers, target=target, **extra), feats
+    shared = random_v06_mlp(rng, norm_type)
+    specific = [dict(shared) if rng.random() < 0.6 else {**random_v06_mlp(rng, norm_type),
+                                                         "hidden_dims": shared["hidden_dims"][-1:]}
+                for _ in range(tasks)]
+    return PLE(*feats, shared_expert_mlp_params=shared, specific_expert_mlp_params=specific,
+               num_shared_experts=rng.randint(1, 3), num_specific_experts=rng.randint(1, 2),
+               num_levels=rng.randint(1, 3), tower_mlp_params_list=towers, target=target, **extra), feats
+
+
+def random_v06_inputs(feats, batch: int, generator: torch.Generator) -> dict:
+    """A batch as 0.6's data loader gives it: ids [B] / [B, L] (some rows all padding), dense [B] or [B, k]."""
+    dense, sparse, sequence = feats
+    x = {}
+    for f in sparse:
+        x[f.name] = torch.randint(0, f.vocab_size, (batch,), generator=generator)
+    for f in sequence:
+        length = f.max_len + int(torch.randint(0, 3, (1,), generator=generator))
+        ids = torch.randint(0, f.vocab_size, (batch, length), generator=generator)
+        ids[torch.rand(batch, length, generator=generator) < 0.4] = f.padding_idx
+        if f.combiner == "self_attention":  # all-padding rows give NaN in nextrec's self-attention pooling
+            ids[:, -1] = torch.where(ids[:, -1] == f.padding_idx, (f.padding_idx + 1) % f.vocab_size, ids[:, -1])
+        else:
+            ids[0, -f.max_len:] = f.padding_idx  # an all-padding row (after truncation)
+        x[f.name] = ids
+    for f in dense:
+        shape = (batch,) if f.input_dim == 1 else (batch, f.input_dim)
+        x[f.name] = torch.randn(*shape, generator=generator)
+    return x

@@ -1,0 +1,275 @@
+"""accelerate / restore / patch_nextrec and nextrec's own fit on nextrec 0.6.x, against float64 nextrec.
+
+Random configurations across the options 0.6 offers for ESMM / MMOE / PLE: norm_type none /
+batch_norm / layer_norm, output activations, dense projections (linear, mlp), pretrained and
+frozen tables, shared tables, sequence combiners mean / sum / concat / dot_attention /
+self_attention. Seeds are fresh each run and printed; NEXTREC_FAST_TEST_SEED replays a run.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import nextrec_fast
+from nextrec_generation import (nextrec_float64, predict_proba, random_v06_inputs, random_v06_model, require)
+
+require("0.6")
+from nextrec.basic.layers import EmbeddingLayer  # noqa: E402
+from nextrec.models.multitask.esmm import ESMM  # noqa: E402
+from nextrec.models.multitask.mmoe import MMOE  # noqa: E402
+from nextrec.models.multitask.ple import PLE  # noqa: E402
+
+pytestmark = pytest.mark.nextrec
+CLASSES = {"esmm": ESMM, "mmoe": MMOE, "ple": PLE}
+RUN_SEED = int(os.environ.get("NEXTREC_FAST_TEST_SEED", time.time_ns() % 2**31))
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nextrec writes a session folder into the working directory
+
+
+def _seed(*parts) -> int:
+    seed = (RUN_SEED + sum(map(ord, "/".join(map(str, parts))))) % 2**31
+    print(f"seed={seed} (NEXTREC_FAST_TEST_SEED={RUN_SEED})")
+    return seed
+
+
+def _grads(model, x):
+    model.zero_grad(set_to_none=True)
+    out = predict_proba(model, x)
+    (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _as_accurate(name, fast, nr, truth, scale):
+    """The fast float32 result is as close to float64 nextrec as nextrec's own float32 result
+    (train-mode BatchNorm over small batches amplifies rounding alike), with a floor of float32
+    noise relative to the whole set's magnitude ``scale``."""
+    err_fast = (fast.double() - truth).abs().max().item()
+    err_nr = (nr.double() - truth).abs().max().item()
+    assert err_fast <= 10 * err_nr + 1e-5 * scale, f"{name}: fast error {err_fast:.3g}, nextrec error {err_nr:.3g}"
+
+
+@pytest.mark.parametrize("norm_type", ["none", "batch_norm", "layer_norm", None])
+@pytest.mark.parametrize("kind", list(CLASSES))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_accelerate_matches_float64_nextrec(kind, norm_type, mode):
+    """Outputs (after the head, as nextrec's training loop sees them) and every gradient."""
+    seed = _seed(kind, norm_type, mode)
+    model, feats = random_v06_model(kind, seed, norm_type=norm_type)
+    plain = copy.deepcopy(model)
+    truth = copy.deepcopy(model).double()
+    params_before, keys_before = [id(p) for p in model.parameters()], list(model.state_dict())
+    assert nextrec_fast.accelerate(model) is model
+    assert isinstance(model, CLASSES[kind]) and isinstance(model.embedding, EmbeddingLayer)
+    assert nextrec_fast.is_accelerated(model)
+    assert [id(p) for p in model.parameters()] == params_before and list(model.state_dict()) == keys_before
+    x = random_v06_inputs(feats, batch=random.Random(seed).randint(2, 24), generator=torch.Generator().manual_seed(seed))
+    for m in (model, plain, truth):
+        m.train(mode == "train")
+    out_nr, g_nr = _grads(plain, x)
+    out_fast, g_fast = _grads(model, x)
+    with nextrec_float64():
+        out_truth, g_truth = _grads(truth, {k: v.double() if v.is_floating_point() else v for k, v in x.items()})
+    torch.testing.assert_close(out_fast, out_nr, rtol=1e-3, atol=1e-3)
+    _as_accurate("output", out_fast, out_nr, out_truth, out_truth.abs().max().item())
+    scale = max((g.abs().max().item() for g in g_truth.values() if g is not None), default=0.0)
+    for name, g in g_nr.items():
+        if g is None:
+            assert g_fast[name] is None or not g_fast[name].any(), name
+        else:
+            assert g_fast[name] is not None, f"{name}: no gradient"
+            _as_accurate(name, g_fast[name], g, g_truth[name], scale)
+    for (name, b_nr), b_fast in zip(plain.state_dict().items(), model.state_dict().values()):
+        if b_nr.is_floating_point():
+            torch.testing.assert_close(b_fast, b_nr, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        else:
+            assert torch.equal(b_fast, b_nr), name
+    assert nextrec_fast.restore(model) is model
+    assert type(model) is CLASSES[kind] and type(model.embedding) is EmbeddingLayer
+    assert not nextrec_fast.is_accelerated(model)
+
+
+def test_accelerate_is_atomic():
+    """A model the fast path cannot take (here: a gate that is not Linear + Softmax) is left
+    exactly as it was, and the error says what is unsupported."""
+    model, _ = random_v06_model("mmoe", _seed("atomic"))
+    model.gates[0] = torch.nn.Sequential(torch.nn.Linear(model.gates[0][0].in_features, model.num_experts),
+                                         torch.nn.Sigmoid())
+    classes, state = (type(model), type(model.embedding)), copy.deepcopy(model.state_dict())
+    attrs, embedding_attrs = set(vars(model)), set(vars(model.embedding))
+    with pytest.raises(nextrec_fast.compat.UnsupportedModelError, match="gate must be"):
+        nextrec_fast.accelerate(model)
+    assert (type(model), type(model.embedding)) == classes and not nextrec_fast.is_accelerated(model)
+    assert set(vars(model)) == attrs and set(vars(model.embedding)) == embedding_attrs
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_unsupported_model_error_names_both_generations():
+    with pytest.raises(TypeError, match="multitask.mmoe.MMOE.*multi_task.mmoe.MMOE"):
+        nextrec_fast.accelerate(torch.nn.Linear(2, 2))
+
+
+def test_squeezed_and_raw_layouts_use_nextrec():
+    """The embedding layer's other layouts (not used by these models) give nextrec's results."""
+    model, feats = random_v06_model("mmoe", _seed("layouts"))
+    plain = copy.deepcopy(model)
+    nextrec_fast.accelerate(model)
+    x = random_v06_inputs(feats, batch=5, generator=torch.Generator().manual_seed(1))
+    dims = {f.embedding_dim for f in feats[1] + feats[2]}
+    with torch.no_grad():
+        for kwargs in ({"squeeze_dim": True}, {"squeeze_dim": False} if len(dims) == 1 and not feats[0] else None):
+            if kwargs is None:
+                continue
+            expected = plain.embedding(x, plain.all_features, **kwargs)
+            torch.testing.assert_close(model.embedding(x, model.all_features, **kwargs), expected)
+
+
+def test_patch_and_unpatch():
+    try:
+        nextrec_fast.patch_nextrec()
+        nextrec_fast.patch_nextrec()  # idempotent
+        patched, _ = random_v06_model("ple", _seed("patch"))
+        assert nextrec_fast.is_accelerated(patched)
+    finally:
+        nextrec_fast.unpatch_nextrec()
+    plain, _ = random_v06_model("ple", _seed("patch"))
+    assert not nextrec_fast.is_accelerated(plain) and type(plain) is PLE
+
+
+def test_pickles_as_nextrec():
+    model, feats = random_v06_model("esmm", _seed("pickle"))
+    nextrec_fast.accelerate(model)
+    clone = pickle.loads(pickle.dumps(model))
+    assert type(clone) is ESMM and type(clone.embedding) is EmbeddingLayer
+    x = random_v06_inputs(feats, batch=4, generator=torch.Generator().manual_seed(2))
+    model.eval()
+    clone.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(predict_proba(clone, x), predict_proba(model, x))
+
+
+def test_regularization_gradient_matches_nextrec():
+    model, feats = random_v06_model("mmoe", _seed("reg"), embedding_l1_reg=1e-3, dense_l1_reg=1e-3,
+                                    embedding_l2_reg=1e-2, dense_l2_reg=1e-2)
+    plain = copy.deepcopy(model)
+    nextrec_fast.accelerate(model)
+    x = random_v06_inputs(feats, batch=8, generator=torch.Generator().manual_seed(3))
+    for m in (plain, model):
+        m.eval()
+        m.zero_grad(set_to_none=True)
+        (predict_proba(m, x).sum() + m.add_reg_loss()).backward()
+    torch.testing.assert_close(model.add_reg_loss(), plain.add_reg_loss(), rtol=1e-5, atol=0)
+    scale = max(p.grad.abs().max().item() for p in plain.parameters() if p.grad is not None)
+    for (name, p_plain), p_fast in zip(plain.named_parameters(), model.parameters()):
+        if p_plain.grad is not None:
+            torch.testing.assert_close(p_fast.grad, p_plain.grad, rtol=1e-4, atol=1e-5 * scale,
+                                       msg=lambda m: f"{name}: {m}")
+
+
+# -- nextrec's own fit ---------------------------------------------------------------------
+def _frame(feats, n, targets, seed):
+    dense, sparse, sequence = feats
+    rng = np.random.default_rng(seed)
+    data = {f.name: rng.integers(0, f.vocab_size, n) for f in sparse}
+    for f in sequence:
+        ids = rng.integers(0, f.vocab_size, (n, f.max_len))
+        ids[rng.random((n, f.max_len)) < 0.4] = f.padding_idx
+        ids[:, -1] = np.where(ids[:, -1] == f.padding_idx, (f.padding_idx + 1) % f.vocab_size, ids[:, -1])
+        data[f.name] = ids
+    for f in dense:
+        data[f.name] = rng.standard_normal((n,) if f.input_dim == 1 else (n, f.input_dim)).astype(np.float32)
+    for t in targets:
+        data[t] = rng.integers(0, 2, n).astype(np.float32)
+    return data
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_fast_data_path_gives_nextrec_batches(shuffle):
+    model, feats = random_v06_model("mmoe", _seed("data", shuffle))
+    plain = copy.deepcopy(model)
+    nextrec_fast.accelerate(model)
+    data = _frame(feats, 50, model.target_columns, 4)
+    data["uid"] = np.arange(50) * 7
+    batches = []
+    for m in (plain, model):
+        torch.manual_seed(123)
+        batches.append(list(m.prepare_data_loader(data, batch_size=16, shuffle=shuffle, key_columns=["uid"])))
+    assert len(batches[0]) == len(batches[1]) == 4
+    for b_plain, b_fast in zip(*batches):
+        assert b_plain.keys() == b_fast.keys() and b_plain["schema"] == b_fast["schema"]
+        for section in ("features", "labels"):
+            assert b_plain[section].keys() == b_fast[section].keys()
+            for name in b_plain[section]:
+                assert torch.equal(b_plain[section][name], b_fast[section][name]), (section, name)
+        assert [str(k) for k in b_plain["keys"]["uid"]] == [str(k) for k in b_fast["keys"]["uid"]]
+
+
+def _fit_predictions(model, data, targets, epochs=2, **compile_kwargs):
+    model.compile(optimizer="sgd", optimizer_params={"lr": 0.05}, loss="bce", **compile_kwargs)
+    torch.manual_seed(0)  # the same shuffling for every run
+    model.fit(data, epochs=epochs, batch_size=32, shuffle=True, metrics=["auc"], use_tensorboard=False)
+    return np.asarray(model.predict(data, batch_size=64, return_dataframe=False), dtype=float)
+
+
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_fit_plain_vs_accelerated(kind):
+    """Two epochs of 0.6's own fit loop (regularisation, gradient clipping, SGD), plain and
+    accelerated from the same weights and batches: the same predictions, to float32 rounding as
+    training carries it (measured by a third plain run from weights moved by one ulp)."""
+    seed = _seed("fit", kind)
+    model, feats = random_v06_model(kind, seed, norm_type="none", dense_l2_reg=1e-3, embedding_l2_reg=1e-4)
+    for module in model.modules():  # smooth activations: no kinks for rounding to cross
+        for i, child in list(module.named_children()):
+            if isinstance(child, (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.ELU)):
+                setattr(module, i, torch.nn.Tanh())
+    plain, rounded = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.mul_(1 + 2**-23)
+    nextrec_fast.accelerate(model)
+    data = _frame(feats, 96, model.target_columns, seed)
+    preds = [_fit_predictions(m, data, model.target_columns) for m in (plain, model, rounded)]
+    carried = np.abs(preds[2] - preds[0]).max()
+    np.testing.assert_allclose(preds[1], preds[0], rtol=1e-3, atol=max(5e-5, 4 * carried))
+
+
+def test_grad_norm_runs_nextrecs_forward():
+    """GradNorm differentiates the task losses' gradients again: under it the accelerated model
+    trains with nextrec's own forward (same predictions as plain, no error)."""
+    rng = random.Random(_seed("gradnorm"))
+    while True:  # GradNorm needs two tasks; nextrec's self-attention pooling has no double backward on CPU
+        model, feats = random_v06_model("mmoe", rng.randrange(2**31), norm_type="none")
+        if model.nums_task >= 2 and all(f.combiner != "self_attention" for f in feats[2]):
+            break
+    plain = copy.deepcopy(model)
+    nextrec_fast.accelerate(model)
+    data = _frame(feats, 64, model.target_columns, 5)
+    preds = [_fit_predictions(m, data, model.target_columns, epochs=1, loss_weights={"method": "grad_norm"})
+             for m in (plain, model)]
+    np.testing.assert_allclose(preds[1], preds[0], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    """save_model of an accelerated model loads into plain nextrec (and back), strict."""
+    model, feats = random_v06_model("ple", _seed("ckpt"))
+    nextrec_fast.accelerate(model)
+    path = model.save_model(tmp_path / "ple", verbose=False)
+    plain, _ = random_v06_model("ple", _seed("ckpt"))
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(1.0)
+    plain.load_state_dict(torch.load(path), strict=True)
+    x = random_v06_inputs(feats, batch=6, generator=torch.Generator().manual_seed(6))
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(predict_proba(plain, x), predict_proba(model, x), rtol=1e-5, atol=1e-6)
