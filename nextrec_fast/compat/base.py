@@ -8,6 +8,8 @@ ones tested keep working as long as they keep those capabilities.
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +119,35 @@ class NextrecGeneration:
         return value.to(dtype)
 
     # -- nextrec's training loop ----------------------------------------------------------
+    # (module, function) of nextrec's per-row sequence-column padding, and its rule for a feature:
+    sequence_column_function: tuple[str, str] = ("", "")
+
+    def sequence_padding(self, feature) -> tuple[int, int] | None:
+        """(max_len, pad value) as nextrec's padding function reads them from ``feature``, or None
+        where only nextrec's own function knows what to do."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def fast_sequence_columns(self):
+        """Within this context nextrec's data path pads sequence columns with
+        ``nextrec_fast.integration.data.pad_sequence_column`` (identical arrays, vectorised),
+        falling back to nextrec's function for anything else."""
+        from nextrec_fast.integration.data import pad_sequence_column
+        module_name, name = self.sequence_column_function
+        module = importlib.import_module(module_name)
+        original = getattr(module, name)
+
+        def padded(column, feature):
+            rule = self.sequence_padding(feature)
+            out = pad_sequence_column(column, *rule) if rule is not None else None
+            return out if out is not None else original(column, feature)
+
+        setattr(module, name, padded)
+        try:
+            yield
+        finally:
+            setattr(module, name, original)
+
     def fast_data_loader(self, model: nn.Module, plain, data, batch_size: int, shuffle: bool, options: dict):
         """nextrec's loader for in-memory ``data``, batched by indexing whole columns (same
         batches, same order, same random stream), or ``plain()`` where that does not apply."""

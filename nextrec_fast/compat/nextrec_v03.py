@@ -88,14 +88,21 @@ class NextrecV03(NextrecGeneration):
                 pooled.append(pooled_spec(feature, kind, combiner, mask_id, feature.max_len))
         return pooled, dense
 
+    sequence_column_function = ("nextrec.data.dataloader", "_normalize_sequence_column")
+
+    def sequence_padding(self, feature):
+        max_len, pad = getattr(feature, "max_len", 0), getattr(feature, "padding_idx", 0)
+        return None if max_len is None or pad is None else (int(max_len), int(pad))
+
     def fast_data_loader(self, model, plain, data, batch_size, shuffle, options):
         from torch.utils.data import DataLoader
         if isinstance(data, DataLoader):
             return plain()
         from nextrec.basic import model as nextrec_model  # nextrec is there: this is a nextrec model
         from nextrec_fast.integration.data import column_batch_loader
-        tensors = nextrec_model.build_tensors_from_data(data=data, raw_data=data, features=model.all_features,
-                                                        target_columns=model.target, id_columns=model.id_columns)
+        with self.fast_sequence_columns():
+            tensors = nextrec_model.build_tensors_from_data(data=data, raw_data=data, features=model.all_features,
+                                                            target_columns=model.target, id_columns=model.id_columns)
         if tensors is None:
             raise ValueError("No data available to create DataLoader.")
         return column_batch_loader(tensors, batch_size=batch_size, shuffle=shuffle)

@@ -82,6 +82,12 @@ class NextrecV06(NextrecGeneration):
                 pooled.append(pooled_spec(feature, kind, combiner, mask_id, feature.max_len, module))
         return pooled, dense
 
+    sequence_column_function = ("nextrec.data.dataloader", "prepare_sequence_column")
+
+    def sequence_padding(self, feature):
+        max_len, pad = feature.max_len if feature.max_len is not None else 0, feature.padding_idx
+        return int(max_len), int(pad if pad is not None else 0)
+
     def fast_data_loader(self, model, plain, data, batch_size, shuffle, options):
         import pandas as pd
         from nextrec.data.dataloader import build_tensors_from_data
@@ -93,9 +99,10 @@ class NextrecV06(NextrecGeneration):
                 or extra.get("expand")):
             return plain()  # files, streaming, workers, processors: nextrec's own loader
         key_columns = extra.get("key_columns")
-        tensors = build_tensors_from_data(data=data, raw_data=data, features=model.all_features,
-                                          target_columns=model.target_columns,
-                                          key_columns=key_columns if key_columns is not None else model.key_columns)
+        with self.fast_sequence_columns():
+            tensors = build_tensors_from_data(data=data, raw_data=data, features=model.all_features,
+                                              target_columns=model.target_columns,
+                                              key_columns=key_columns if key_columns is not None else model.key_columns)
         return column_batch_loader(tensors, batch_size=batch_size, shuffle=shuffle,
                                    sections=("features", "labels", "keys"), constants={"schema": tensors.get("schema")})
 

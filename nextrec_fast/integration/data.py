@@ -7,11 +7,13 @@ batches come out in the same order from the same random stream; only the collati
 """
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-__all__ = ["ColumnBatchDataset", "column_batch_loader"]
+__all__ = ["ColumnBatchDataset", "column_batch_loader", "pad_sequence_column"]
 
 
 class ColumnBatchDataset(Dataset):
@@ -63,3 +65,39 @@ def column_batch_loader(tensors: dict, batch_size: int, shuffle: bool,
     sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last=False),
                       collate_fn=_as_is)
+
+
+def pad_sequence_column(column, max_len: int, pad_value: int) -> np.ndarray | None:
+    """A column of id lists as nextrec pads it, vectorised: ``[N, max_len]`` int64, each row its
+    first ``max_len`` ids then ``pad_value`` (``max_len <= 0``: the longest row's length).
+
+    nextrec pads row by row in Python (``np.asarray`` + ``np.pad`` per row: about 140 ms per 2048
+    rows with three length-50 sequences); here the ids are flattened once and scattered into the
+    output. Returns None for anything but a non-empty 1-D collection (list, tuple, object array,
+    pandas Series) of 1-D id lists, or ids numpy cannot read as int64: callers then run nextrec's
+    own function, which also raises nextrec's errors."""
+    if isinstance(column, np.ndarray):
+        if column.dtype != object or column.ndim != 1:
+            return None
+        rows = column
+    elif isinstance(column, (list, tuple)):
+        rows = column
+    elif type(column).__name__ == "Series" and type(column).__module__.startswith("pandas"):
+        rows = column.tolist()
+    else:
+        return None
+    count = len(rows)
+    if count == 0 or not all(type(r) in (list, tuple) or (isinstance(r, np.ndarray) and r.ndim == 1) for r in rows):
+        return None
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=count)
+    try:
+        flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(lengths.sum()))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    width = int(max_len) if max_len > 0 else max(int(lengths.max()), 1)
+    kept = np.minimum(lengths, width)
+    out = np.full((count, width), pad_value, dtype=np.int64)
+    rows_of = np.repeat(np.arange(count), kept)
+    cols = np.arange(int(kept.sum())) - np.repeat(np.cumsum(kept) - kept, kept)
+    out[rows_of, cols] = flat[np.repeat(np.cumsum(lengths) - lengths, kept) + cols]
+    return out
