@@ -14,7 +14,7 @@ def _bench(args) -> int:
         try:
             import nextrec  # noqa: F401
         except ImportError:
-            print("bench --nextrec needs nextrec 0.3.1: pip install --no-deps nextrec==0.3.1 (see README)", file=sys.stderr)
+            print("bench --nextrec needs nextrec (0.6.x or 0.3.x): see the README's install commands", file=sys.stderr)
             return 2
         models = [m for m in args.model if m != "pooling"]
         models = [m for m in models if m != "esmm"] if models == list(benchmark.MODEL_NAMES) else models
@@ -79,9 +79,10 @@ def main(argv=None) -> int:
                        help="also draw the speed-ups as a PNG bar chart (needs matplotlib)")
     bench.add_argument("--quiet", action="store_true", help="no progress lines")
     bench.add_argument("--nextrec", action="store_true",
-                       help="time nextrec's own fit loop per step, plain vs nextrec_fast.accelerate (needs nextrec; "
-                            "--repeats is then the number of fit rounds, --steps the steps per round)")
-    bench.add_argument("--steps", type=int, default=4, help="with --nextrec: training steps per fit round")
+                       help="time nextrec's own fit, plain vs nextrec_fast.accelerate, on the installed nextrec "
+                            "(0.3.x or 0.6.x): the median step and the epoch's wall time (data preparation, steps, "
+                            "checkpoint); --repeats is then the number of epochs each, --steps the steps per epoch")
+    bench.add_argument("--steps", type=int, default=8, help="with --nextrec: training steps (batches) per epoch")
     bench.set_defaults(func=_bench)
 
     plot = sub.add_parser("plot", help="draw the speed-up bar chart from a `bench --json` file")
