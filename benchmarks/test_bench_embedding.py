@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from nextrec_fast import reference
-from nextrec_fast.models import FastEmbeddingLayer
+from nextrec_fast.models.standalone import FastEmbeddingLayer
 
 IMPLS = ("reference", "compiled_reference", "fast", "embedding_bag")
 MODES = ("forward", "forward_backward")

@@ -1,17 +1,21 @@
-"""nextrec_fast: fast drop-in ESMM / MMoE / PLE for nextrec 0.3.1.
+"""nextrec_fast: fast ESMM / MMoE / PLE for nextrec 0.6.x and 0.3.x.
 
-    from nextrec_fast import MMOE, SparseFeature      # same arguments as nextrec's
-    model = MMOE(...)                                  # same state_dict keys as nextrec's
-    model.load_state_dict(nextrec_model.state_dict())  # strict
-
-or, keeping a nextrec model and its training loop:
+Keeping a nextrec model and its training loop:
 
     nextrec_fast.accelerate(nextrec_model)             # in place; nextrec_fast.restore() undoes it
+
+or swapping the import (nextrec's classes of the installed generation, accelerated when built;
+without nextrec, plain nn.Module drop-ins with nextrec 0.3.1's API):
+
+    from nextrec_fast import MMOE                      # nextrec_fast.models.v06 / v03 / standalone
+
+``import nextrec_fast`` never imports nextrec; looking up ``ESMM`` / ``MMOE`` / ``PLE`` here checks
+which nextrec is installed (``nextrec_fast.models.default_drop_ins``).
 """
 from nextrec_fast.backend import get_backend, set_backend, use_backend
+from nextrec_fast.compat import UnsupportedModelError
 from nextrec_fast.features import DenseFeature, SequenceFeature, SparseFeature
 from nextrec_fast.integration import accelerate, is_accelerated, patch_nextrec, restore, unpatch_nextrec
-from nextrec_fast.models import ESMM, MMOE, PLE
 from nextrec_fast.validation import MissingFeatureError
 
 __version__ = "0.1.0"
@@ -19,8 +23,15 @@ __version__ = "0.1.0"
 __all__ = [
     "ESMM", "MMOE", "PLE",
     "DenseFeature", "SequenceFeature", "SparseFeature",
-    "MissingFeatureError",
+    "MissingFeatureError", "UnsupportedModelError",
     "get_backend", "set_backend", "use_backend",
     "accelerate", "restore", "is_accelerated", "patch_nextrec", "unpatch_nextrec",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("ESMM", "MMOE", "PLE"):
+        from nextrec_fast.models import default_drop_ins
+        return getattr(default_drop_ins(), name)
+    raise AttributeError(f"module 'nextrec_fast' has no attribute {name!r}")

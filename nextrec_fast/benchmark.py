@@ -164,10 +164,10 @@ CONFIGS = {
 
 
 def build_models(model: str, device, features=None, seed: int = 0, overrides: dict | None = None):
-    import nextrec_fast
+    from nextrec_fast.models import standalone
     dense, sparse, sequence = features or default_features()
     kwargs = {**default_model_kwargs(model), **(overrides or {})}
-    fast_cls = {"mmoe": nextrec_fast.MMOE, "ple": nextrec_fast.PLE, "esmm": nextrec_fast.ESMM}[model]
+    fast_cls = {"mmoe": standalone.MMOE, "ple": standalone.PLE, "esmm": standalone.ESMM}[model]
     ref_cls = {"mmoe": reference.MMOE, "ple": reference.PLE, "esmm": reference.ESMM}[model]
     torch.manual_seed(seed)
     ref = ref_cls(dense_features=dense, sparse_features=sparse, sequence_features=sequence, device=str(device), **kwargs)

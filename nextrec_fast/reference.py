@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 
 from nextrec_fast.activations import activation_layer
+from nextrec_fast.compat.nextrec_v03 import dense_input_dim as _dense_input_dim
+from nextrec_fast.compat.nextrec_v03 import dense_output_dim as _dense_output_dim
 from nextrec_fast.features import DENSE, SEQUENCE, SPARSE, feature_kind
 
 __all__ = [
@@ -122,15 +124,6 @@ class PredictionLayer(nn.Module):
         if task == "multiclass":
             return lambda x: torch.softmax(x, dim=-1)
         raise ValueError(f"Unsupported task_type '{task_type}'.")
-
-
-def _dense_input_dim(feature) -> int:
-    return max(int(getattr(feature, "input_dim", 1) or 1), 1)
-
-
-def _dense_output_dim(feature) -> int:
-    emb_dim = getattr(feature, "embedding_dim", None)
-    return max(int(emb_dim), 1) if emb_dim else _dense_input_dim(feature)
 
 
 class EmbeddingLayer(nn.Module):

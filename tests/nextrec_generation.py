@@ -32,7 +32,7 @@ GENERATION = _generation()
 def require(generation: str) -> None:
     """Skip the calling test module unless nextrec ``generation`` is installed."""
     if GENERATION is None:
-        pytest.skip(f"nextrec is not installed (CI installs 0.3.1 and 0.6.14: see .ci/run)", allow_module_level=True)
+        pytest.skip("nextrec is not installed (CI installs 0.3.1 and 0.6.14: see .ci/run)", allow_module_level=True)
     if GENERATION != generation:
         pytest.skip(f"tests nextrec {generation}'s API; nextrec {GENERATION} is installed (CI runs each generation "
                     "in its own environment)", allow_module_level=True)
@@ -115,11 +115,13 @@ def random_v06_mlp(rng: random.Random, norm_type: str | None = None, tower: bool
     return params
 
 
-def random_v06_model(kind: str, seed: int, norm_type: str | None = None, **extra):
-    """A random 0.6 ESMM / MMOE / PLE (built under ``torch.manual_seed(seed)``) and its features."""
+def random_v06_model(kind: str, seed: int, norm_type: str | None = None, classes: dict | None = None, **extra):
+    """A random 0.6 ESMM / MMOE / PLE (built under ``torch.manual_seed(seed)``) and its features;
+    ``classes`` ({kind: class}) builds the same configuration with another class."""
     from nextrec.models.multitask.esmm import ESMM
     from nextrec.models.multitask.mmoe import MMOE
     from nextrec.models.multitask.ple import PLE
+    ESMM, MMOE, PLE = ((classes or {}).get(k, c) for k, c in (("esmm", ESMM), ("mmoe", MMOE), ("ple", PLE)))
     rng = random.Random(seed)
     feats = random_v06_features(rng)
     tasks = rng.randint(1, 3) if kind != "esmm" else 2

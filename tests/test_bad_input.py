@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import nextrec_fast
+from nextrec_fast.models import standalone
 from nextrec_fast import DenseFeature, MissingFeatureError, SequenceFeature, SparseFeature
 
 
@@ -15,7 +15,7 @@ def _model(**overrides):
     kwargs = dict(expert_params={"dims": [8]}, num_experts=2, tower_params_list=[{"dims": [4]}] * 2,
                   target=["a", "b"], task=["binary", "binary"])
     kwargs.update(overrides)
-    return nextrec_fast.MMOE(dense, sparse, sequence, **kwargs)
+    return standalone.MMOE(dense, sparse, sequence, **kwargs)
 
 
 def _batch(b=4):
@@ -101,7 +101,7 @@ def test_batch_of_one_in_training_mode():
 
 def test_concat_sequence_shorter_than_max_len():
     sequence = [SequenceFeature("hist", 20, max_len=5, embedding_dim=2, combiner="concat")]
-    model = nextrec_fast.ESMM([], [SparseFeature("user", 10)], sequence, ctr_params={"dims": [3]},
+    model = standalone.ESMM([], [SparseFeature("user", 10)], sequence, ctr_params={"dims": [3]},
                               cvr_params={"dims": [3]})
     with pytest.raises(ValueError, match="hist.*concat.*max_len=5.*3 positions"):
         model({"user": torch.zeros(4, dtype=torch.long), "hist": torch.zeros(4, 3, dtype=torch.long)})
@@ -113,9 +113,9 @@ def test_bad_configuration():
     with pytest.raises(ValueError, match="tower params"):
         _model(tower_params_list=[{"dims": [4]}])
     with pytest.raises(ValueError, match="combiner"):
-        nextrec_fast.ESMM([], [], [SequenceFeature("h", 5, combiner="max")], ctr_params={}, cvr_params={})
+        standalone.ESMM([], [], [SequenceFeature("h", 5, combiner="max")], ctr_params={}, cvr_params={})
     with pytest.raises(ValueError, match="d.*use_embedding"):
-        nextrec_fast.ESMM([DenseFeature("d", embedding_dim=1, input_dim=3)], [SparseFeature("u", 4)], [],
+        standalone.ESMM([DenseFeature("d", embedding_dim=1, input_dim=3)], [SparseFeature("u", 4)], [],
                           ctr_params={}, cvr_params={})
     with pytest.raises(TypeError, match="Unsupported feature type"):
-        nextrec_fast.ESMM([object()], [], [], ctr_params={}, cvr_params={})
+        standalone.ESMM([object()], [], [], ctr_params={}, cvr_params={})

@@ -162,11 +162,12 @@ def test_fast_model_places_tables_and_matches_reference(tiny_min, model):
 
 @needs_thp
 def test_constructed_fast_model_has_placed_tables(tiny_min):
-    import nextrec_fast
     from model_factory import random_features
 
+    from nextrec_fast.models import standalone
+
     dense, sparse, sequence = random_features(random.Random(0))
-    model = nextrec_fast.MMOE(dense, sparse, sequence, expert_params={"dims": [8]}, num_experts=2,
-                              tower_params_list=[{"dims": [4]}, {"dims": [4]}], target=["a", "b"],
-                              task=["binary", "binary"])
+    model = standalone.MMOE(dense, sparse, sequence, expert_params={"dims": [8]}, num_experts=2,
+                            tower_params_list=[{"dims": [4]}, {"dims": [4]}], target=["a", "b"],
+                            task=["binary", "binary"])
     assert all(huge_pages.is_placed(t) for t in model.embedding.tables())

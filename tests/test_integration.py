@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import nextrec_fast
+from nextrec_fast.models import standalone
 from model_factory import random_features, random_inputs, random_model_kwargs
 from nextrec_generation import require
 
@@ -21,7 +22,7 @@ from nextrec.models.multi_task.ple import PLE  # noqa: E402
 
 pytestmark = pytest.mark.nextrec
 MODELS = {"esmm": ESMM, "mmoe": MMOE, "ple": PLE}
-DROP_IN = {"esmm": nextrec_fast.ESMM, "mmoe": nextrec_fast.MMOE, "ple": nextrec_fast.PLE}
+DROP_IN = {"esmm": standalone.ESMM, "mmoe": standalone.MMOE, "ple": standalone.PLE}
 _seeds: dict[int, int] = {}
 
 
@@ -315,3 +316,32 @@ def test_fast_data_path_gives_nextrec_batches(shuffle):
             assert b_plain[section].keys() == b_fast[section].keys()
             for name in b_plain[section]:
                 assert torch.equal(b_plain[section][name], b_fast[section][name]), (section, name)
+
+
+def test_drop_ins_are_nextrecs_classes_accelerated():
+    """``from nextrec_fast import MMOE`` under 0.3: nextrec 0.3's class (its signature, ``fit``,
+    ...), accelerated when built; nextrec's checkpoint loads strictly, same outputs."""
+    import inspect
+
+    from nextrec_fast.models import v03
+    assert (nextrec_fast.ESMM, nextrec_fast.MMOE, nextrec_fast.PLE) == (v03.ESMM, v03.MMOE, v03.PLE)
+    assert inspect.signature(v03.MMOE) == inspect.signature(MMOE)
+    for kind, cls in (("esmm", v03.ESMM), ("mmoe", v03.MMOE), ("ple", v03.PLE)):
+        seed = random.Random().randrange(2**31)
+        plain, x = _random_model(kind, seed)
+        feats = (plain.dense_features, plain.sparse_features, plain.sequence_features)
+        drop_in = cls(*feats, **random_model_kwargs(kind, random.Random(seed + 1)))
+        assert isinstance(drop_in, MODELS[kind]) and nextrec_fast.is_accelerated(drop_in)
+        assert all(callable(getattr(drop_in, n, None)) for n in ("compile", "fit", "predict", "save_model"))
+        drop_in.load_state_dict(plain.state_dict(), strict=True)
+        plain.eval()
+        drop_in.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(drop_in(x), plain(x), rtol=1e-5, atol=1e-6, msg=lambda m: f"{kind} {seed}: {m}")
+
+
+def test_default_drop_ins_without_nextrec(monkeypatch):
+    """Without nextrec, ``nextrec_fast.MMOE`` is the plain-module drop-in (0.3.1's API)."""
+    from nextrec_fast import models
+    monkeypatch.setattr(models, "_has_module", lambda name: False)
+    assert nextrec_fast.MMOE is standalone.MMOE and nextrec_fast.PLE is standalone.PLE

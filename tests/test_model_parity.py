@@ -7,12 +7,12 @@ import random
 import pytest
 import torch
 
-import nextrec_fast
+from nextrec_fast.models import standalone
 from nextrec_fast import reference
 from model_factory import random_features, random_inputs, random_model_kwargs
 
-MODELS = {"esmm": (reference.ESMM, nextrec_fast.ESMM), "mmoe": (reference.MMOE, nextrec_fast.MMOE),
-          "ple": (reference.PLE, nextrec_fast.PLE)}
+MODELS = {"esmm": (reference.ESMM, standalone.ESMM), "mmoe": (reference.MMOE, standalone.MMOE),
+          "ple": (reference.PLE, standalone.PLE)}
 SEEDS = [random.randrange(2**31) for _ in range(6)]  # fresh configs each run; the seed is in the test id
 
 

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-import nextrec_fast
+from nextrec_fast.models import standalone
 from nextrec_fast import features as our_features
 from nextrec_fast import reference
 from model_factory import random_features, random_inputs, random_model_kwargs
@@ -20,7 +20,7 @@ from nextrec.models.multi_task.ple import PLE as NrPLE  # noqa: E402
 
 pytestmark = pytest.mark.nextrec
 NEXTREC = {"esmm": NrESMM, "mmoe": NrMMOE, "ple": NrPLE}
-FAST = {"esmm": nextrec_fast.ESMM, "mmoe": nextrec_fast.MMOE, "ple": nextrec_fast.PLE}
+FAST = {"esmm": standalone.ESMM, "mmoe": standalone.MMOE, "ple": standalone.PLE}
 REF = {"esmm": reference.ESMM, "mmoe": reference.MMOE, "ple": reference.PLE}
 SEEDS = [random.randrange(2**31) for _ in range(4)]
 

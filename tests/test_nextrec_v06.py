@@ -273,3 +273,31 @@ def test_checkpoint_round_trip(tmp_path):
     plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(predict_proba(plain, x), predict_proba(model, x), rtol=1e-5, atol=1e-6)
+
+
+# -- drop-in models ------------------------------------------------------------------------
+def test_drop_ins_are_nextrecs_classes_accelerated():
+    """``from nextrec_fast import MMOE`` under 0.6: nextrec 0.6's class (its signature, ``fit``,
+    ...), accelerated when built; a plain 0.6 checkpoint loads strictly and gives nextrec's
+    outputs (logits from forward, probabilities from call_model)."""
+    import inspect
+
+    from nextrec_fast.models import v06
+    assert (nextrec_fast.ESMM, nextrec_fast.MMOE, nextrec_fast.PLE) == (v06.ESMM, v06.MMOE, v06.PLE)
+    assert inspect.signature(v06.MMOE) == inspect.signature(MMOE)
+    assert "expert_mlp_params" in inspect.signature(v06.MMOE).parameters
+    for kind, cls in (("esmm", v06.ESMM), ("mmoe", v06.MMOE), ("ple", v06.PLE)):
+        seed = _seed("drop-in", kind)
+        plain, feats = random_v06_model(kind, seed)
+        drop_in, _ = random_v06_model(kind, seed, classes={kind: cls})
+        assert isinstance(drop_in, cls) and isinstance(drop_in, CLASSES[kind])
+        assert nextrec_fast.is_accelerated(drop_in)
+        assert all(callable(getattr(drop_in, name, None)) for name in
+                   ("compile", "fit", "predict", "evaluate", "save_model", "load_model", "call_model"))
+        drop_in.load_state_dict(plain.state_dict(), strict=True)
+        x = random_v06_inputs(feats, batch=7, generator=torch.Generator().manual_seed(seed))
+        plain.eval()
+        drop_in.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(drop_in(x), plain(x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(predict_proba(drop_in, x), predict_proba(plain, x), rtol=1e-5, atol=1e-6)

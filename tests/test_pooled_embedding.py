@@ -430,8 +430,9 @@ def test_concat_and_sparse_padding_row_value():
     torch.testing.assert_close(out[:, 9:], table[torch.tensor([0, 9])])
 
 
+@pytest.mark.nextrec
 def test_nextrec_embedding_layer_equivalence():
-    nextrec_layers = pytest.importorskip("nextrec.basic.layers", reason="nextrec 0.3.1 not installed")
+    nextrec_layers = pytest.importorskip("nextrec.basic.layers", reason="nextrec is not installed")
     from nextrec.basic.features import SequenceFeature, SparseFeature
 
     torch.manual_seed(4)

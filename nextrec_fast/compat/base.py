@@ -101,10 +101,20 @@ class NextrecGeneration:
         """Whether this call must run nextrec's own forward (ONNX export, double backward, ...)."""
         return torch.onnx.is_in_onnx_export()
 
+    def regularization_groups(self, model: nn.Module) -> list[tuple[list, float, float]]:
+        """(parameters, l1 weight, l2 weight) per group nextrec's ``add_reg_loss`` sums over."""
+        raise NotImplementedError
+
     def regularization_terms(self, model: nn.Module) -> list[tuple[torch.Tensor, float, float]]:
         """(parameter, l1, l2) as nextrec's ``add_reg_loss`` weighs them (a parameter listed twice
-        counts twice, as there)."""
-        raise NotImplementedError
+        counts twice, as there; weights <= 0 are off)."""
+        terms = []
+        for params, l1, l2 in self.regularization_groups(model):
+            l1 = float(l1) if l1 > 0 else 0.0
+            l2 = float(l2) if l2 > 0 else 0.0
+            if params and (l1 or l2):
+                terms += [(p, l1, l2) for p in params]
+        return terms
 
     # -- the embedding layer --------------------------------------------------------------
     def embedding_plan(self, layer: nn.Module) -> tuple[list[PooledFeatureSpec], list[DenseFeatureSpec]]:

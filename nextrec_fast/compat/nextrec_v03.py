@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from nextrec_fast.compat.base import (DenseFeatureSpec, NextrecGeneration, PooledFeatureSpec, UnsupportedModelError,
+from nextrec_fast.compat.base import (DenseFeatureSpec, NextrecGeneration, UnsupportedModelError,
                                       pooled_spec)
 from nextrec_fast.features import DENSE, SPARSE, feature_kind
 
@@ -54,15 +54,9 @@ class NextrecV03(NextrecGeneration):
         param = next(layer.parameters(), None)
         return value.to(param.dtype if param is not None and param.is_floating_point() else torch.float32)
 
-    def regularization_terms(self, model):
-        terms = []
-        for params, l1, l2 in ((model._embedding_params, model._embedding_l1_reg, model._embedding_l2_reg),
-                               (model._regularization_weights, model._dense_l1_reg, model._dense_l2_reg)):
-            l1 = float(l1) if l1 > 0 else 0.0
-            l2 = float(l2) if l2 > 0 else 0.0
-            if params and (l1 or l2):
-                terms += [(p, l1, l2) for p in params]
-        return terms
+    def regularization_groups(self, model):
+        return [(model._embedding_params, model._embedding_l1_reg, model._embedding_l2_reg),
+                (model._regularization_weights, model._dense_l1_reg, model._dense_l2_reg)]
 
     def embedding_plan(self, layer):
         pooled, dense = [], []

@@ -47,15 +47,9 @@ class NextrecV06(NextrecGeneration):
         return super().plain_forward_needed(model) or (
             getattr(model, "grad_norm", None) is not None and torch.is_grad_enabled())
 
-    def regularization_terms(self, model):
-        terms = []
-        for params, l1, l2 in ((model.embedding_params, model.embedding_l1_reg, model.embedding_l2_reg),
-                               (model.regularization_weights, model.dense_l1_reg, model.dense_l2_reg)):
-            l1 = float(l1) if l1 > 0 else 0.0
-            l2 = float(l2) if l2 > 0 else 0.0
-            if params and (l1 or l2):
-                terms += [(p, l1, l2) for p in params]
-        return terms
+    def regularization_groups(self, model):
+        return [(model.embedding_params, model.embedding_l1_reg, model.embedding_l2_reg),
+                (model.regularization_weights, model.dense_l1_reg, model.dense_l2_reg)]
 
     def embedding_plan(self, layer):
         pooled, dense = [], []

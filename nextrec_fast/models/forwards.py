@@ -1,22 +1,19 @@
-"""Drop-in fast ESMM, MMOE and PLE.
-
-Each takes nextrec 0.3.1's constructor arguments and owns exactly the modules nextrec's model
-owns (so ``state_dict`` keys are nextrec's and a nextrec checkpoint loads with ``strict=True``);
-only ``forward`` differs: embeddings pooled in one call, experts and towers batched, all gates
-of a level in one GEMM and their weighted sums in one bmm.
+"""The fast forward passes of ESMM, MMOE and PLE, as mixins over a model with nextrec's module
+layout: embeddings pooled in one call, experts and towers batched, all gates of a level in one
+GEMM and their weighted sums in one bmm. Used by the drop-in models (``standalone``, ``v03``,
+``v06``) and by ``nextrec_fast.accelerate``.
 """
 from __future__ import annotations
 
 import torch
 from torch.profiler import record_function
 
-from nextrec_fast import compat, reference
+from nextrec_fast import compat
 from nextrec_fast.backend import get_backend, use_backend
-from nextrec_fast.layers.embedding import FastEmbeddingMixin
 from nextrec_fast.layers.experts import build_banks, run_experts
 from nextrec_fast.layers.gates import check_gates, gate_logits, mix_experts
 
-__all__ = ["ESMM", "MMOE", "PLE", "FastESMMForward", "FastMMOEForward", "FastPLEForward", "FAST_FORWARDS"]
+__all__ = ["FastESMMForward", "FastMMOEForward", "FastPLEForward", "FAST_FORWARDS"]
 
 
 class _FastForward:
@@ -131,41 +128,3 @@ def _level_experts(layer) -> list:
 
 
 FAST_FORWARDS = {"ESMM": FastESMMForward, "MMOE": FastMMOEForward, "PLE": FastPLEForward}
-
-
-class FastEmbeddingLayer(FastEmbeddingMixin, reference.EmbeddingLayer):
-    """nextrec 0.3's EmbeddingLayer (the reference's copy of it) with the batched forward."""
-
-    def __init__(self, features: list):
-        super().__init__(features)
-        self._prepare_fast_path()
-
-
-def _use_fast_embedding(model) -> None:
-    # Same parameters, same state_dict keys: only the class (and so the forward) changes.
-    model.embedding.__class__ = FastEmbeddingLayer
-    model.embedding._prepare_fast_path()
-
-
-class ESMM(FastESMMForward, reference.ESMM):
-    __doc__ = reference.ESMM.__doc__
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _use_fast_embedding(self)
-
-
-class MMOE(FastMMOEForward, reference.MMOE):
-    __doc__ = reference.MMOE.__doc__
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _use_fast_embedding(self)
-
-
-class PLE(FastPLEForward, reference.PLE):
-    __doc__ = reference.PLE.__doc__
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        _use_fast_embedding(self)
