@@ -301,3 +301,21 @@ def test_drop_ins_are_nextrecs_classes_accelerated():
         with torch.no_grad():
             torch.testing.assert_close(drop_in(x), plain(x), rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(predict_proba(drop_in, x), predict_proba(plain, x), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_export_runs_nextrecs_forward(tmp_path):
+    """nextrec 0.6's own export_onnx on an accelerated model: our ops are not ONNX ops, so the
+    export traces nextrec's forward; the graph is the one plain nextrec exports."""
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed (CI installs onnx and onnxscript)")
+    pytest.importorskip("onnxscript", reason="onnxscript is not installed (CI installs it)")
+    model, _ = random_v06_model("mmoe", _seed("onnx"), norm_type="batch_norm")
+    plain = copy.deepcopy(model)
+    nextrec_fast.accelerate(model)
+    graphs = []
+    for name, m in (("plain", plain), ("fast", model)):
+        path = m.export_onnx(save_path=str(tmp_path / f"{name}.onnx"))
+        graph = onnx.load(str(path)).graph
+        graphs.append(sorted((node.domain, node.op_type) for node in graph.node))
+    assert graphs[0] == graphs[1]
+    assert not any(domain for domain, _ in graphs[1])  # standard ONNX ops only, none of ours
+    assert nextrec_fast.is_accelerated(model)
