@@ -1,6 +1,6 @@
 """Benchmark: one-call pooled_embedding vs nextrec-style pooling vs F.embedding_bag per feature.
 
-A thin wrapper over ``nextrec_fast.benchmark_pooling`` (the same rows as the pooling table of
+A thin wrapper over ``nextrec_fast.bench.pooling`` (the same rows as the pooling table of
 ``nextrec-fast bench``; see that module for what is timed). Default feature set: 26 sparse
 features (vocab 1e3..1e6 log-spaced, dim 16, one id each) and 3 sequence features (vocab 1e5,
 dim 16, max_len 50, about half padding, mean combiner), fp32, batch 2048 and 8192.
@@ -14,8 +14,8 @@ import json
 
 import torch
 
-from nextrec_fast import benchmark_pooling
-from nextrec_fast.benchmark import CONFIGS
+from nextrec_fast.bench import pooling as benchmark_pooling
+from nextrec_fast.bench.common import CONFIGS
 
 
 def main():

@@ -7,7 +7,7 @@ config at batch 2048, marked ``default_size``). Implementations of one case shar
 ``benchmark.group`` so pytest-benchmark prints them side by side; ``check_ratios.py`` compares
 their fast/reference ratios within one run against the stored baseline.
 
-Peak memory goes to ``benchmark.extra_info`` (see ``nextrec_fast.profiling.measure_peak_memory``):
+Peak memory goes to ``benchmark.extra_info`` (see ``nextrec_fast.bench.profiling.measure_peak_memory``):
 on CUDA ``max_memory_allocated`` above the memory held before one call; on CPU the peak of the
 running total of allocations minus frees during one call, from the profiler's memory events.
 """
@@ -21,15 +21,16 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from nextrec_fast import benchmark as bench
+from nextrec_fast.bench import common
+from nextrec_fast.bench import models as bench
 from nextrec_fast.backend import use_backend
-from nextrec_fast.profiling import measure_peak_memory
+from nextrec_fast.bench.profiling import measure_peak_memory
 
 
 @dataclass(frozen=True)
 class Size:
     name: str
-    config: str   # key of nextrec_fast.benchmark.CONFIGS
+    config: str   # key of nextrec_fast.bench.common.CONFIGS
     batch: int
     rounds: int   # timed rounds per case (--bench-rounds overrides)
 
@@ -189,8 +190,8 @@ def pytest_terminal_summary(terminalreporter, config):
 
 @functools.lru_cache(maxsize=1)
 def _features_and_batch(size: Size, device: torch.device):
-    dense, sparse, sequence = bench.default_features(**bench.CONFIGS[size.config])
-    x, labels = bench.make_batch(dense, sparse, sequence, batch=size.batch, device=device)
+    dense, sparse, sequence = common.default_features(**common.CONFIGS[size.config])
+    x, labels = common.make_batch(dense, sparse, sequence, batch=size.batch, device=device)
     return (dense, sparse, sequence), x, labels
 
 

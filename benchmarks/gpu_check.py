@@ -231,16 +231,17 @@ TINY_MODELS = {
 def model_rows(models, compile_models, batch, config="default"):
     """(name, fast ms, reference ms, None, None) rows; compiled-reference rows put the compiled
     reference in the 'fast' column so the speed-up column reads reference / compiled."""
-    from nextrec_fast import benchmark
+    from nextrec_fast.bench import common
+    from nextrec_fast.bench import models as benchmark
     rows = []
-    features = benchmark.default_features(**benchmark.CONFIGS[config])
+    features = common.default_features(**common.CONFIGS[config])
     for dtype in (torch.bfloat16, torch.float32):
         for model in models:
             ref, fast = benchmark.build_models(model, DEVICE, features=features,
                                                overrides=TINY_MODELS[model] if DRY_RUN else None)
             ref.to(dtype)
             fast.to(dtype)
-            x, labels = benchmark.make_batch(ref.dense_features, ref.sparse_features, ref.sequence_features,
+            x, labels = common.make_batch(ref.dense_features, ref.sparse_features, ref.sequence_features,
                                              batch=batch, device=DEVICE)
             x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in x.items()}
             labels = labels.to(dtype)

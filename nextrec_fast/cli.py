@@ -6,7 +6,7 @@ import sys
 
 
 def _bench(args) -> int:
-    from nextrec_fast import benchmark
+    from nextrec_fast.bench import common, models as benchmark
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -18,7 +18,8 @@ def _bench(args) -> int:
             return 2
         models = [m for m in args.model if m != "pooling"]
         models = [m for m in models if m != "esmm"] if models == list(benchmark.MODEL_NAMES) else models
-        result = benchmark.run_nextrec(models=models, batch=args.batch_size or 2048, steps=args.steps,
+        from nextrec_fast.bench.nextrec_fit import run_nextrec
+        result = run_nextrec(models=models, batch=args.batch_size or 2048, steps=args.steps,
                                        rounds=args.repeats, progress=not args.quiet, config=args.config)
     else:
         # --batch-size: the models' batch (default 2048) and the pooling's only batch (default 2048 and 8192).
@@ -27,26 +28,26 @@ def _bench(args) -> int:
                                pooling_batches=[args.batch_size] if args.batch_size else None)
     print(benchmark.format_table(result))
     if args.json:
-        benchmark.save_json(result, args.json)
+        common.save_json(result, args.json)
         print(f"wrote {args.json}")
     if args.plot and not result["rows"]:
         print("--plot: no model rows to draw (the chart shows the models' speed-ups)", file=sys.stderr)
     elif args.plot:
-        from nextrec_fast import plotting
+        from nextrec_fast.bench import plotting
         plotting.plot_speedups(result, args.plot)
         print(f"wrote {args.plot}")
     return 0
 
 
 def _plot(args) -> int:
-    from nextrec_fast import plotting
+    from nextrec_fast.bench import plotting
     plotting.plot_json(args.results, args.out)
     print(f"wrote {args.out}")
     return 0
 
 
 def _profile(args) -> int:
-    from nextrec_fast import profiling
+    from nextrec_fast.bench import profiling
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -57,7 +58,8 @@ def _profile(args) -> int:
 
 
 def main(argv=None) -> int:
-    from nextrec_fast.benchmark import BENCH_CHOICES, CONFIGS, MODEL_NAMES, MODES
+    from nextrec_fast.bench.common import CONFIGS
+    from nextrec_fast.bench.models import BENCH_CHOICES, MODEL_NAMES, MODES
     parser = argparse.ArgumentParser(prog="nextrec-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="time reference vs fast ESMM/MMOE/PLE and the embedding pooling on the "

@@ -45,7 +45,7 @@ def test_bench_pooling_only(tmp_path, capsys):
     assert result["rows"] == [] and {r["batch"] for r in result["pooling"]["rows"]} == {32}
     fwd = [r for r in result["pooling"]["rows"] if r["mode"] == "forward"]
     assert all(0 < r["fraction_of_copy"] and r["forward_gbps"] > 0 for r in fwd)
-    from nextrec_fast import benchmark_pooling
+    from nextrec_fast.bench import pooling as benchmark_pooling
     assert benchmark_pooling.DEFAULT_BATCHES == (2048, 8192)
 
 
@@ -62,7 +62,7 @@ def test_import_never_imports_nextrec():
 
 def test_time_interleaved_bursts():
     """burst=n: one untimed call, then n timed calls per sample; functions alternate."""
-    from nextrec_fast.benchmark import time_interleaved
+    from nextrec_fast.bench.common import time_interleaved
 
     calls = []
     samples = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, "cpu",
@@ -75,7 +75,7 @@ def test_time_interleaved_bursts():
 def test_time_interleaved_settles_and_shuffles(monkeypatch):
     """settle_ms: untimed calls until that long has passed; shuffle_seed: a fresh order each round.
     The clock is simulated (each call advances it 1 ms), so no assertion depends on real time."""
-    from nextrec_fast import benchmark
+    from nextrec_fast.bench import common as benchmark
 
     clock = {"now": 0.0}
     monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))

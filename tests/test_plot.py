@@ -28,7 +28,7 @@ def test_plot_command_draws_png(tmp_path, capsys):
 
 
 def test_title_names_device_and_versions():
-    from nextrec_fast.plotting import plot_title
+    from nextrec_fast.bench.plotting import plot_title
     title = plot_title({**synthetic_result()["environment"], "batch": 2048})
     assert "cpu" in title and "torch 2.x" in title and "batch 2048" in title
 

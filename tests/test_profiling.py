@@ -5,18 +5,20 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from nextrec_fast import benchmark, cli, profiling
+from nextrec_fast import cli
+from nextrec_fast.bench import common, profiling
+from nextrec_fast.bench import models as benchmark
 from nextrec_fast.ops import batch_norm_act, pooled_embedding
 
 STAGE_NAMES = {f"nextrec_fast.{stage}" for stage in ("embedding", "experts", "gates", "towers")}
 
 
 def small_models(model="mmoe"):
-    return benchmark.build_models(model, "cpu", features=benchmark.default_features(**benchmark.CONFIGS["small"]))
+    return benchmark.build_models(model, "cpu", features=common.default_features(**common.CONFIGS["small"]))
 
 
 def small_batch(net, batch=32):
-    return benchmark.make_batch(net.dense_features, net.sparse_features, net.sequence_features, batch=batch, device="cpu")
+    return common.make_batch(net.dense_features, net.sparse_features, net.sequence_features, batch=batch, device="cpu")
 
 
 def traced_names(net, x, labels):

@@ -228,11 +228,12 @@ class ProfileResult:
 def profile_model(model: str = "mmoe", device: str | None = None, steps: int = 3, batch: int = 2048,
                   config: str = "default", out_dir: str = "nextrec_fast_profile", top: int = 5) -> ProfileResult:
     """Profile ``steps`` Adam training steps of the reference and the fast ``model``."""
-    from nextrec_fast import benchmark
+    from nextrec_fast.bench import common
+    from nextrec_fast.bench.models import build_models
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    ref, fast = benchmark.build_models(model, device, features=benchmark.default_features(**benchmark.CONFIGS[config]))
-    x, labels = benchmark.make_batch(ref.dense_features, ref.sparse_features, ref.sequence_features,
+    ref, fast = build_models(model, device, features=common.default_features(**common.CONFIGS[config]))
+    x, labels = common.make_batch(ref.dense_features, ref.sparse_features, ref.sequence_features,
                                      batch=batch, device=device)
     times, top_ops, traces = {}, {}, {}
     for impl, net in (("reference", ref), ("fast", fast)):

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from nextrec_fast import huge_pages
-from nextrec_fast.benchmark import CONFIGS, _sync, default_features, make_batch, time_interleaved
+from nextrec_fast.bench.common import CONFIGS, default_features, make_batch, sync, time_interleaved
 
 IMPLS = ("nextrec", "fused", "fused_4k_pages", "fused_unchecked", "embedding_bag")
 MODES = ("forward", "forward_backward")
@@ -112,10 +112,10 @@ def copy_bandwidth(device, repeats: int = 5, mib: int = 256) -> float:
     dst.copy_(src)
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return 2 * src.numel() * 4 / statistics.median(times)
 

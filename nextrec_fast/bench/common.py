@@ -1,0 +1,127 @@
+"""What every benchmark here shares: the default configuration's features and batches, the
+interleaved timer, the environment header, JSON output."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+
+import torch
+
+from nextrec_fast.features import DenseFeature, SequenceFeature, SparseFeature
+
+__all__ = ["CONFIGS", "default_features", "make_batch", "sync", "time_interleaved", "environment", "save_json"]
+
+
+CONFIGS = {
+    "default": {},
+    # Same structure, small tables and sequences: a smoke test that runs in seconds.
+    "small": dict(num_sparse=6, num_sequence=2, num_dense=3, max_vocab=1e4, seq_vocab=1000, max_len=10),
+}
+
+
+def default_features(num_sparse: int = 26, num_sequence: int = 3, num_dense: int = 13, dim: int = 16,
+                     min_vocab: float = 1e3, max_vocab: float = 1e6, seq_vocab: int = 100_000, max_len: int = 50):
+    sparse = []
+    for i in range(num_sparse):
+        frac = i / max(num_sparse - 1, 1)
+        vocab = int(round(math.exp(math.log(min_vocab) + frac * (math.log(max_vocab) - math.log(min_vocab)))))
+        sparse.append(SparseFeature(f"C{i + 1}", vocab_size=vocab, embedding_dim=dim))
+    sequence = [SequenceFeature(f"hist{i + 1}", vocab_size=seq_vocab, max_len=max_len, embedding_dim=dim,
+                                combiner="mean", padding_idx=0) for i in range(num_sequence)]
+    dense = [DenseFeature(f"I{i + 1}") for i in range(num_dense)]
+    return dense, sparse, sequence
+
+
+def make_batch(dense, sparse, sequence, batch: int, device, seed: int = 0, padding_fraction: float = 0.5):
+    gen = torch.Generator().manual_seed(seed)
+    x = {}
+    for f in sparse:
+        x[f.name] = torch.randint(0, f.vocab_size, (batch,), generator=gen)
+    for f in sequence:
+        # Variable-length histories, left-aligned and padded with padding_idx: about half padding.
+        lengths = torch.randint(0, int(2 * (1 - padding_fraction) * f.max_len) + 1, (batch, 1), generator=gen)
+        ids = torch.randint(1, f.vocab_size, (batch, f.max_len), generator=gen)
+        keep = torch.arange(f.max_len).unsqueeze(0) < lengths
+        x[f.name] = torch.where(keep, ids, torch.full_like(ids, f.padding_idx or 0))
+    for f in dense:
+        x[f.name] = torch.randn(batch, generator=gen)
+    labels = torch.randint(0, 2, (batch, 2), generator=gen).float()
+    return {k: v.to(device) for k, v in x.items()}, labels.to(device)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: dict, device, warmup: int, repeats: int, step=None, burst: int = 1,
+                     settle_ms: float = 0.0, shuffle_seed: int | None = None) -> dict:
+    """Milliseconds per call of each of ``fns`` (name -> callable), ``repeats`` samples each,
+    after ``warmup`` rounds; each round calls them in turn, so machine noise hits all alike.
+    ``step(fn)`` wraps each call (default: ``fn()``).
+
+    ``burst`` > 1: a sample is untimed calls of the function (at least one, and for at least
+    ``settle_ms``) followed by ``burst`` timed ones (their mean): each function's steady state
+    when called repeatedly, without the after-effects of the function timed before it (its
+    malloc churn and page faults, its cache footprint). On this 2-core VM memory-bound work runs
+    slowly for a few ms after heavy compute: a 16 MB copy_ took 3.8x / 2.3x / 1.2x its usual
+    time in the 1st / 2nd / 3rd call after a 2048x2048 matmul, and the pooling op 1.8x / 1.2x
+    after nextrec's pooling.
+
+    ``shuffle_seed``: draw the order of the functions afresh each round (seeded), so that none
+    always follows the same one."""
+    step = step or (lambda fn: fn())
+    order_rng = random.Random(shuffle_seed) if shuffle_seed is not None else None
+    for _ in range(warmup):
+        for fn in fns.values():
+            step(fn)
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        names = list(fns)
+        if order_rng is not None:
+            order_rng.shuffle(names)
+        for name in names:
+            fn = fns[name]
+            if burst > 1:
+                settle_start = time.perf_counter()
+                step(fn)
+                while (time.perf_counter() - settle_start) * 1e3 < settle_ms:
+                    step(fn)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(burst):
+                step(fn)
+            sync(device)
+            samples[name].append((time.perf_counter() - start) * 1e3 / burst)
+    return samples
+
+
+def environment(device) -> dict:
+    info = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        from nextrec_fast.layers.embedding import _pooling_backend
+        info["pooling_op"] = "C++/CUDA extension" if _pooling_backend() is not None else "torch embedding_bag"
+    except Exception as exc:  # pragma: no cover - diagnostic only
+        info["pooling_op"] = f"unavailable ({exc})"
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def save_json(result: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=2)

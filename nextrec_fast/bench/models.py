@@ -1,0 +1,141 @@
+"""``nextrec-fast bench``: reference (nextrec's computation) vs fast models, side by side.
+
+The default configuration is a realistic CTR setup: 26 sparse features (vocabularies log-spaced
+from 1e3 to 1e6, dim 16), 3 sequence features (max_len 50, about half padding), 13 dense
+features; MMOE 8 experts [256, 128] with [64] towers, PLE 2 levels of 2 shared + 2 specific
+experts [256, 128], ESMM towers [256, 128, 64]. Timings are medians of repeats that alternate
+reference and fast, so machine noise hits both alike; speed-ups are ratios within one run.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nextrec_fast import reference
+from nextrec_fast.bench.common import CONFIGS, default_features, environment, make_batch, time_interleaved
+
+MODEL_NAMES = ("mmoe", "ple", "esmm")
+MODES = ("forward_eval", "forward_backward", "train_step")
+# `nextrec-fast bench --model` choices: the models, and "pooling" (the embedding pooling alone:
+# nextrec-style vs the fused op vs F.embedding_bag per feature, see pooling.py).
+BENCH_CHOICES = MODEL_NAMES + ("pooling",)
+
+
+def default_model_kwargs(model: str) -> dict:
+    towers = [{"dims": [64]}, {"dims": [64]}]
+    common = dict(target=["click", "conversion"], task=["binary", "binary"])
+    if model == "mmoe":
+        return dict(expert_params={"dims": [256, 128]}, num_experts=8, tower_params_list=towers, **common)
+    if model == "ple":
+        return dict(shared_expert_params={"dims": [256, 128]}, specific_expert_params={"dims": [256, 128]},
+                    num_shared_experts=2, num_specific_experts=2, num_levels=2, tower_params_list=towers, **common)
+    if model == "esmm":
+        return dict(ctr_params={"dims": [256, 128, 64]}, cvr_params={"dims": [256, 128, 64]},
+                    target=["ctr", "ctcvr"])
+    raise ValueError(f"unknown model {model!r}: expected one of {', '.join(MODEL_NAMES)}")
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str
+    batch: int
+    reference_ms: float
+    fast_ms: float
+    speedup: float
+    reference_samples_ms: list = field(default_factory=list)
+    fast_samples_ms: list = field(default_factory=list)
+
+
+def _step_fn(model, mode, x, labels):
+    if mode == "forward_eval":
+        model.eval()
+
+        def run():
+            with torch.no_grad():
+                model(x)
+        return run
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3) if mode == "train_step" else None
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = F.binary_cross_entropy(out.clamp(1e-7, 1 - 1e-7), labels)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+    return run
+
+
+def build_models(model: str, device, features=None, seed: int = 0, overrides: dict | None = None):
+    from nextrec_fast.models import standalone
+    dense, sparse, sequence = features or default_features()
+    kwargs = {**default_model_kwargs(model), **(overrides or {})}
+    fast_cls = {"mmoe": standalone.MMOE, "ple": standalone.PLE, "esmm": standalone.ESMM}[model]
+    ref_cls = {"mmoe": reference.MMOE, "ple": reference.PLE, "esmm": reference.ESMM}[model]
+    torch.manual_seed(seed)
+    ref = ref_cls(dense_features=dense, sparse_features=sparse, sequence_features=sequence, device=str(device), **kwargs)
+    fast = fast_cls(dense_features=dense, sparse_features=sparse, sequence_features=sequence, device=str(device), **kwargs)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    return ref, fast
+
+
+def run(models=MODEL_NAMES, modes=MODES, batch: int = 2048, device: str | None = None, repeats: int = 5,
+        warmup: int = 2, progress=True, config: str = "default", pooling_batches=None) -> dict:
+    """Reference vs fast per model and mode; with "pooling" in ``models`` also the pooling
+    benchmark (``result["pooling"]``) at ``pooling_batches`` (default: 2048 and 8192)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model_names = [m for m in models if m != "pooling"]
+    rows, total, done = [], len(model_names) * len(modes), 0
+    for model in model_names:
+        ref, fast = build_models(model, device, features=default_features(**CONFIGS[config]))
+        features = (ref.dense_features, ref.sparse_features, ref.sequence_features)
+        x, labels = make_batch(*features, batch=batch, device=device)
+        for mode in modes:
+            done += 1
+            if progress:
+                print(f"[{done}/{total}] {model} {mode} (batch {batch}) ...", file=sys.stderr, flush=True)
+            # Fresh copies of the weights for training modes so both start from the same state.
+            samples = time_interleaved({"reference": _step_fn(ref, mode, x, labels),
+                                        "fast": _step_fn(fast, mode, x, labels)}, device, warmup, repeats)
+            ref_ms, fast_ms = statistics.median(samples["reference"]), statistics.median(samples["fast"])
+            rows.append(Row(model, mode, batch, ref_ms, fast_ms, ref_ms / fast_ms,
+                            [round(s, 3) for s in samples["reference"]], [round(s, 3) for s in samples["fast"]]))
+        del ref, fast, x, labels
+        gc.collect()
+    result = {"environment": {**environment(device), "config": config}, "rows": [asdict(r) for r in rows]}
+    if "pooling" in models:
+        from nextrec_fast.bench import pooling
+        result["pooling"] = pooling.run(
+            batches=pooling_batches or pooling.DEFAULT_BATCHES, device=device, repeats=repeats,
+            warmup=warmup, config=config,
+            progress=(lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else None)
+    return result
+
+
+def format_table(result: dict) -> str:
+    env = result["environment"]
+    nextrec_fit = bool(result["rows"]) and all(r["mode"].startswith("nextrec_fit") for r in result["rows"])
+    # nextrec's own fit rows compare plain nextrec with the same model accelerated; the others our
+    # reference (nextrec's math re-implemented) with the drop-in fast model.
+    base, fast = ("plain nextrec ms", "accelerated ms") if nextrec_fit else ("reference ms", "fast ms")
+    header = (f"nextrec-fast bench | device {env['device']} ({env['device_name']}) | torch {env['torch']} | "
+              f"triton {env['triton']} | threads {env['threads']} | pooling: {env['pooling_op']} | config {env['config']}")
+    if nextrec_fit:
+        header += f" | nextrec {env.get('nextrec', '?')}, {env.get('steps_per_epoch', '?')} steps per epoch"
+    lines = [header, f"{'model':<6} {'mode':<17} {'batch':>6} {base:>16} {fast:>15} {'speed-up':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r['model']:<6} {r['mode']:<17} {r['batch']:>6} {r['reference_ms']:>16.1f} "
+                     f"{r['fast_ms']:>15.1f} {r['speedup']:>8.2f}x")
+    if not result["rows"]:
+        lines.pop()  # no model rows: no model header
+    if result.get("pooling"):
+        from nextrec_fast.bench import pooling
+        lines += ["", pooling.format_table(result["pooling"])]
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""``nextrec-fast bench --nextrec``: nextrec's own ``fit``, plain vs accelerated, on whichever
+nextrec generation is installed: the median step and the epoch's wall time as a user sees it."""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+
+from nextrec_fast.bench.common import CONFIGS, default_features, environment, make_batch
+from nextrec_fast.bench.models import Row, default_model_kwargs
+
+__all__ = ["run_nextrec"]
+
+
+_V06_PARAMS = {"expert_params": "expert_mlp_params", "tower_params_list": "tower_mlp_params_list",
+               "shared_expert_params": "shared_expert_mlp_params", "ctr_params": "ctr_mlp_params",
+               "cvr_params": "cvr_mlp_params"}
+
+
+def _v06_mlp(params):
+    return [_v06_mlp(p) for p in params] if isinstance(params, list) else \
+        {("hidden_dims" if k == "dims" else k): v for k, v in params.items()}
+
+
+def _nextrec_model(model: str, features, kwargs: dict, seed: int):
+    """nextrec's own model (whichever generation is installed) for the benchmark's configuration:
+    0.3's arguments, or the same structure in 0.6's (``hidden_dims``, ``*_mlp_params``, 0.6's
+    other defaults such as ``norm_type="none"``)."""
+    from importlib import import_module
+    from nextrec.basic import features as nf
+    dense, sparse, sequence = features
+    try:
+        cls = getattr(import_module(f"nextrec.models.multitask.{model}"), model.upper())
+    except ImportError:
+        cls = getattr(import_module(f"nextrec.models.multi_task.{model}"), model.upper())
+        nr_features = (
+            [nf.DenseFeature(f.name, embedding_dim=f.embedding_dim, input_dim=f.input_dim, use_embedding=f.use_embedding)
+             for f in dense],
+            [nf.SparseFeature(f.name, f.vocab_size, embedding_dim=f.embedding_dim, padding_idx=f.padding_idx)
+             for f in sparse],
+            [nf.SequenceFeature(f.name, f.vocab_size, max_len=f.max_len, embedding_dim=f.embedding_dim,
+                                combiner=f.combiner, padding_idx=f.padding_idx) for f in sequence])
+    else:
+        nr_features = (
+            [nf.DenseFeature(f.name, input_dim=f.input_dim) for f in dense],
+            [nf.SparseFeature(f.name, f.vocab_size, embedding_dim=f.embedding_dim, padding_idx=f.padding_idx)
+             for f in sparse],
+            [nf.SequenceFeature(f.name, f.vocab_size, max_len=f.max_len, embedding_dim=f.embedding_dim,
+                                combiner=f.combiner, padding_idx=f.padding_idx) for f in sequence])
+        kwargs = {_V06_PARAMS.get(k, k): _v06_mlp(v) if k in _V06_PARAMS else v for k, v in kwargs.items()}
+        if "specific_expert_params" in kwargs:
+            tasks = len(kwargs["target"])
+            kwargs["specific_expert_mlp_params"] = [_v06_mlp(kwargs.pop("specific_expert_params"))] * tasks
+        kwargs.pop("task", None)
+    torch.manual_seed(seed)
+    return cls(*nr_features, **kwargs)
+
+
+def _user_data(x: dict, labels, sequence_names, targets) -> dict:
+    """The batch as a user's in-memory data holds it: columns of numbers, and each row's id history
+    as a list of its ids (the padding left for nextrec's data path to add)."""
+    data = {}
+    for name, value in x.items():
+        if name in sequence_names:
+            ids = value.numpy()
+            data[name] = [row[row != 0].tolist() for row in ids]
+        else:
+            data[name] = value.numpy()
+    for i, name in enumerate(targets):
+        data[name] = labels[:, i % labels.shape[1]].numpy()
+    return data
+
+
+class _StepTimer:
+    """Times nextrec's fit loop per training step: the interval between optimiser steps (data
+    loading, forward, loss, regularisation, backward, clipping and the step itself)."""
+
+    def __init__(self, optimizer):
+        self.samples, self._last = [], None
+        self._step = optimizer.step
+
+        def timed_step(*args, **kwargs):
+            out = self._step(*args, **kwargs)
+            now = time.perf_counter()
+            if self._last is not None:
+                self.samples.append((now - self._last) * 1e3)
+            self._last = now
+            return out
+        optimizer.step = timed_step
+
+    def new_run(self):
+        self._last = None  # the first interval of a fit call includes its set-up: not a step
+
+
+def run_nextrec(models=("mmoe", "ple"), batch: int = 2048, steps: int = 8, rounds: int = 2,
+                progress=True, config: str = "default") -> dict:
+    """nextrec's own ``fit`` (one epoch of ``steps`` batches), plain vs ``nextrec_fast.accelerate``-ed,
+    from the same weights and data, alternating: per model one row with the median training step,
+    one with the epoch's wall time as the user sees it (data preparation from per-row id lists,
+    the steps, nextrec's end-of-epoch checkpoint and logging)."""
+    import logging
+    import tempfile
+    import nextrec_fast
+    logging.getLogger().setLevel(logging.WARNING)
+    features = default_features(**CONFIGS[config])
+    rows = []
+    for model in models:
+        kwargs = default_model_kwargs(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            cwd = os.getcwd()
+            os.chdir(tmp)  # nextrec writes logs and checkpoints under the working directory
+            try:
+                plain = _nextrec_model(model, features, kwargs, seed=0)
+                fast = _nextrec_model(model, features, kwargs, seed=0)
+                fast.load_state_dict(plain.state_dict())
+                targets = list(getattr(plain, "target_columns", None) or plain.target)
+                for m in (plain, fast):
+                    m.compile(optimizer="adam", optimizer_params={"lr": 1e-3}, loss="bce")
+                nextrec_fast.accelerate(fast)
+                x, labels = make_batch(*features, batch=batch * steps, device="cpu", seed=1)
+                data = _user_data(x, labels, {f.name for f in features[2]}, targets)
+                del x
+                timers = {"plain": _StepTimer(plain.optimizer_fn), "accelerated": _StepTimer(fast.optimizer_fn)}
+                epochs = {"plain": [], "accelerated": []}
+                for r in range(rounds):
+                    for name, m in (("plain", plain), ("accelerated", fast)):
+                        if progress:
+                            print(f"[{model} batch {batch}] round {r + 1}/{rounds}: {name} fit ...", file=sys.stderr,
+                                  flush=True)
+                        timers[name].new_run()
+                        start = time.perf_counter()
+                        m.fit(data, epochs=1, batch_size=batch, shuffle=False, metrics=["auc", "logloss"])
+                        epochs[name].append((time.perf_counter() - start) * 1e3)
+            finally:
+                os.chdir(cwd)
+        for mode, plain_samples, fast_samples in (
+                ("nextrec_fit_step", timers["plain"].samples, timers["accelerated"].samples),
+                ("nextrec_fit_epoch", epochs["plain"], epochs["accelerated"])):
+            plain_ms, fast_ms = statistics.median(plain_samples), statistics.median(fast_samples)
+            rows.append(Row(model, mode, batch, plain_ms, fast_ms, plain_ms / fast_ms,
+                            [round(v, 1) for v in plain_samples], [round(v, 1) for v in fast_samples]))
+        del plain, fast, data
+        gc.collect()
+    env = {**environment(torch.device("cpu")), "config": config, "steps_per_epoch": steps}
+    try:
+        import nextrec
+        env["nextrec"] = getattr(nextrec, "__version__", "?")
+    except ImportError:  # pragma: no cover
+        pass
+    return {"environment": env, "rows": [asdict(r) for r in rows]}
