@@ -31,7 +31,9 @@ def check_batch_inputs(x, features, device: torch.device, check_ranges: bool = T
                 f"input is missing feature {name!r} ({kind}); got keys {sorted(map(str, x))[:20]}")
         value = x[name]
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"feature {name!r}: expected a torch.Tensor, got {type(value).__name__}")
+            hint = " (convert the batch with torch.as_tensor(...), or pass the data to nextrec's fit / predict, " \
+                   "which convert it)" if hasattr(value, "__array__") or isinstance(value, (list, tuple)) else ""
+            raise TypeError(f"feature {name!r}: expected a torch.Tensor, got {type(value).__name__}{hint}")
         if value.device != device:
             raise ValueError(f"feature {name!r} is on {value.device} but the model is on {device}; "
                              "move the inputs with .to(device) first")

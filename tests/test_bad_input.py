@@ -76,6 +76,9 @@ def test_not_a_tensor_or_dict():
     x["user"] = x["user"].tolist()
     with pytest.raises(TypeError, match="user"):
         _model()(x)
+    x["user"] = _batch()["user"].numpy()
+    with pytest.raises(TypeError, match="'user'.*ndarray.*torch.as_tensor"):
+        _model()(x)
     with pytest.raises(TypeError, match="dict"):
         _model()([1, 2])
 
@@ -93,7 +96,7 @@ def test_empty_batch():
 
 def test_batch_of_one_in_training_mode():
     model = _model()
-    with pytest.raises(ValueError, match="BatchNorm.*batch of 1.*eval"):
+    with pytest.raises(ValueError, match="BatchNorm.*batch of 1.*eval.*last batch of one row in nextrec's fit.*drop_last"):
         model(_batch(1))
     model.eval()
     assert model(_batch(1)).shape == (1, 2)  # eval mode is fine, as in nextrec

@@ -403,7 +403,9 @@ def _batch_norm_mode(norms: list[nn.BatchNorm1d], batch: int) -> tuple[float, bo
     track = first.running_mean is not None and (not first.training or first.track_running_stats)
     if use_batch_stats and batch < 2:
         raise ValueError("BatchNorm in training mode needs more than one sample per batch "
-                         f"(got a batch of {batch}); call model.eval() for single-row inference")
+                         f"(got a batch of {batch}). For single-row inference call model.eval(); in training "
+                         "(e.g. a last batch of one row in nextrec's fit) pick a batch size that does not leave one "
+                         "row, or drop the last batch (DataLoader(drop_last=True))")
     return factor, use_batch_stats, track
 
 
