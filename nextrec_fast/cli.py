@@ -5,11 +5,16 @@ import argparse
 import sys
 
 
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    from nextrec_fast.bench.common import default_threads
+    torch.set_num_threads(threads or default_threads())
+
+
 def _bench(args) -> int:
     from nextrec_fast.bench import common, models as benchmark
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     if args.nextrec:
         try:
             import nextrec  # noqa: F401
@@ -48,9 +53,7 @@ def _plot(args) -> int:
 
 def _profile(args) -> int:
     from nextrec_fast.bench import profiling
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     result = profiling.profile_model(model=args.model, device=args.device, steps=args.steps, batch=args.batch_size,
                                      config=args.config, out_dir=args.out, top=args.top)
     print(profiling.format_profile(result))
@@ -67,15 +70,22 @@ def main(argv=None) -> int:
     bench.add_argument("--model", nargs="+", choices=BENCH_CHOICES, default=list(BENCH_CHOICES),
                        help="pooling: the embedding pooling alone, nextrec-style vs the fused op vs one "
                             "F.embedding_bag per feature, forward and forward+backward (default: all)")
-    bench.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES), help="modes of the models")
+    bench.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES),
+                       help="forward_eval: eval-mode forward; forward_backward: train-mode forward + BCE + backward; "
+                            "train_step: that plus torch Adam (default: all)")
     bench.add_argument("--batch-size", type=int, default=None,
                        help="default: 2048 for the models; 2048 and 8192 for pooling")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     bench.add_argument("--config", choices=sorted(CONFIGS), default="default",
                        help="default: the realistic config of the README; small: a seconds-long smoke test")
-    bench.add_argument("--repeats", type=int, default=5)
-    bench.add_argument("--warmup", type=int, default=2)
-    bench.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
+    bench.add_argument("--repeats", type=int, default=5,
+                       help="timed samples per implementation and row, interleaved (the median is reported, the "
+                            "min-max beside it); with --nextrec: epochs per variant (default: 5)")
+    bench.add_argument("--warmup", type=int, default=2,
+                       help="untimed rounds before the samples, so allocators and caches settle (default: 2)")
+    bench.add_argument("--threads", type=int, default=0,
+                       help="torch threads (default: the cores the machine can give now: its cores less its load "
+                            "average, at least 1; more threads than free cores make every timing erratic)")
     bench.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--plot", default=None, metavar="PATH",
                        help="also draw the speed-ups as a PNG bar chart (needs matplotlib)")
@@ -88,21 +98,23 @@ def main(argv=None) -> int:
     bench.set_defaults(func=_bench)
 
     plot = sub.add_parser("plot", help="draw the speed-up bar chart from a `bench --json` file")
-    plot.add_argument("results", metavar="RESULTS.json")
+    plot.add_argument("results", metavar="RESULTS.json", help="a file written by bench --json")
     plot.add_argument("--out", required=True, metavar="PATH", help="PNG to write")
     plot.set_defaults(func=_plot)
 
     prof = sub.add_parser("profile", help="profile training steps of reference vs fast: Chrome traces and "
                                           "time per stage (embedding/experts/gates/towers/backward/optimizer)")
-    prof.add_argument("--model", choices=MODEL_NAMES, default="mmoe")
+    prof.add_argument("--model", choices=MODEL_NAMES, default="mmoe", help="the model to profile (default: mmoe)")
     prof.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     prof.add_argument("--steps", type=int, default=3, help="profiled training steps (after one warm-up step)")
-    prof.add_argument("--batch-size", type=int, default=2048)
-    prof.add_argument("--config", choices=sorted(CONFIGS), default="default")
+    prof.add_argument("--batch-size", type=int, default=2048, help="rows per training step (default: 2048)")
+    prof.add_argument("--config", choices=sorted(CONFIGS), default="default",
+                      help="default: the realistic config of the README; small: seconds-long")
     prof.add_argument("--out", default="nextrec_fast_profile", metavar="DIR",
                       help="folder for the Chrome traces <model>_{reference,fast}_trace.json")
     prof.add_argument("--top", type=int, default=5, help="heaviest ops listed per stage")
-    prof.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: leave as is)")
+    prof.add_argument("--threads", type=int, default=0,
+                      help="torch threads (default: the cores the machine can give now, as for bench)")
     prof.set_defaults(func=_profile)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -102,3 +102,33 @@ def test_time_interleaved_settles_and_shuffles(monkeypatch):
         assert sorted(name for name, _ in blocks) == list("abcd") and all(n in (5, 6) for _, n in blocks), blocks
         orders.append("".join(name for name, _ in blocks))
     assert len(set(orders)) > 1, orders
+
+
+def test_reliability_warnings_and_default_threads(monkeypatch):
+    """A busy machine (load above the cores given) and a row whose samples spread widely are
+    both reported; the default thread count is the cores the load leaves free."""
+    from nextrec_fast.bench import common
+    quiet = {"cores": 2, "load_at_start": 0.3, "load_at_end": 0.9}
+    steady = [("mmoe fwd (fast)", [10.0, 10.5, 11.0])]
+    assert common.reliability_warnings(quiet, steady) == []
+    busy = common.reliability_warnings({**quiet, "load_at_end": 3.5}, steady)
+    assert len(busy) == 1 and "busy" in busy[0] and "3.5" in busy[0] and "unreliable" in busy[0]
+    wide = common.reliability_warnings(quiet, steady + [("ple step (reference)", [10.0, 11.0, 30.0])])
+    assert len(wide) == 1 and "ple step (reference)" in wide[0] and "mmoe" not in wide[0]
+    for load, cores, threads in ((0.0, 2, 2), (1.2, 2, 1), (5.0, 2, 1), (0.4, 16, 16), (6.6, 16, 9)):
+        monkeypatch.setattr(common, "machine_load", lambda load=load, cores=cores: (load, cores))
+        assert common.default_threads() == threads, (load, cores)
+
+
+def test_bench_table_has_legend_spread_and_names_its_baseline():
+    from nextrec_fast.bench import models
+    env = {"device": "cpu", "device_name": "x", "torch": "t", "triton": None, "threads": 1, "cores": 2,
+           "pooling_op": "op", "config": "small", "repeats": 3, "load_at_start": 0.1, "load_at_end": 0.2}
+    row = {"model": "mmoe", "mode": "forward_eval", "batch": 8, "reference_ms": 2.0, "fast_ms": 1.0, "speedup": 2.0,
+           "reference_samples_ms": [1.9, 2.0, 2.2], "fast_samples_ms": [0.9, 1.0, 1.1]}
+    table = models.format_table({"environment": env, "rows": [row]})
+    assert "re-implemented" in table and "median of 3 interleaved repeats" in table
+    assert "1.9-2.2" in table and "0.9-1.1" in table and "WARNING" not in table
+    fit = dict(row, mode="nextrec_fit_epoch")
+    table = models.format_table({"environment": {**env, "nextrec": "0.6.14", "steps_per_epoch": 8}, "rows": [fit]})
+    assert "plain nextrec ms" in table and "accelerated ms" in table and "nextrec 0.6.14" in table

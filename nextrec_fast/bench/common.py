@@ -13,7 +13,8 @@ import torch
 
 from nextrec_fast.features import DenseFeature, SequenceFeature, SparseFeature
 
-__all__ = ["CONFIGS", "default_features", "make_batch", "sync", "time_interleaved", "environment", "save_json"]
+__all__ = ["CONFIGS", "default_features", "make_batch", "sync", "time_interleaved", "environment", "save_json",
+           "machine_load", "default_threads", "spread", "reliability_warnings"]
 
 
 CONFIGS = {
@@ -100,13 +101,60 @@ def time_interleaved(fns: dict, device, warmup: int, repeats: int, step=None, bu
     return samples
 
 
+def machine_load() -> tuple[float, int]:
+    """(1-minute load average, cores this process may run on); (0.0, cores) where unknown."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        return os.getloadavg()[0], cores
+    except (AttributeError, OSError):
+        return 0.0, cores
+
+
+def default_threads() -> int:
+    """The threads this machine can really give now: its cores less those other processes keep
+    busy (load average), at least 1. With more OpenMP threads than free cores every timing gets
+    10-100x slower and erratic."""
+    load, cores = machine_load()
+    return max(1, min(cores, int(round(cores - load))))
+
+
+def spread(samples) -> tuple[float, float]:
+    """(min, max) of a row's samples."""
+    return (min(samples), max(samples)) if samples else (float("nan"), float("nan"))
+
+
+# A row whose samples spread wider than this fraction of its median is flagged as unreliable.
+WIDE_SPREAD = 0.5
+
+
+def reliability_warnings(env: dict, rows) -> list[str]:
+    """Warnings that the ratios of a run cannot be trusted: a machine busier than the cores given
+    (load average at the start or the end above the cores), rows whose samples spread widely.
+    ``rows``: (label, samples) pairs."""
+    warnings = []
+    cores = env.get("cores")
+    loads = [env[k] for k in ("load_at_start", "load_at_end") if env.get(k) is not None]
+    if cores and loads and max(loads) > cores:
+        warnings.append(f"WARNING: the machine was busy (load average {max(loads):.1f} on {cores} core(s)): other "
+                        "processes took CPU time from these timings; the ratios are unreliable, rerun when it is idle")
+    wide = [label for label, samples in rows
+            if samples and (max(samples) - min(samples)) > WIDE_SPREAD * sorted(samples)[len(samples) // 2]]
+    if wide:
+        warnings.append(f"WARNING: samples spread over more than {WIDE_SPREAD:.0%} of the median in: "
+                        f"{', '.join(wide)}; those ratios are unreliable (machine noise), rerun with more --repeats")
+    return warnings
+
+
 def environment(device) -> dict:
+    load, cores = machine_load()
     info = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "cores": cores,
+        "load_at_start": round(load, 2),
     }
     try:
         from nextrec_fast.layers.embedding import _pooling_backend

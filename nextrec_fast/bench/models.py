@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from nextrec_fast import reference
-from nextrec_fast.bench.common import CONFIGS, default_features, environment, make_batch, time_interleaved
+from nextrec_fast.bench.common import (CONFIGS, default_features, environment, machine_load, make_batch, reliability_warnings,
+                                       spread, time_interleaved)
 
 MODEL_NAMES = ("mmoe", "ple", "esmm")
 MODES = ("forward_eval", "forward_backward", "train_step")
@@ -91,6 +92,7 @@ def run(models=MODEL_NAMES, modes=MODES, batch: int = 2048, device: str | None =
     """Reference vs fast per model and mode; with "pooling" in ``models`` also the pooling
     benchmark (``result["pooling"]``) at ``pooling_batches`` (default: 2048 and 8192)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    env = {**environment(device), "config": config, "repeats": repeats}  # the load before the run
     model_names = [m for m in models if m != "pooling"]
     rows, total, done = [], len(model_names) * len(modes), 0
     for model in model_names:
@@ -109,33 +111,52 @@ def run(models=MODEL_NAMES, modes=MODES, batch: int = 2048, device: str | None =
                             [round(s, 3) for s in samples["reference"]], [round(s, 3) for s in samples["fast"]]))
         del ref, fast, x, labels
         gc.collect()
-    result = {"environment": {**environment(device), "config": config}, "rows": [asdict(r) for r in rows]}
+    result = {"environment": env, "rows": [asdict(r) for r in rows]}
     if "pooling" in models:
         from nextrec_fast.bench import pooling
         result["pooling"] = pooling.run(
             batches=pooling_batches or pooling.DEFAULT_BATCHES, device=device, repeats=repeats,
             warmup=warmup, config=config,
             progress=(lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else None)
+    result["environment"]["load_at_end"] = round(machine_load()[0], 2)
     return result
 
 
 def format_table(result: dict) -> str:
+    """The result as the terminal shows it: a header, a legend saying what each column is compared
+    with, per row the medians, their spread and the ratio, then any reliability warnings."""
     env = result["environment"]
     nextrec_fit = bool(result["rows"]) and all(r["mode"].startswith("nextrec_fit") for r in result["rows"])
-    # nextrec's own fit rows compare plain nextrec with the same model accelerated; the others our
-    # reference (nextrec's math re-implemented) with the drop-in fast model.
-    base, fast = ("plain nextrec ms", "accelerated ms") if nextrec_fit else ("reference ms", "fast ms")
+    base, fast = ("plain nextrec", "accelerated") if nextrec_fit else ("reference", "fast")
     header = (f"nextrec-fast bench | device {env['device']} ({env['device_name']}) | torch {env['torch']} | "
-              f"triton {env['triton']} | threads {env['threads']} | pooling: {env['pooling_op']} | config {env['config']}")
+              f"triton {env['triton']} | threads {env['threads']} of {env.get('cores', '?')} core(s) | "
+              f"pooling: {env['pooling_op']} | config {env['config']}")
     if nextrec_fit:
         header += f" | nextrec {env.get('nextrec', '?')}, {env.get('steps_per_epoch', '?')} steps per epoch"
-    lines = [header, f"{'model':<6} {'mode':<17} {'batch':>6} {base:>16} {fast:>15} {'speed-up':>9}"]
+        legend = ("legend: nextrec's own fit on the installed nextrec, plain vs the same model after "
+                  "nextrec_fast.accelerate, from the same weights and data, alternating; ms = median over the "
+                  "epochs run (step: over every step), min-max beside it; speed-up = plain / accelerated median")
+    else:
+        legend = (f"legend: reference = nextrec's math re-implemented in plain PyTorch (nextrec_fast.reference, "
+                  f"per-feature / per-expert loops), fast = the drop-in model, same weights; ms = median of "
+                  f"{env.get('repeats', '?')} interleaved repeats, min-max beside it; speed-up = reference / fast "
+                  f"median. Against nextrec itself: bench --nextrec")
+    lines = [header, legend,
+             f"{'model':<6} {'mode':<17} {'batch':>6} {base + ' ms':>16} {'min-max':>15} {fast + ' ms':>15} "
+             f"{'min-max':>15} {'speed-up':>9}"]
     for r in result["rows"]:
+        (b_lo, b_hi), (f_lo, f_hi) = spread(r["reference_samples_ms"]), spread(r["fast_samples_ms"])
         lines.append(f"{r['model']:<6} {r['mode']:<17} {r['batch']:>6} {r['reference_ms']:>16.1f} "
-                     f"{r['fast_ms']:>15.1f} {r['speedup']:>8.2f}x")
+                     f"{f'{b_lo:.1f}-{b_hi:.1f}':>15} {r['fast_ms']:>15.1f} {f'{f_lo:.1f}-{f_hi:.1f}':>15} "
+                     f"{r['speedup']:>8.2f}x")
     if not result["rows"]:
-        lines.pop()  # no model rows: no model header
+        lines = lines[:1]  # no model rows: no model header
+    timed = [(f"{r['model']} {r['mode']} ({who})", r[key]) for r in result["rows"]
+             for who, key in ((base, "reference_samples_ms"), (fast, "fast_samples_ms"))]
     if result.get("pooling"):
         from nextrec_fast.bench import pooling
         lines += ["", pooling.format_table(result["pooling"])]
+        timed += [(f"pooling {r['mode']} {r['impl']} (batch {r['batch']})", r.get("samples_ms", []))
+                  for r in result["pooling"]["rows"]]
+    lines += reliability_warnings(env, timed)
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from dataclasses import asdict
 
 import torch
 
-from nextrec_fast.bench.common import CONFIGS, default_features, environment, make_batch
+from nextrec_fast.bench.common import CONFIGS, default_features, environment, machine_load, make_batch
 from nextrec_fast.bench.models import Row, default_model_kwargs
 
 __all__ = ["run_nextrec"]
@@ -108,6 +108,7 @@ def run_nextrec(models=("mmoe", "ple"), batch: int = 2048, steps: int = 8, round
     import nextrec_fast
     logging.getLogger().setLevel(logging.WARNING)
     features = default_features(**CONFIGS[config])
+    env = {**environment(torch.device("cpu")), "config": config, "steps_per_epoch": steps, "repeats": rounds}
     rows = []
     for model in models:
         kwargs = default_model_kwargs(model)
@@ -146,7 +147,7 @@ def run_nextrec(models=("mmoe", "ple"), batch: int = 2048, steps: int = 8, round
                             [round(v, 1) for v in plain_samples], [round(v, 1) for v in fast_samples]))
         del plain, fast, data
         gc.collect()
-    env = {**environment(torch.device("cpu")), "config": config, "steps_per_epoch": steps}
+    env["load_at_end"] = round(machine_load()[0], 2)
     try:
         import nextrec
         env["nextrec"] = getattr(nextrec, "__version__", "?")

@@ -217,10 +217,17 @@ def format_table(pooling: dict) -> str:
              + ", ".join(f"{n} {m} calls" for m, n in pooling.get("calls_per_sample", {}).items())
              + (f" after {pooling['settle_ms']:g} ms of untimed ones; implementations in a random order each round"
                 if "settle_ms" in pooling else " after an untimed one; implementations alternate between samples"),
-             f"{'batch':>6} {'mode':<17} {'impl':<15} {'ms':>9} {'vs nextrec':>11} {'vs emb_bag':>11} "
+             "legend: nextrec = nextrec's pooling formulas re-implemented (lookup to [B, L, D], mask, bmm); "
+             "fused = our one-call op on tables on 2 MiB pages; fused_4k_pages = the op on tables on ordinary "
+             "4 KiB pages; embedding_bag = one F.embedding_bag per feature; ms = median (min-max beside it); "
+             "vs nextrec / vs emb_bag = that row's time / this row's; fwd GB/s = bytes the forward must move "
+             "(rows, ids, output) per second; of copy = that as a share of a 256 MiB copy_ in the same run",
+             f"{'batch':>6} {'mode':<17} {'impl':<15} {'ms':>9} {'min-max':>15} {'vs nextrec':>11} {'vs emb_bag':>11} "
              f"{'fwd GB/s':>9} {'of copy':>8}"]
     for r in pooling["rows"]:
         bw = f"{r['forward_gbps']:>9.2f} {r['fraction_of_copy']:>8.1%}" if "forward_gbps" in r else ""
-        lines.append(f"{r['batch']:>6} {r['mode']:<17} {r['impl']:<15} {r['ms']:>9.2f} "
+        samples = r.get("samples_ms") or [r["ms"]]
+        lo_hi = f"{min(samples):.2f}-{max(samples):.2f}"
+        lines.append(f"{r['batch']:>6} {r['mode']:<17} {r['impl']:<15} {r['ms']:>9.2f} {lo_hi:>15} "
                      f"{r['speedup_vs_nextrec']:>10.2f}x {r['speedup_vs_embedding_bag']:>10.2f}x {bw}".rstrip())
     return "\n".join(lines)
