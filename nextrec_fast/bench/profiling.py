@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from dataclasses import dataclass
+import sys
+import tempfile
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -145,10 +147,44 @@ def training_step_fn(model: nn.Module, x: dict, labels: torch.Tensor, optimizer:
     return step
 
 
+# What torch's profiler (kineto) prints on a machine without a GPU driver: its probe for GPUs
+# ("gpuGetDeviceCount failed with code 35", as an ERROR) and its start/stop trace points. Neither
+# is a failure of the profile; shown to a user they read as one.
+_CPU_ONLY_PROFILER_NOISE = ("gpuGetDeviceCount failed", "SyncActivityProfilerHandler.cpp")
+
+
+@contextlib.contextmanager
+def _without_profiler_noise():
+    """Capture file descriptor 2 (kineto writes from C++) and pass on every line but the noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(noise in line for noise in _CPU_ONLY_PROFILER_NOISE)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 def profile_steps(step, device, steps: int, trace_path: str | None = None, warmup: int = 1):
     """Profile ``steps`` calls of ``step`` after ``warmup`` profiled-but-discarded ones (so the
-    profiler's own start-up cost and first-call allocations stay out); write a Chrome trace."""
+    profiler's own start-up cost and first-call allocations stay out); write a Chrome trace.
+    Without CUDA, the profiler's own GPU probe messages are filtered out of stderr."""
     device = torch.device(device)
+    quiet = _without_profiler_noise() if not torch.cuda.is_available() else contextlib.nullcontext()
+    with quiet:
+        return _profile_steps(step, device, steps, trace_path, warmup)
+
+
+def _profile_steps(step, device, steps, trace_path, warmup):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     schedule = torch.profiler.schedule(wait=0, warmup=warmup, active=steps, repeat=1)
 
@@ -223,6 +259,7 @@ class ProfileResult:
     times: dict        # {"reference": StageTimes, "fast": StageTimes}
     top_ops: dict      # {"reference": {stage: [...]}, "fast": {...}}
     traces: dict       # {"reference": path, "fast": path}
+    loads: dict = field(default_factory=dict)  # {"reference" | "fast" | "end": (load average, cores)}
 
 
 def profile_model(model: str = "mmoe", device: str | None = None, steps: int = 3, batch: int = 2048,
@@ -235,8 +272,10 @@ def profile_model(model: str = "mmoe", device: str | None = None, steps: int = 3
     ref, fast = build_models(model, device, features=common.default_features(**common.CONFIGS[config]))
     x, labels = common.make_batch(ref.dense_features, ref.sparse_features, ref.sequence_features,
                                      batch=batch, device=device)
-    times, top_ops, traces = {}, {}, {}
+    from nextrec_fast.bench.common import machine_load
+    times, top_ops, traces, loads = {}, {}, {}, {}
     for impl, net in (("reference", ref), ("fast", fast)):
+        loads[impl] = machine_load()
         net.train()
         step = training_step_fn(net, x, labels, torch.optim.Adam(net.parameters(), lr=1e-3))
         traces[impl] = os.path.join(out_dir, f"{model}_{impl}_trace.json")
@@ -245,7 +284,24 @@ def profile_model(model: str = "mmoe", device: str | None = None, steps: int = 3
             prof = profile_steps(step, device, steps, traces[impl])
         times[impl] = stage_times(prof, steps)
         top_ops[impl] = ops_by_stage(prof, steps, top)
-    return ProfileResult(model, str(device), config, batch, steps, times, top_ops, traces)
+    loads["end"] = machine_load()
+    return ProfileResult(model, str(device), config, batch, steps, times, top_ops, traces, loads)
+
+
+def profile_load_warnings(loads: dict) -> list[str]:
+    """A warning when the reference and the fast half were profiled under different machine load
+    (load average differing by 0.5 or more between the starts of the halves and the end, or above
+    the cores): their times are then not comparable."""
+    if not loads:
+        return []
+    values = [load for load, _ in loads.values()]
+    cores = max(c for _, c in loads.values())
+    if max(values) - min(values) < 0.5 and max(values) <= cores:
+        return []
+    seen = ", ".join(f"{name} {load:.1f}" for name, (load, _) in loads.items())
+    return [f"WARNING: the two halves ran under different machine load (load average at the start of each and at "
+            f"the end: {seen}; {cores} core(s)): the reference / fast ratios are unreliable; rerun when the machine "
+            "is idle"]
 
 
 def format_profile(result: ProfileResult) -> str:
@@ -283,6 +339,7 @@ def format_profile(result: ProfileResult) -> str:
             if ops:
                 lines.append(f"  {stage:<10} " + ", ".join(f"{name} {ms:.2f}" for name, ms in ops))
     lines.append("")
+    lines += profile_load_warnings(result.loads)
     lines += [f"Chrome trace ({impl}): {path}  (open in chrome://tracing or https://ui.perfetto.dev)"
               for impl, path in result.traces.items()]
     return "\n".join(lines)
