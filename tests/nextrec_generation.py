@@ -61,6 +61,17 @@ def nextrec_float64():
         torch.Tensor.float = original
 
 
+def assert_regularized_grads_match(plain, model) -> None:
+    """After ``(output + add_reg_loss()).backward()`` on both: the same regularisation value and
+    every parameter's gradient (``atol`` relative to the largest gradient)."""
+    torch.testing.assert_close(model.add_reg_loss(), plain.add_reg_loss(), rtol=1e-5, atol=0)
+    scale = max(p.grad.abs().max().item() for p in plain.parameters() if p.grad is not None)
+    for (name, p_plain), p_fast in zip(plain.named_parameters(), model.parameters()):
+        if p_plain.grad is not None:
+            torch.testing.assert_close(p_fast.grad, p_plain.grad, rtol=1e-4, atol=1e-5 * scale,
+                                       msg=lambda m: f"{name}: {m}")
+
+
 # -- nextrec 0.6 random configurations ------------------------------------------------------
 V06_ACTIVATIONS = ("relu", "tanh", "silu", "mish", "sigmoid", "gelu", "leaky_relu", "elu", "linear")
 

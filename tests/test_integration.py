@@ -12,7 +12,7 @@ import torch
 import nextrec_fast
 from nextrec_fast.models import standalone
 from model_factory import random_features, random_inputs, random_model_kwargs
-from nextrec_generation import require
+from nextrec_generation import assert_regularized_grads_match, require
 
 require("0.3")
 from nextrec.basic import features as nr_features  # noqa: E402
@@ -122,12 +122,7 @@ def test_regularization_gradient_matches_autograd():
         m.zero_grad(set_to_none=True)
         reg = m.add_reg_loss()
         (m(x).sum() + reg).backward()
-    torch.testing.assert_close(model.add_reg_loss(), plain.add_reg_loss(), rtol=1e-5, atol=0)
-    scale = max(p.grad.abs().max().item() for p in plain.parameters() if p.grad is not None)
-    for (name, p_plain), p_fast in zip(plain.named_parameters(), model.parameters()):
-        if p_plain.grad is not None:
-            torch.testing.assert_close(p_fast.grad, p_plain.grad, rtol=1e-4, atol=1e-5 * scale,
-                                       msg=lambda m: f"{name}: {m}")
+    assert_regularized_grads_match(plain, model)
 
 
 def _frame(feats, n, seed):

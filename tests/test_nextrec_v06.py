@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import nextrec_fast
-from nextrec_generation import (nextrec_float64, predict_proba, random_v06_inputs, random_v06_model, require)
+from nextrec_generation import (assert_regularized_grads_match, nextrec_float64, predict_proba, random_v06_inputs,
+                                random_v06_model, require)
 
 require("0.6")
 from nextrec.basic.layers import EmbeddingLayer  # noqa: E402
@@ -167,12 +168,7 @@ def test_regularization_gradient_matches_nextrec():
         m.eval()
         m.zero_grad(set_to_none=True)
         (predict_proba(m, x).sum() + m.add_reg_loss()).backward()
-    torch.testing.assert_close(model.add_reg_loss(), plain.add_reg_loss(), rtol=1e-5, atol=0)
-    scale = max(p.grad.abs().max().item() for p in plain.parameters() if p.grad is not None)
-    for (name, p_plain), p_fast in zip(plain.named_parameters(), model.parameters()):
-        if p_plain.grad is not None:
-            torch.testing.assert_close(p_fast.grad, p_plain.grad, rtol=1e-4, atol=1e-5 * scale,
-                                       msg=lambda m: f"{name}: {m}")
+    assert_regularized_grads_match(plain, model)
 
 
 # -- nextrec's own fit ---------------------------------------------------------------------
