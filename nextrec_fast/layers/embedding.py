@@ -46,7 +46,7 @@ class FastEmbeddingMixin:
     check_inputs = True  # id-range and shape checks (one aminmax per feature)
     _compat: compat.NextrecGeneration = compat.V03
     # Instance attributes the plan adds (dropped again by restore() and when pickling as nextrec's class).
-    FAST_STATE = ("slots", "_slot_tables", "_op_slots", "dense_specs", "_check_spec")
+    FAST_STATE = ("slots", "_slot_tables", "_op_slots", "_op_args", "dense_specs", "_check_spec")
 
     def _prepare_fast_path(self):
         """What every fast embedding layer needs once its tables exist: the pooling plan, and
@@ -60,6 +60,12 @@ class FastEmbeddingMixin:
         self.slots: tuple[PooledFeatureSpec, ...] = tuple(pooled)
         self._slot_tables = tuple(table_names.index(s.table_name) for s in pooled)
         self._op_slots = tuple(i for i, s in enumerate(pooled) if s.pooling_module is None)
+        op_slots = [pooled[i] for i in self._op_slots]
+        self._op_args = dict(  # the pooling op's per-feature arguments, fixed with the plan
+            table_index=[self._slot_tables[i] for i in self._op_slots], combiners=[s.combiner for s in op_slots],
+            mask_ids=[s.mask_id for s in op_slots], max_lens=[s.max_len for s in op_slots],
+            feature_names=[s.name for s in op_slots],
+            grad_padding_idx=[-1 if t.padding_idx is None else int(t.padding_idx) for t in self.embed_dict.values()])
         self.dense_specs: tuple[DenseFeatureSpec, ...] = tuple(dense)
         self._check_spec = tuple(
             [(s.name, s.kind, s.vocab_size, 0) for s in pooled] + [(d.name, DENSE, 0, d.input_dim) for d in dense])
@@ -121,17 +127,8 @@ class FastEmbeddingMixin:
         if op_slots:
             tables = self.tables()
             if op is not None and tables[0].device.type in ("cpu", "cuda"):
-                pooled = op.pooled_embedding(
-                    tables, [_as_op_ids(x[s.name]) for s in op_slots],
-                    table_index=[self._slot_tables[i] for i in self._op_slots],
-                    combiners=[s.combiner for s in op_slots],
-                    mask_ids=[s.mask_id for s in op_slots],
-                    max_lens=[s.max_len for s in op_slots],
-                    feature_names=[s.name for s in op_slots],
-                    grad_padding_idx=[-1 if t.padding_idx is None else int(t.padding_idx)
-                                      for t in self.embed_dict.values()],
-                    check_ids=self.check_inputs,
-                )
+                pooled = op.pooled_embedding(tables, [_as_op_ids(x[s.name]) for s in op_slots],
+                                             check_ids=self.check_inputs, **self._op_args)
             else:
                 pooled = torch.cat([self._pool_one_torch(slot, x[slot.name]) for slot in op_slots], dim=1)
         if len(op_slots) == len(slots):

@@ -233,7 +233,9 @@ class ExpertBank:
                 h = self._batch_norm_act(op, layer, h, linear_bias, relu=relu, out_expert_major=not last)
                 if relu:
                     act = None
-            if act is not None:
+            if act is not None and layer.norms is None:
+                h = self._activation(layer.acts, h)  # a fresh GEMM output: ReLU rectifies in place
+            elif act is not None:
                 h = act(h)  # parameter-free (PReLU takes the PyTorch path): layout does not matter
             if layer.dropouts is not None:
                 drop = layer.dropouts[0]
