@@ -304,7 +304,9 @@ def test_fast_data_path_gives_nextrec_batches(shuffle):
     batches = []
     for m in (plain, model):
         torch.manual_seed(123)
-        batches.append(list(m._prepare_data_loader(data, batch_size=16, shuffle=shuffle)))
+        loader = m._prepare_data_loader(data, batch_size=16, shuffle=shuffle)
+        assert loader.batch_size == 16 and len(loader) == 4
+        batches.append(list(loader))
     assert len(batches[0]) == len(batches[1]) == 4
     for b_plain, b_fast in zip(*batches):
         for section in ("features", "labels"):

@@ -198,7 +198,9 @@ def test_fast_data_path_gives_nextrec_batches(shuffle):
     batches = []
     for m in (plain, model):
         torch.manual_seed(123)
-        batches.append(list(m.prepare_data_loader(data, batch_size=16, shuffle=shuffle, key_columns=["uid"])))
+        loader = m.prepare_data_loader(data, batch_size=16, shuffle=shuffle, key_columns=["uid"])
+        assert loader.batch_size == 16 and len(loader) == 4  # what nextrec's training summary prints
+        batches.append(list(loader))
     assert len(batches[0]) == len(batches[1]) == 4
     for b_plain, b_fast in zip(*batches):
         assert b_plain.keys() == b_fast.keys() and b_plain["schema"] == b_fast["schema"]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
-__all__ = ["ColumnBatchDataset", "column_batch_loader", "pad_sequence_column"]
+__all__ = ["ColumnBatchDataset", "ColumnBatchLoader", "column_batch_loader", "pad_sequence_column"]
 
 
 class ColumnBatchDataset(Dataset):
@@ -57,14 +57,31 @@ def _as_is(batch):
     return batch
 
 
+class ColumnBatchLoader(DataLoader):
+    """A DataLoader whose dataset batches (``ColumnBatchDataset`` indexed with a ``BatchSampler``'s
+    index lists). ``batch_size`` reports the rows per batch, as nextrec's loader does (nextrec's
+    training summary prints it), though to DataLoader itself batching is the dataset's."""
+
+    def __init__(self, dataset: ColumnBatchDataset, batch_size: int, shuffle: bool):
+        self._rows_per_batch = batch_size
+        sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+        super().__init__(dataset, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last=False),
+                         collate_fn=_as_is)
+
+    @property
+    def batch_size(self) -> int:
+        return self._rows_per_batch
+
+    @batch_size.setter
+    def batch_size(self, value) -> None:
+        pass  # DataLoader.__init__ records None (no automatic batching): the rows per batch stay
+
+
 def column_batch_loader(tensors: dict, batch_size: int, shuffle: bool,
                         sections: tuple[str, ...] = ("features", "labels", "ids"),
                         constants: dict | None = None) -> DataLoader:
     """A DataLoader giving nextrec's batches (same samplers, same order) from whole-column indexing."""
-    dataset = ColumnBatchDataset(tensors, sections, constants)
-    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=None, sampler=BatchSampler(sampler, batch_size, drop_last=False),
-                      collate_fn=_as_is)
+    return ColumnBatchLoader(ColumnBatchDataset(tensors, sections, constants), batch_size, shuffle)
 
 
 def pad_sequence_column(column, max_len: int, pad_value: int) -> np.ndarray | None:
