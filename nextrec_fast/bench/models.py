@@ -141,6 +141,9 @@ def format_table(result: dict) -> str:
                   f"per-feature / per-expert loops), fast = the drop-in model, same weights; ms = median of "
                   f"{env.get('repeats', '?')} interleaved repeats, min-max beside it; speed-up = reference / fast "
                   f"median. Against nextrec itself: bench --nextrec")
+        if env.get("config") == "small":
+            legend += ("\nconfig small is a smoke test: its tables and batches are too small for the fast path to "
+                       "pay off (speed-ups near or below 1x are expected); --config default measures")
     lines = [header, legend,
              f"{'model':<6} {'mode':<17} {'batch':>6} {base + ' ms':>16} {'min-max':>15} {fast + ' ms':>15} "
              f"{'min-max':>15} {'speed-up':>9}"]
