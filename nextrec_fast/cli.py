@@ -77,7 +77,8 @@ def main(argv=None) -> int:
                        help="default: 2048 for the models; 2048 and 8192 for pooling")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     bench.add_argument("--config", choices=sorted(CONFIGS), default="default",
-                       help="default: the realistic config (26 sparse, 3 sequence, 13 dense features; docs/benchmarks.md); small: a seconds-long smoke test")
+                       help="default: the realistic config (26 sparse, 3 sequence, 13 dense features; "
+                            "docs/benchmarks.md); small: a seconds-long smoke test")
     bench.add_argument("--repeats", type=int, default=5,
                        help="timed samples per implementation and row, interleaved (the median is reported, the "
                             "min-max beside it); with --nextrec: epochs per variant (default: 5)")
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
     prof.add_argument("--steps", type=int, default=3, help="profiled training steps (after one warm-up step)")
     prof.add_argument("--batch-size", type=int, default=2048, help="rows per training step (default: 2048)")
     prof.add_argument("--config", choices=sorted(CONFIGS), default="default",
-                      help="default: the realistic config (26 sparse, 3 sequence, 13 dense features; docs/benchmarks.md); small: seconds-long")
+                      help="default: the realistic config (26 sparse, 3 sequence, 13 dense features; "
+                           "docs/benchmarks.md); small: seconds-long")
     prof.add_argument("--out", default="nextrec_fast_profile", metavar="DIR",
                       help="folder for the Chrome traces <model>_{reference,fast}_trace.json")
     prof.add_argument("--top", type=int, default=5, help="heaviest ops listed per stage")
