@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from nextrec_fast import huge_pages
-from nextrec_fast.bench.common import CONFIGS, default_features, make_batch, sync, time_interleaved
+from nextrec_fast.bench.common import CONFIGS, default_features, make_batch, spread, sync, time_interleaved
 
 IMPLS = ("nextrec", "fused", "fused_4k_pages", "fused_unchecked", "embedding_bag")
 MODES = ("forward", "forward_backward")
@@ -226,8 +226,8 @@ def format_table(pooling: dict) -> str:
              f"{'fwd GB/s':>9} {'of copy':>8}"]
     for r in pooling["rows"]:
         bw = f"{r['forward_gbps']:>9.2f} {r['fraction_of_copy']:>8.1%}" if "forward_gbps" in r else ""
-        samples = r.get("samples_ms") or [r["ms"]]
-        lo_hi = f"{min(samples):.2f}-{max(samples):.2f}"
+        low, high = spread(r.get("samples_ms") or [r["ms"]])
+        lo_hi = f"{low:.2f}-{high:.2f}"
         lines.append(f"{r['batch']:>6} {r['mode']:<17} {r['impl']:<15} {r['ms']:>9.2f} {lo_hi:>15} "
                      f"{r['speedup_vs_nextrec']:>10.2f}x {r['speedup_vs_embedding_bag']:>10.2f}x {bw}".rstrip())
     return "\n".join(lines)
