@@ -16,7 +16,10 @@ from nextrec_fast.backend import get_backend, set_backend, use_backend
 from nextrec_fast.compat import UnsupportedModelError
 from nextrec_fast.features import DenseFeature, SequenceFeature, SparseFeature
 from nextrec_fast.integration import accelerate, is_accelerated, patch_nextrec, restore, unpatch_nextrec
+from nextrec_fast.ops import register_ops as _register_ops
 from nextrec_fast.validation import MissingFeatureError
+
+_register_ops()  # our torch.ops resolve after a plain import (export / compiled artifacts)
 
 __version__ = "0.1.0"
 

@@ -55,20 +55,27 @@ def _jit_build():
     )
 
 
-def load():
-    """Returns the extension module, or None (see ``unavailable_reason()``). Memoised."""
+def load(build: bool = True):
+    """Returns the extension module, or None (see ``unavailable_reason()``). Memoised.
+
+    ``build=False`` (``import nextrec_fast``, which must stay cheap) only imports the prebuilt
+    module; without one it returns None and leaves the JIT build to the first ``load()``.
+    """
     global _module, _reason, _attempted
     with _lock:
-        if _attempted:
+        if _attempted or _module is not None:
             return _module
-        _attempted = True
         try:
             from nextrec_fast import _C  # noqa: F401  (prebuilt by setup.py)
 
             _module = _C
+            _attempted = True
             return _module
         except Exception as exc:  # ImportError, or an ABI mismatch (OSError/undefined symbol)
             prebuilt_error = f"prebuilt nextrec_fast._C not importable ({type(exc).__name__}: {exc})"
+        if not build:
+            return None
+        _attempted = True
         if os.environ.get("NEXTREC_FAST_NO_JIT") == "1":
             _reason = f"{prebuilt_error}; JIT build disabled by NEXTREC_FAST_NO_JIT=1"
             return None

@@ -284,10 +284,10 @@ class ExpertBank:
             running_var=running_var, training=use_batch_stats, eps=first.eps, relu=relu,
             out_expert_major=out_expert_major)
         if track and use_batch_stats:
-            with torch.no_grad():  # BatchNorm saw x + bias; running_var takes the unbiased variance
-                mean = mean_x + linear_bias if linear_bias is not None else mean_x
-                _lerp_running_stats(norms, mean.view(len(norms), -1), var.view(len(norms), -1) * (batch / (batch - 1)),
-                                    factor)
+            # BatchNorm saw x + bias; running_var takes the unbiased variance
+            mean = mean_x + linear_bias.detach() if linear_bias is not None else mean_x
+            _lerp_running_stats(norms, mean.view(len(norms), -1), var.view(len(norms), -1) * (batch / (batch - 1)),
+                                factor)
         return out
 
     # -- linears ---------------------------------------------------------------------------
@@ -423,10 +423,13 @@ def _shared_input_runs(inputs, input_of: list[int], count: int) -> list[tuple[in
     return runs
 
 
-@torch.no_grad()
 def _lerp_running_stats(norms: list[nn.BatchNorm1d], mean: torch.Tensor, unbiased_var: torch.Tensor,
                         factor: float) -> None:
-    """nn.BatchNorm1d's running-statistics update of every expert (``mean``, ``unbiased_var``: [E, N])."""
+    """nn.BatchNorm1d's running-statistics update of every expert (``mean``, ``unbiased_var``: [E, N]).
+
+    Detached rather than under ``torch.no_grad()``: a grad-mode switch inside forward becomes a
+    ``wrap_with_set_grad_enabled`` node that ``torch.export.save`` / ``load`` cannot round-trip."""
+    mean, unbiased_var = mean.detach(), unbiased_var.detach()
     for e, norm in enumerate(norms):
         norm.running_mean.lerp_(mean[e].to(norm.running_mean.dtype), factor)
         norm.running_var.lerp_(unbiased_var[e].to(norm.running_var.dtype), factor)

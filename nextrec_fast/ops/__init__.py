@@ -2,5 +2,27 @@
 
 Each op module registers its ops on import and says whether its backend is usable here:
 - ``pooled_embedding``: C++/CUDA multi-feature embedding pooling (``csrc/``).
+- ``batch_norm_act``: C++ BatchNorm + ReLU over many experts' channels (``csrc/``).
 - ``triton_ops``: Triton expert-linear, BatchNorm and gate-mixture kernels (``kernels/``).
+
+``import nextrec_fast`` calls :func:`register_ops`, so that anything loading an artifact that
+calls our ops (a ``torch.export`` program, a compiled artifact) finds them after a plain import.
 """
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["register_ops"]
+
+
+def register_ops() -> None:
+    """Register every op whose backend is installed, without building anything: the C++ ops when
+    the prebuilt extension imports (a JIT build waits for the first layer that needs it), the
+    Triton ops always (their definitions are Python; Triton itself is imported on first call)."""
+    from nextrec_fast import _extension
+
+    modules = ["triton_ops"]
+    if _extension.load(build=False) is not None:
+        modules += ["pooled_embedding", "batch_norm_act"]
+    for name in modules:
+        importlib.import_module(f"nextrec_fast.ops.{name}")
