@@ -17,6 +17,7 @@ from nextrec_fast import compat, huge_pages
 from nextrec_fast.backend import get_backend
 from nextrec_fast.compat import DenseFeatureSpec, PooledFeatureSpec
 from nextrec_fast.features import DENSE, SPARSE
+from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.validation import check_batch_inputs
 
 
@@ -75,10 +76,12 @@ class FastEmbeddingMixin:
         """``[B, sum of output dims]``: pooled features in feature order, then dense ones (nextrec's
         ``squeeze_dim=True`` layout, which the multi-task models ask for). Other layouts
         (``squeeze_dim=False``, ``sequence_output="raw"``, a subset of features) run nextrec's own
-        forward, as do the ``reference`` backend and ONNX export."""
+        forward, as do the ``reference`` backend, ONNX export, and a layer whose tables or
+        projections have hooks or parametrised weights (the op reads tables without calling them)."""
         squeeze = self._compat.squeeze_dim_default if squeeze_dim is None else squeeze_dim
         if (get_backend() == "reference" or not squeeze or kwargs.get("sequence_output", "pooled") != "pooled"
-                or torch.onnx.is_in_onnx_export() or (features is not None and list(features) != self.features)):
+                or torch.onnx.is_in_onnx_export() or (features is not None and list(features) != self.features)
+                or needs_module_call(self.children())):
             return super().forward(x, self.features if features is None else features, squeeze, **kwargs)
         param = next(self.parameters(), None)
         op = _pooling_backend() if self._op_slots else None

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from nextrec_fast.activations import activation_name
 from nextrec_fast.backend import get_backend, use_triton
+from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
 
 
@@ -495,11 +496,29 @@ def build_banks(mlps: Sequence[nn.Module]) -> list[tuple[int, int, ExpertBank]]:
 
 
 def run_experts(mlps: Sequence[nn.Module], inputs, input_of: Sequence[int] | None = None) -> torch.Tensor:
-    """All ``mlps`` on their inputs, as few batched banks as their structures allow: ``[B, E, N]``."""
-    outputs = []
-    for start, stop, bank in build_banks(mlps):
-        if isinstance(inputs, torch.Tensor) and inputs.dim() == 3:
-            outputs.append(bank(inputs[start:stop]))
-        else:
-            outputs.append(bank(inputs, None if input_of is None else list(input_of)[start:stop]))
+    """All ``mlps`` on their inputs, as few batched banks as their structures allow: ``[B, E, N]``.
+
+    An MLP with a hook or a parametrised weight (``nextrec_fast.layers.hooks``) is called as a
+    module instead, on its own, so its hooks fire and its weights are computed as it would; the
+    others stay batched."""
+    stacked = isinstance(inputs, torch.Tensor) and inputs.dim() == 3
+    input_of = None if input_of is None else list(input_of)
+    called = [needs_module_call(m) for m in mlps]
+    outputs, start = [], 0
+    while start < len(mlps):
+        if called[start]:
+            x = inputs[start] if stacked else inputs[input_of[start] if input_of is not None else 0]
+            outputs.append(mlps[start](x).unsqueeze(1))
+            start += 1
+            continue
+        stop = start
+        while stop < len(mlps) and not called[stop]:
+            stop += 1
+        for first, last, bank in build_banks(mlps[start:stop]):
+            first, last = start + first, start + last
+            if stacked:
+                outputs.append(bank(inputs[first:last]))
+            else:
+                outputs.append(bank(inputs, None if input_of is None else input_of[first:last]))
+        start = stop
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nextrec_fast.backend import use_triton
+from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
 
 
@@ -54,19 +55,45 @@ def mix_experts(logits: Sequence[torch.Tensor], experts: torch.Tensor,
 
     ``experts`` is ``[B, E, D]``; ``expert_index`` None means every gate sees all experts in order.
     """
-    batch, num_experts = experts.shape[0], experts.shape[1]
+    num_experts = experts.shape[1]
     index = [list(range(num_experts))] * len(logits) if expert_index is None else [list(i) for i in expert_index]
     if use_triton(experts):
         return _mix_triton(logits, experts, index)
+    return mix_expert_weights([lg.softmax(dim=-1) for lg in logits], experts, index)
+
+
+def mix_expert_weights(weights: Sequence[torch.Tensor], experts: torch.Tensor,
+                       expert_index: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """``mix_experts`` from each gate's softmax weights ``[B, S_g]`` instead of its logits."""
+    batch, num_experts = experts.shape[0], experts.shape[1]
+    index = [list(range(num_experts))] * len(weights) if expert_index is None else [list(i) for i in expert_index]
     rows = []
-    for lg, idx in zip(logits, index):
-        weights = lg.softmax(dim=-1)
+    for w, idx in zip(weights, index):
         if idx == list(range(num_experts)):
-            rows.append(weights)
+            rows.append(w)
         else:
-            where = index_tensor(idx, lg.device).expand(batch, -1)
-            rows.append(weights.new_zeros(batch, num_experts).scatter(1, where, weights))
+            where = index_tensor(idx, w.device).expand(batch, -1)
+            rows.append(w.new_zeros(batch, num_experts).scatter(1, where, w))
     return torch.bmm(torch.stack(rows, dim=1), experts)
+
+
+def gated_mixture(gates: Sequence[nn.Module], inputs: Sequence[torch.Tensor], experts: torch.Tensor,
+                  expert_index: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """``[B, G, D]``: gate g (reading ``inputs[g]``) mixes ``experts[:, expert_index[g]]``.
+
+    Gates with a hook or a parametrised weight (``nextrec_fast.layers.hooks``) are called as
+    modules, so their hooks see the softmax weights they return in nextrec; the others' logits
+    still share GEMMs."""
+    called = [needs_module_call(g) for g in gates]
+    if not any(called):
+        return mix_experts(gate_logits(gates, inputs), experts, expert_index)
+    weights: list = [gate(x) if call else None for gate, x, call in zip(gates, inputs, called)]
+    rest = [g for g, call in enumerate(called) if not call]
+    if rest:
+        logits = gate_logits([gates[g] for g in rest], [inputs[g] for g in rest])
+        for g, lg in zip(rest, logits):
+            weights[g] = lg.softmax(dim=-1)
+    return mix_expert_weights(weights, experts, expert_index)
 
 
 def _mix_triton(logits, experts: torch.Tensor, index) -> torch.Tensor:

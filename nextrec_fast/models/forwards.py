@@ -11,7 +11,8 @@ from torch.profiler import record_function
 from nextrec_fast import compat
 from nextrec_fast.backend import get_backend, use_backend
 from nextrec_fast.layers.experts import build_banks, run_experts
-from nextrec_fast.layers.gates import check_gates, gate_logits, mix_experts
+from nextrec_fast.layers.gates import check_gates, gated_mixture
+from nextrec_fast.layers.hooks import global_module_hooks_active, needs_module_call
 
 __all__ = ["FastESMMForward", "FastMMOEForward", "FastPLEForward", "FAST_FORWARDS"]
 
@@ -26,8 +27,11 @@ class _FastForward:
     _compat: compat.NextrecGeneration = compat.V03
 
     def _use_plain_forward(self) -> bool:
-        """nextrec's own forward for this call: the ``reference`` backend, ONNX export, GradNorm."""
-        return get_backend() == "reference" or self._compat.plain_forward_needed(self)
+        """nextrec's own forward for this call: the ``reference`` backend, ONNX export, GradNorm,
+        and global module hooks (they fire on every module nextrec calls). Hooks and parametrised
+        weights on single modules are honoured part by part (``nextrec_fast.layers.hooks``)."""
+        return (get_backend() == "reference" or global_module_hooks_active()
+                or self._compat.plain_forward_needed(self))
 
     def _embed(self, x) -> torch.Tensor:
         with record_function("nextrec_fast.embedding"):
@@ -66,7 +70,7 @@ class FastMMOEForward(_FastForward):
             experts = run_experts(self.experts, [features])  # [B, E, D]
         with record_function("nextrec_fast.gates"):
             tasks = self._compat.num_tasks(self)
-            gated = mix_experts(gate_logits(self.gates, [features] * tasks), experts)  # [B, T, D]
+            gated = gated_mixture(self.gates, [features] * tasks, experts)  # [B, T, D]
         with record_function("nextrec_fast.towers"):
             logits = run_experts(self.towers, gated.transpose(0, 1)).flatten(1)  # [B, T]
         return self._compat.multitask_output(self, logits)
@@ -92,9 +96,13 @@ class FastPLEForward(_FastForward):
                            for t in range(tasks)]
         shared_gate_index = [list(range(n_shared, n_shared + tasks * n_specific)) + list(range(n_shared))]
         task_inputs, shared_input = [features] * tasks, features
-        gated = None
+        gated = None  # [B, G, D] from the last level, when it ran batched
         for level, layer in enumerate(self.cgc_layers):
             last = level == len(self.cgc_layers) - 1
+            if needs_module_call(layer, recurse=False):  # hooks on the level itself: nextrec's level forward
+                task_inputs, shared_input = layer(task_inputs, shared_input)
+                gated = None
+                continue
             mlps = _level_experts(layer)
             with record_function("nextrec_fast.experts"):
                 if level == 0:
@@ -102,16 +110,20 @@ class FastPLEForward(_FastForward):
                 else:
                     input_of = [0] * n_shared + [1 + t for t in range(tasks) for _ in range(n_specific)]
                     experts = run_experts(mlps, [shared_input] + task_inputs, input_of)
-            # The last level's shared gate feeds nothing in nextrec either: skip it.
+            # The last level's shared gate feeds nothing: nextrec computes it, we skip it unless
+            # a hook or parametrisation wants it called.
+            if last and needs_module_call(layer.shared_gate):
+                layer.shared_gate(shared_input)
             gates = list(layer.task_gates) + ([] if last else [layer.shared_gate])
             gate_inputs = task_inputs + ([] if last else [shared_input])
             index = task_gate_index + ([] if last else shared_gate_index)
             with record_function("nextrec_fast.gates"):
-                gated = mix_experts(gate_logits(gates, gate_inputs), experts, index)  # [B, G, D]
+                gated = gated_mixture(gates, gate_inputs, experts, index)  # [B, G, D]
             task_inputs = list(gated[:, :tasks].unbind(1))
             shared_input = None if last else gated[:, tasks]
+        tower_inputs = gated[:, :tasks].transpose(0, 1) if gated is not None else torch.stack(task_inputs)
         with record_function("nextrec_fast.towers"):
-            logits = run_experts(self.towers, gated[:, :tasks].transpose(0, 1)).flatten(1)  # [B, T]
+            logits = run_experts(self.towers, tower_inputs).flatten(1)  # [B, T]
         return self._compat.multitask_output(self, logits)
 
     def _check_fast_plan(self) -> None:
