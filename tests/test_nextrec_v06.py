@@ -146,11 +146,12 @@ def test_patch_and_unpatch():
     assert not nextrec_fast.is_accelerated(plain) and type(plain) is PLE
 
 
-def test_pickles_as_nextrec():
+def test_pickles_accelerated():
     model, feats = random_v06_model("esmm", _seed("pickle"))
     nextrec_fast.accelerate(model)
-    clone = pickle.loads(pickle.dumps(model))
-    assert type(clone) is ESMM and type(clone.embedding) is EmbeddingLayer
+    clone = pickle.loads(pickle.dumps(model))  # more copies: test_copies.py
+    assert isinstance(clone, ESMM) and isinstance(clone.embedding, EmbeddingLayer)
+    assert nextrec_fast.is_accelerated(clone)
     x = random_v06_inputs(feats, batch=4, generator=torch.Generator().manual_seed(2))
     model.eval()
     clone.eval()

@@ -41,11 +41,14 @@ class _Accelerated:
     _nextrec_fast_options: dict = {}
 
     def __reduce_ex__(self, protocol):
-        # Pickling a whole model (torch.save(model)) stores nextrec's own class, which is what
-        # the pickle can find again; accelerate the unpickled model again if wanted.
+        # Every copy (copy.deepcopy, copy.copy, AveragedModel / EMA copies, pickle and
+        # torch.save(model)) is nextrec's class accelerated again with the same switches: the
+        # pickle names nextrec's class (the accelerated one is made at run time) and this
+        # module's rebuild function, so loading it needs nextrec_fast; restore() first, or save a
+        # state_dict, for a pickle that loads with nextrec alone.
         state = self.__getstate__()
-        state.pop("_nextrec_fast_options", None)
-        return _rebuild, (type(self)._nextrec_fast_original, state)
+        options = state.pop("_nextrec_fast_options", {})
+        return _rebuild_accelerated, (type(self)._nextrec_fast_original, state, dict(options))
 
     def add_reg_loss(self):
         if not self._nextrec_fast_options.get("fast_regularization"):
@@ -73,6 +76,10 @@ def _rebuild(cls, state):
     obj = cls.__new__(cls)
     obj.__setstate__(state)
     return obj
+
+
+def _rebuild_accelerated(cls, state, options):
+    return accelerate(_rebuild(cls, state), **options)
 
 
 def _subclass(original: type, mixins: tuple, generation) -> type:
@@ -109,16 +116,19 @@ def accelerate(model, *, fast_regularization: bool = True, fused_optimizer: bool
     generation, kind = found
     embedding = model.embedding
     model_class, embedding_class = type(model), type(embedding)
+    # A shallow copy (copy.copy) shares the embedding layer, already accelerated with the original.
+    shared_embedding = getattr(embedding_class, "_nextrec_fast_original", None) is not None
     try:
-        embedding.__class__ = _subclass(embedding_class, (_AcceleratedEmbedding,), generation)
-        embedding._build_plan()
+        if not shared_embedding:
+            embedding.__class__ = _subclass(embedding_class, (_AcceleratedEmbedding,), generation)
+            embedding._build_plan()
         model.__class__ = _subclass(model_class, (FAST_FORWARDS[kind], _Accelerated, generation.training_mixin),
                                     generation)
         model._nextrec_fast_options = {"fast_regularization": fast_regularization,
                                        "fused_optimizer": fused_optimizer, "fast_data": fast_data}
         model._check_fast_plan()
     except Exception as exc:  # leave the model exactly as it was
-        _undo_classes(model, model_class, embedding, embedding_class)
+        _undo_classes(model, model_class, embedding, embedding_class, undo_embedding=not shared_embedding)
         raise UnsupportedModelError(f"accelerate(): {model_class.__name__} (nextrec {generation.name}) is not "
                                     f"supported and was left unchanged: {exc}") from exc
     embedding.place_tables_on_huge_pages()
@@ -127,9 +137,11 @@ def accelerate(model, *, fast_regularization: bool = True, fused_optimizer: bool
     return model
 
 
-def _undo_classes(model, model_class, embedding, embedding_class) -> None:
+def _undo_classes(model, model_class, embedding, embedding_class, undo_embedding: bool = True) -> None:
     model.__class__ = model_class
     model.__dict__.pop("_nextrec_fast_options", None)
+    if not undo_embedding:
+        return
     embedding.__class__ = embedding_class
     for name in FastEmbeddingMixin.FAST_STATE:
         embedding.__dict__.pop(name, None)

@@ -1,0 +1,133 @@
+"""Every way users copy a model gives one that computes the same and is still fast.
+
+``copy.deepcopy``, ``copy.copy``, ``torch.optim.swa_utils.AveragedModel`` (SWA and EMA), a
+hand-written EMA helper (deepcopy + lerp of the state, as timm's ModelEmaV2), and
+``torch.save(model)`` / ``torch.load`` in this and in a fresh process. An accelerated nextrec
+model's copy is nextrec's class accelerated again with the same switches (README, "Copies").
+"""
+from __future__ import annotations
+
+import copy
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import nextrec_fast
+from model_pairs import FLAVOURS, KINDS, assert_same_results, count_batched_banks, forward_backward, model_pair
+
+SEED = random.randrange(2**31)
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nextrec writes a session folder into the working directory
+
+
+def _assert_still_fast(original, clone) -> None:
+    assert type(clone) is type(original) and type(clone.embedding) is type(original.embedding)
+    if nextrec_fast.is_accelerated(original):
+        assert nextrec_fast.is_accelerated(clone)
+        assert clone._nextrec_fast_options == original._nextrec_fast_options
+
+
+def _torch_save_load(model, tmp_path):
+    torch.save(model, str(tmp_path / "model.pt"))
+    return torch.load(str(tmp_path / "model.pt"), weights_only=False)  # a whole model is a pickle
+
+
+PROTOCOLS = {
+    "deepcopy": lambda m, tmp_path: copy.deepcopy(m),
+    "copy": lambda m, tmp_path: copy.copy(m),
+    "torch.save/load": _torch_save_load,
+}
+
+
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_copy_computes_the_same_and_stays_fast(flavour, kind, protocol, tmp_path):
+    plain, fast, x = model_pair(flavour, kind, SEED)
+    clone = PROTOCOLS[protocol](fast, tmp_path)
+    _assert_still_fast(fast, clone)
+    shared = {id(p) for p in fast.parameters()} & {id(p) for p in clone.parameters()}
+    # A shallow copy shares parameters (as for any nn.Module); the others own theirs.
+    assert (len(shared) == len(list(fast.parameters()))) if protocol == "copy" else not shared
+    expected = forward_backward(plain, x)
+    with count_batched_banks() as banks:
+        result = forward_backward(clone, x)
+    assert banks["banks"] > 0, "the copy ran no batched expert bank"
+    assert_same_results(result, expected)
+    assert_same_results(forward_backward(fast, x), expected)  # the original is untouched
+
+
+def _sgd_step(model, lr: float = 0.05) -> None:
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+
+
+@pytest.mark.parametrize("averaging", ["swa", "ema", "ema-helper"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_averaged_copies(flavour, kind, averaging):
+    """Averaged weights over two steps: the averaged fast model computes as nextrec's averaged model."""
+    plain, fast, x = model_pair(flavour, kind, SEED)
+    averaged = {}
+    for label, model in (("plain", plain), ("fast", fast)):
+        if averaging == "swa":
+            avg = AveragedModel(model)
+        elif averaging == "ema":
+            avg = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+        else:
+            avg = copy.deepcopy(model).requires_grad_(False)
+        for _ in range(2):
+            forward_backward(model, x)
+            _sgd_step(model)
+            if averaging == "ema-helper":
+                with torch.no_grad():
+                    for a, m in zip(avg.state_dict().values(), model.state_dict().values()):
+                        a.lerp_(m, 0.1) if a.is_floating_point() else a.copy_(m)
+            else:
+                avg.update_parameters(model)
+        averaged[label] = avg
+    inner = averaged["fast"].module if averaging != "ema-helper" else averaged["fast"]
+    _assert_still_fast(fast, inner)
+    for avg in averaged.values():
+        avg.requires_grad_(True)
+    assert_same_results(forward_backward(averaged["fast"], x), forward_backward(averaged["plain"], x))
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_torch_load_in_fresh_process(flavour, tmp_path):
+    """A whole-model pickle loads where only nextrec_fast (and nextrec) are imported by it."""
+    plain, fast, x = model_pair(flavour, "mmoe", SEED)
+    fast.eval()
+    with torch.no_grad():
+        expected = fast(x)
+    torch.save((fast, x, expected), str(tmp_path / "model.pt"))
+    code = ("import torch, nextrec_fast\n"
+            f"model, x, expected = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+            "assert type(model).__name__ == 'MMOE'\n"
+            f"assert nextrec_fast.is_accelerated(model) == {nextrec_fast.is_accelerated(fast)}\n"
+            "with torch.no_grad():\n"
+            "    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=str(tmp_path), env={**os.environ, "NEXTREC_FAST_NO_JIT": "1"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_restored_model_pickles_as_nextrec(kind, tmp_path):
+    """``restore`` first for a pickle that loads with nextrec alone (README, "Copies")."""
+    _, fast, x = model_pair("accelerated", kind, SEED)
+    original = type(fast)._nextrec_fast_original
+    nextrec_fast.restore(fast)
+    clone = _torch_save_load(fast, tmp_path)
+    assert type(clone) is original and not nextrec_fast.is_accelerated(clone)
