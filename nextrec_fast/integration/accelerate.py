@@ -6,8 +6,9 @@ of nextrec's (so ``isinstance(model, nextrec's MMOE)`` still holds and ``fit`` /
 ``evaluate`` / ``save_model`` / ``load_model`` work unchanged) whose forward is the fast one,
 and speeds up the parts of nextrec's training step that are not layers, each with a switch:
 
-- ``fast_regularization``: ``add_reg_loss`` returns the same value, its gradient is added in
-  place at the end of the backward (``nextrec_fast.integration.regularization``).
+- ``fast_regularization``: ``add_reg_loss`` returns the same value from chunked passes, with
+  one autograd node whose backward gives each parameter one gradient tensor
+  (``nextrec_fast.integration.regularization``).
 - ``fused_optimizer``: nextrec's Adam/AdamW runs torch's fused kernel (same state).
 - ``fast_data``: in-memory data is batched by whole columns (``nextrec_fast.integration.data``):
   the same batches in the same order.

@@ -1,15 +1,20 @@
-"""nextrec's L1/L2 regularisation with its gradient added in place at the end of the backward.
+"""nextrec's L1/L2 regularisation as one autograd node with one gradient per parameter.
 
 ``regularization_loss(terms)`` returns the value of nextrec's ``add_reg_loss`` (``sum l1 *
-|p|_1 + l2 * |p|_2^2`` over the terms the compat layer lists), but its gradient ``l1 * sign(p)
-+ 2 * l2 * p`` is added straight into each ``.grad`` once autograd has accumulated the loss
-gradients, in chunks, instead of an autograd graph with several full-size temporaries per
-embedding table. ``torch.autograd.grad(total_loss, params)`` therefore does not see it;
-``loss.backward()`` (nextrec's ``fit``) does.
+|p|_1 + l2 * |p|_2^2`` over the terms the compat layer lists) from chunked passes, and its
+backward returns ``grad_output * (l1 * sign(p) + 2 * l2 * p)`` for each parameter: one
+full-size tensor per parameter where nextrec's graph (abs, pow, sums and their backwards)
+makes several per embedding table.
+
+The gradient goes through autograd like any other, so everything that hooks autograd sees it:
+DDP's all-reduce (with ``no_sync`` and ``gradient_as_bucket_view``), GradScaler's scale (in
+``grad_output``), ``torch.autograd.grad`` and ``backward(inputs=...)``. (An earlier version added
+it into ``.grad`` after the backward; DDP's own end-of-backward write then overwrote it.)
 """
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["regularization_loss"]
 
@@ -37,13 +42,11 @@ class _RegularizationLoss(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
-        terms = ctx.terms
-        # Run once the whole backward has accumulated the loss gradients into .grad, so the
-        # regularisation is added in place rather than as one more full-size gradient.
-        torch.autograd.Variable._execution_engine.queue_callback(
-            lambda: _add_regularization_grads(terms, float(grad_output)))
-        return (None,) + (None,) * len(terms)
+        grads = [_regularization_grad(param, l1, l2, grad_output) if needed else None
+                 for (param, l1, l2), needed in zip(ctx.terms, ctx.needs_input_grad[1:])]
+        return (None, *grads)
 
 
 def _chunks(tensor: torch.Tensor):
@@ -63,16 +66,16 @@ def _abs_and_square_sums(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def _add_regularization_grads(terms, scale: float) -> None:
-    for param, l1, l2 in terms:
-        if not param.requires_grad:
-            continue
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        grad = param.grad.view(-1)
-        for start, p in _chunks(param):
-            g = grad[start:start + p.numel()]
-            if l1:
-                g.add_(p.sign(), alpha=l1 * scale)
-            if l2:
-                g.add_(p, alpha=2.0 * l2 * scale)
+def _regularization_grad(param: torch.Tensor, l1: float, l2: float, grad_output: torch.Tensor) -> torch.Tensor:
+    """``grad_output * (l1 * sign(p) + 2 * l2 * p)``, built chunk by chunk into one tensor."""
+    grad = torch.empty_like(param)
+    flat = grad.view(-1)
+    for start, p in _chunks(param):
+        g = flat[start:start + p.numel()]
+        if l2:
+            torch.mul(p, 2.0 * l2, out=g)
+        else:
+            g.zero_()
+        if l1:
+            g.add_(p.sign(), alpha=l1)
+    return grad.mul_(grad_output.to(grad.dtype))

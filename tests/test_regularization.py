@@ -1,0 +1,83 @@
+"""The regularisation gradient of an accelerated model reaches every autograd consumer.
+
+``accelerate(fast_regularization=True)`` replaces nextrec's ``add_reg_loss`` graph with one node
+(``nextrec_fast.integration.regularization``). Its gradient must be what plain nextrec gives to
+``torch.autograd.grad``, ``backward(inputs=...)`` and GradScaler; DDP is in tests/test_ddp.py.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from model_pairs import KINDS, assert_same_results, model_pair, output_of, set_regularization
+
+SEED = random.randrange(2**31)
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nextrec writes a session folder into the working directory
+
+
+def _pair(kind):
+    plain, fast, x = model_pair("accelerated", kind, SEED)
+    for model in (plain, fast):
+        set_regularization(model)
+    assert fast._nextrec_fast_options["fast_regularization"]
+    return plain, fast, x
+
+
+def _loss(model, x):
+    out = output_of(model, x)
+    reg = model.add_reg_loss()
+    assert reg.item() > 0
+    return (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum() + reg
+
+
+def _named_grads(model, grads):
+    return {n: g for (n, _), g in zip(model.named_parameters(), grads)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_autograd_grad(kind):
+    plain, fast, x = _pair(kind)
+    results = []
+    for model in (fast, plain):
+        params = list(model.parameters())
+        loss = _loss(model, x)
+        results.append((loss.detach(), _named_grads(model, torch.autograd.grad(loss, params, allow_unused=True))))
+    assert_same_results(*results)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_with_inputs(kind):
+    """``backward(inputs=...)``: only the listed parameters get a gradient, the regularisation's included."""
+    plain, fast, x = _pair(kind)
+    results = []
+    for model in (fast, plain):
+        model.zero_grad(set_to_none=True)
+        params = list(model.parameters())
+        chosen = params[::2]
+        loss = _loss(model, x)
+        loss.backward(inputs=chosen)
+        assert all(p.grad is None for p in params[1::2])
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert_same_results(*results)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_grad_scaler(kind):
+    """AMP's GradScaler scales the loss: the regularisation gradient is scaled too, and unscaled."""
+    plain, fast, x = _pair(kind)
+    results = []
+    for model in (fast, plain):
+        model.zero_grad(set_to_none=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = _loss(model, x)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert_same_results(*results)
