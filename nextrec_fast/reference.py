@@ -330,7 +330,6 @@ class ESMM(MultiTaskModel):
         self.ctr_tower = MLP(input_dim=input_dim, output_layer=True, **ctr_params)
         self.cvr_tower = MLP(input_dim=input_dim, output_layer=True, **cvr_params)
         self.prediction_layer = PredictionLayer(task_type=["binary", "binary"], task_dims=[1, 1])
-        self.to(self.device)
 
     @property
     def task_type(self):
@@ -371,7 +370,6 @@ class MMOE(MultiTaskModel):
         )
         self.towers = nn.ModuleList(MLP(input_dim=expert_output_dim, output_layer=True, **p) for p in tower_params_list)
         self.prediction_layer = PredictionLayer(task_type=self.task_type, task_dims=[1] * self.num_tasks)
-        self.to(self.device)
 
     def forward(self, x):
         input_flat = self.embedding(x=x, features=self.all_features, squeeze_dim=True)
@@ -472,7 +470,6 @@ class PLE(MultiTaskModel):
             expert_output_dim = layer.output_dim
         self.towers = nn.ModuleList(MLP(input_dim=expert_output_dim, output_layer=True, **p) for p in tower_params_list)
         self.prediction_layer = PredictionLayer(task_type=self.task_type, task_dims=[1] * self.num_tasks)
-        self.to(self.device)
 
     def forward(self, x):
         input_flat = self.embedding(x=x, features=self.all_features, squeeze_dim=True)
