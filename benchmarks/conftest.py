@@ -55,7 +55,7 @@ def pytest_addoption(parser):
                     help="torch.set_num_threads for the run (default: leave as is). Use 1 on a shared CPU "
                          "machine: oversubscribed OpenMP threads make timings 10-100x slower and erratic")
     group.addoption("--bench-compile", action="store_true",
-                    help="also run compiled_reference on CPU (torch.compile takes ~20-60 s per case there)")
+                    help="also run compiled_reference and compiled_fast on CPU (torch.compile takes ~20-60 s per case there)")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -100,10 +100,10 @@ def _sync(device: torch.device) -> None:
 def compile_or_skip(device, pytestconfig):
     """``torch.compile(fn)``, or skip the case on CPU unless --bench-compile: inductor's C++
     codegen takes tens of seconds per case on CPU, far beyond the short mode's budget."""
-    def compile_fn(fn):
+    def compile_fn(fn, **options):
         if device.type == "cpu" and not pytestconfig.getoption("--bench-compile"):
             pytest.skip("torch.compile on CPU takes ~20-60 s per case: pass --bench-compile to include it")
-        return torch.compile(fn)
+        return torch.compile(fn, **options)
     return compile_fn
 
 
@@ -172,7 +172,7 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.section("nextrec_fast: implementations side by side (vs reference in the same run)")
     write(f"{'group':<40} {'impl':<19} {'min ms':>9} {'median ms':>10} {'speed-up':>9} "
           f"{'peak MB':>9} {'mem vs ref':>10}")
-    order = ("reference", "compiled_reference", "fast", "fast_torch")
+    order = ("reference", "compiled_reference", "fast", "compiled_fast", "fast_torch")
     for group, impls in groups.items():
         ref = impls.get("reference")
         for impl, b in sorted(impls.items(), key=lambda item: (order + (item[0],)).index(item[0])):

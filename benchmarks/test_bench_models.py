@@ -1,11 +1,13 @@
 """Whole ESMM / MMOE / PLE (the ``nextrec-fast bench`` configs): forward in eval mode, forward in
 train mode (autograd graph built, no backward) and a full Adam training step on BCE.
-fast_torch = the fast model with the Triton kernels and the C++ pooling op off (backend ``torch``)."""
+fast_torch = the fast model with the Triton kernels and the C++ pooling op off (backend ``torch``);
+compiled_fast = ``torch.compile(fast, fullgraph=True)`` (with --bench-compile on CPU): it must not
+be slower than fast."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("reference", "compiled_reference", "fast", "fast_torch")
+IMPLS = ("reference", "compiled_reference", "fast", "compiled_fast", "fast_torch")
 MODELS = ("mmoe", "ple", "esmm")
 MODES = ("forward_eval", "forward_train", "train_step")
 
@@ -42,6 +44,8 @@ def test_model(run_case, compile_or_skip, torch_backend_or_skip, model_pair, fea
     forward = model
     if impl == "compiled_reference":
         forward = compile_or_skip(model)
+    elif impl == "compiled_fast":
+        forward = compile_or_skip(model, fullgraph=True)  # no graph breaks in our forward
     elif impl == "fast_torch":
         forward = torch_backend_or_skip(model)
     run_case(step_fn(model, forward, mode, x, labels), group=f"model:{model_name}:{mode}", impl=impl)

@@ -37,7 +37,7 @@ def _defined_ops() -> tuple[list[str], list[str]]:
         cpp += re.findall(r'm\.def\(\s*"(\w+)\(', open(path).read())
     python = []
     for path in glob.glob(os.path.join(ROOT, "nextrec_fast", "ops", "*.py")):
-        python += re.findall(r'custom_op\(\s*"nextrec_fast::(\w+)"', open(path).read())
+        python += re.findall(r'custom_op\((?:\s|#[^\n]*)*"nextrec_fast::(\w+)"', open(path).read())
     return sorted(set(cpp)), sorted(set(python))
 
 

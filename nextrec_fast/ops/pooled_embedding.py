@@ -301,14 +301,46 @@ class _GradBufferCache:
 _grad_buffers = _GradBufferCache()
 
 
+def _grad_reuse_allowed() -> bool:
+    return os.environ.get("NEXTREC_FAST_GRAD_REUSE", "1") != "0"
+
+
 def _grad_reuse_enabled(sample: Tensor) -> bool:
-    if os.environ.get("NEXTREC_FAST_GRAD_REUSE", "1") == "0":
+    if not _grad_reuse_allowed():
         return False
     # Under torch.compile / make_fx the tensors are fake or functional wrappers, or a dispatch
     # mode traces the ops: no reuse.
     if torch.compiler.is_compiling() or type(sample) is not torch.Tensor:
         return False
     return torch._C._len_torch_dispatch_stack() == 0 and not torch._is_functional_tensor(sample)
+
+
+@torch.library.custom_op(  # the schema of pooled_embedding_backward (csrc/pooled_embedding.cpp)
+    "nextrec_fast::pooled_embedding_backward_reusing", mutates_args=(),
+    schema="(Tensor grad_out, Tensor[] tables, Tensor[] ids, Tensor?[] offsets, Tensor[] per_id_weights, "
+           "int[] weighted_features, int[] table_index, int[] combiners, int[] mask_ids, int[] max_lens, "
+           "str[] feature_names, int[] grad_padding_idx, int[] table_needs_grad, bool deterministic) -> Tensor[]")
+def _backward_reusing(grad_out, tables, ids, offsets, per_id_weights, weighted_features, table_index, combiners,
+                      mask_ids, max_lens, feature_names, grad_padding_idx, table_needs_grad, deterministic):
+    """``pooled_embedding_backward`` into the reused gradient buffers when nobody else can see
+    them (decided when it runs, with real tensors): what the eager backward does, for graphs
+    that torch.compile traced. The buffers are keyed on the table tensors it is given."""
+    ops = torch.ops.nextrec_fast
+    if not _grad_reuse_enabled(grad_out):
+        return list(ops.pooled_embedding_backward(grad_out, tables, ids, offsets, per_id_weights, weighted_features,
+                                                  table_index, combiners, mask_ids, max_lens, feature_names,
+                                                  grad_padding_idx, table_needs_grad, deterministic))
+    buffers = [_grad_buffers.acquire(t) for t, need in zip(tables, table_needs_grad) if need]
+    ops.pooled_embedding_backward_into(grad_out, buffers, tables, ids, offsets, per_id_weights, weighted_features,
+                                       table_index, combiners, mask_ids, max_lens, feature_names, grad_padding_idx,
+                                       table_needs_grad, deterministic)
+    return buffers
+
+
+@_backward_reusing.register_fake
+def _backward_reusing_fake(grad_out, tables, ids, offsets, per_id_weights, weighted_features, table_index, combiners,
+                           mask_ids, max_lens, feature_names, grad_padding_idx, table_needs_grad, deterministic):
+    return [t.new_empty(t.shape) for t, need in zip(tables, table_needs_grad) if need]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +412,12 @@ def _backward(ctx, grad_out):
             ops.pooled_embedding_backward_into(grad_out, buffers, tables, ids, offsets, weights, ctx.weighted_features, table_index,
                                                combiners, mask_ids, max_lens, names, ctx.grad_padding_idx, mask,
                                                ctx.deterministic)
+        elif torch.compiler.is_compiling() and _grad_reuse_allowed():
+            # Traced by torch.compile: an opaque op that takes the reused buffers at run time
+            # (a fresh zeroed V x D gradient per table and step cost 8x the backward itself).
+            buffers = ops.pooled_embedding_backward_reusing(
+                grad_out, tables, ids, offsets, weights, ctx.weighted_features, table_index, combiners, mask_ids,
+                max_lens, names, ctx.grad_padding_idx, mask, ctx.deterministic)
         else:
             buffers = ops.pooled_embedding_backward(grad_out, tables, ids, offsets, weights, ctx.weighted_features, table_index, combiners,
                                                     mask_ids, max_lens, names, ctx.grad_padding_idx, mask,
