@@ -168,3 +168,19 @@ def test_no_hooks_means_no_module_calls():
     _, fast, _ = model_pair("standalone", "ple", SEEDS[0])
     assert not global_module_hooks_active()
     assert not needs_module_call(fast.modules())
+
+
+@pytest.mark.parametrize("hook", ["forward", "forward_pre"])  # (a level takes and returns lists: no
+@pytest.mark.parametrize("flavour", FLAVOURS)                    # full backward hook fires in nextrec)
+def test_hook_on_a_ple_level(flavour, hook):
+    """nextrec calls each CGC level as a module: a hook on the level itself runs that level's own
+    forward (its experts and gates with it); the other levels and the towers stay batched."""
+    plain, fast, x = model_pair(flavour, "ple", SEEDS[1])
+    names = [f"cgc_layers.{len(plain.cgc_layers) - 1}"]
+    plain_calls, fast_calls = collections.Counter(), collections.Counter()
+    _register(plain, names, hook, plain_calls)
+    _register(fast, names, hook, fast_calls)
+    expected = forward_backward(plain, x)
+    result = forward_backward(fast, x)
+    assert plain_calls and fast_calls == plain_calls
+    assert_same_results(result, expected)
