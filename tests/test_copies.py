@@ -123,6 +123,7 @@ def test_torch_load_in_fresh_process(flavour, tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+@pytest.mark.nextrec
 @pytest.mark.parametrize("kind", KINDS)
 def test_restored_model_pickles_as_nextrec(kind, tmp_path):
     """``restore`` first for a pickle that loads with nextrec alone (README, "Copies")."""

@@ -128,6 +128,7 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 shards gradients as DTensors
 
 
+@pytest.mark.nextrec
 @pytest.mark.parametrize("setup", DDP_SETUPS)
 @pytest.mark.parametrize("kind", ["mmoe", "ple"])
 def test_regularization_gradient_survives_data_parallel(kind, setup, tmp_path):

@@ -22,6 +22,7 @@ from nextrec_fast import features as our_features
 from nextrec_fast import reference
 from nextrec_fast.activations import ACTIVATION_NAMES
 from nextrec_fast.models import standalone
+from model_pairs import FLAVOURS
 from nextrec_generation import GENERATION
 
 FACTOR = 2.0
@@ -87,7 +88,7 @@ def _results(model, x) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("activation", ACTIVATION_NAMES)
-@pytest.mark.parametrize("flavour", ["standalone", "accelerated"])
+@pytest.mark.parametrize("flavour", FLAVOURS)
 def test_as_close_to_float64_as_nextrec(flavour, activation, backend):
     from nextrec_generation import nextrec_float64
     errors = {"ours": [], "nextrec": []}

@@ -14,6 +14,7 @@ import torch
 from model_pairs import KINDS, assert_same_results, model_pair, output_of, set_regularization
 
 SEED = random.randrange(2**31)
+pytestmark = pytest.mark.nextrec
 
 
 @pytest.fixture(autouse=True)
