@@ -27,8 +27,9 @@ FLAVOURS = ["standalone", pytest.param("accelerated", marks=pytest.mark.nextrec)
 KINDS = ["esmm", "mmoe", "ple"]
 
 
-def nextrec_model(kind: str, seed: int):
-    """A random plain nextrec model of the installed generation and an input batch for it."""
+def nextrec_model(kind: str, seed: int, cls: type | None = None):
+    """A random plain nextrec model of the installed generation and an input batch for it
+    (``cls``: another class taking nextrec's arguments, e.g. a drop-in)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
     if GENERATION == "0.3":
@@ -39,10 +40,11 @@ def nextrec_model(kind: str, seed: int):
         feats = random_features(rng, nr_features)
         kwargs = random_model_kwargs(kind, rng)
         torch.manual_seed(seed)
-        model = {"esmm": ESMM, "mmoe": MMOE, "ple": PLE}[kind](*feats, **kwargs)
+        model = (cls or {"esmm": ESMM, "mmoe": MMOE, "ple": PLE}[kind])(*feats, **kwargs)
         return model, random_inputs(*feats, batch=rng.randint(3, 9), generator=gen)
     if GENERATION == "0.6":
-        model, feats = random_v06_model(kind, seed, norm_type=rng.choice(["batch_norm", "layer_norm", "none"]))
+        model, feats = random_v06_model(kind, seed, norm_type=rng.choice(["batch_norm", "layer_norm", "none"]),
+                                        classes={kind: cls} if cls is not None else None)
         return model, random_v06_inputs(feats, batch=rng.randint(3, 9), generator=gen)
     pytest.skip("nextrec is not installed (CI installs 0.3.1 and 0.6.14: see .ci/run)")
 

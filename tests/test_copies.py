@@ -132,3 +132,18 @@ def test_restored_model_pickles_as_nextrec(kind, tmp_path):
     nextrec_fast.restore(fast)
     clone = _torch_save_load(fast, tmp_path)
     assert type(clone) is original and not nextrec_fast.is_accelerated(clone)
+
+
+@pytest.mark.nextrec
+def test_restored_drop_in_pickles_as_nextrec(tmp_path):
+    """A drop-in (``from nextrec_fast import MMOE`` with nextrec installed) after ``restore`` is
+    nextrec's own class, so its pickle names nothing of nextrec_fast."""
+    from model_pairs import nextrec_model
+    from nextrec_fast.models import default_drop_ins
+    drop_in_class = default_drop_ins().MMOE
+    model, x = nextrec_model("mmoe", SEED, cls=drop_in_class)
+    assert nextrec_fast.is_accelerated(model) and isinstance(model, drop_in_class)
+    nextrec_fast.restore(model)
+    assert type(model) is drop_in_class._nextrec_fast_drop_in_base
+    torch.save(model, str(tmp_path / "model.pt"))
+    assert b"nextrec_fast" not in (tmp_path / "model.pt").read_bytes()

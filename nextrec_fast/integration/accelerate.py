@@ -32,6 +32,9 @@ _accelerated_classes: dict[tuple, type] = {}
 
 
 def is_accelerated(model) -> bool:
+    """True for a nextrec model that ``accelerate`` changed (a nextrec-backed drop-in such as
+    ``nextrec_fast.models.v03.MMOE`` is accelerated when built); False for plain nextrec models
+    and for ``nextrec_fast.models.standalone`` ones, which have only the fast forward."""
     return getattr(type(model), "_nextrec_fast_original", None) is not None
 
 
@@ -149,11 +152,14 @@ def _undo_classes(model, model_class, embedding, embedding_class, undo_embedding
 
 
 def restore(model):
-    """Undo ``accelerate``: nextrec's classes and optimiser settings again; returns the model."""
+    """Undo ``accelerate``: nextrec's classes and optimiser settings again; returns the model.
+    A drop-in (``nextrec_fast.models.v03`` / ``v06``) becomes an instance of nextrec's own class,
+    so that it pickles without any reference to nextrec_fast."""
     if not is_accelerated(model):
         return model
     unfuse_optimizer(getattr(model, "optimizer_fn", None))
     embedding = model.embedding
     embedding_class = getattr(type(embedding), "_nextrec_fast_original", None) or type(embedding)
-    _undo_classes(model, type(model)._nextrec_fast_original, embedding, embedding_class)
+    original = type(model)._nextrec_fast_original
+    _undo_classes(model, getattr(original, "_nextrec_fast_drop_in_base", original), embedding, embedding_class)
     return model

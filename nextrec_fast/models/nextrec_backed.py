@@ -40,6 +40,7 @@ def drop_in_classes(generation: compat.NextrecGeneration, module_name: str) -> d
     for kind, base in bases.items():
         classes[kind] = type(kind, (base,), {
             "__init__": _accelerating_init(base),
+            "_nextrec_fast_drop_in_base": base,  # restore() goes back to nextrec's own class
             "__module__": module_name,
             "__qualname__": kind,
             "__doc__": f"nextrec {generation.name}'s {kind}, accelerated by nextrec_fast when built "
