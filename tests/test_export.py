@@ -92,3 +92,23 @@ def test_export_save_load_in_fresh_process(flavour, kind, mode, tmp_path):
         "print('ok')\n")
     assert out.strip() == "ok"
     assert nextrec_fast.__name__  # the package imported here too
+
+
+@pytest.mark.nextrec  # CI installs onnx and onnxscript in the nextrec 0.6 environment (pytest -m nextrec)
+@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_onnx_export_uses_nextrecs_forward(flavour, kind, dynamo, tmp_path):
+    """torch.onnx.export (TorchScript-based and dynamo-based): our ops are not ONNX ops, so the
+    export traces nextrec's per-module forward; the graph holds standard ONNX ops only."""
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed (CI installs it with nextrec 0.6)")
+    pytest.importorskip("onnxscript", reason="onnxscript is not installed (CI installs it with nextrec 0.6)")
+    _, fast, x = model_pair(flavour, kind, SEED)
+    fast.float().eval()
+    x = {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
+    before = _output(fast, x)
+    path = str(tmp_path / "model.onnx")
+    torch.onnx.export(fast, (x, {}), path, dynamo=dynamo)  # the trailing {}: x is an argument, not kwargs
+    domains = {node.domain for node in onnx.load(path).graph.node}
+    assert domains <= {"", "ai.onnx"}, domains
+    torch.testing.assert_close(_output(fast, x), before, rtol=0, atol=0)  # the model itself unchanged
