@@ -242,8 +242,9 @@ def _register_fakes():
 # into an existing .grad and dropped it), nobody can observe it any more: we re-zero and return
 # it again. Otherwise (.grad kept, gradient accumulation, retain_graph, hooks holding it) we
 # allocate a fresh buffer, exactly as nn.Embedding would. Entries are keyed weakly on the table,
-# so the cache never keeps a model alive; it is off under torch.compile tracing and with
-# NEXTREC_FAST_GRAD_REUSE=0.
+# so the cache never keeps a model alive. A graph traced by torch.compile calls the opaque
+# pooled_embedding_backward_reusing op, which makes the same decision when it runs; other
+# tracers and NEXTREC_FAST_GRAD_REUSE=0 get fresh buffers.
 
 def _storage_refs(t: Tensor) -> int:
     return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
