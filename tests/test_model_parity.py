@@ -81,9 +81,11 @@ def test_forward_and_gradients_float64(model, seed, mode):
     assert out_fast.shape == out_ref.shape
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
     assert_same_gradients(grads_fast, grads_ref, rtol=1e-9, scale_atol=1e-11)
-    # Running statistics moved identically (train) or not at all (eval).
+    # Running statistics moved alike (train) or not at all (eval). rtol as for the gradients: a
+    # batch variance over 2-9 rows cancels, so two float64 formulas (F.batch_norm's, ours from
+    # the bias-free GEMM in double) differ by eps * mean^2 / var: 4.5e-12 relative in one CI run.
     for (name, b_ref), (_, b_fast) in zip(ref.named_buffers(), fast.named_buffers()):
-        torch.testing.assert_close(b_fast, b_ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b_fast, b_ref, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("seed", SEEDS[:3])
