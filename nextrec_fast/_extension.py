@@ -63,7 +63,7 @@ def load(build: bool = True):
     """
     global _module, _reason, _attempted
     with _lock:
-        if _attempted or _module is not None:
+        if _attempted:
             return _module
         try:
             from nextrec_fast import _C  # noqa: F401  (prebuilt by setup.py)

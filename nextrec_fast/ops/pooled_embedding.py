@@ -326,15 +326,20 @@ def _backward_reusing(grad_out, tables, ids, offsets, per_id_weights, weighted_f
     """``pooled_embedding_backward`` into the reused gradient buffers when nobody else can see
     them (decided when it runs, with real tensors): what the eager backward does, for graphs
     that torch.compile traced. The buffers are keyed on the table tensors it is given."""
-    ops = torch.ops.nextrec_fast
+    args = (grad_out, tables, ids, offsets, per_id_weights, weighted_features, table_index, combiners, mask_ids,
+            max_lens, feature_names, grad_padding_idx, table_needs_grad, deterministic)
     if not _grad_reuse_enabled(grad_out):
-        return list(ops.pooled_embedding_backward(grad_out, tables, ids, offsets, per_id_weights, weighted_features,
-                                                  table_index, combiners, mask_ids, max_lens, feature_names,
-                                                  grad_padding_idx, table_needs_grad, deterministic))
-    buffers = [_grad_buffers.acquire(t) for t, need in zip(tables, table_needs_grad) if need]
-    ops.pooled_embedding_backward_into(grad_out, buffers, tables, ids, offsets, per_id_weights, weighted_features,
-                                       table_index, combiners, mask_ids, max_lens, feature_names, grad_padding_idx,
-                                       table_needs_grad, deterministic)
+        return list(torch.ops.nextrec_fast.pooled_embedding_backward(*args))
+    return _backward_into_reused_buffers(tables, *args)
+
+
+def _backward_into_reused_buffers(keys, grad_out, tables, *args) -> list[Tensor]:
+    """``pooled_embedding_backward`` (same arguments after ``keys``) written into the cached
+    gradient buffers of the tables that need one, the buffer of table t keyed on ``keys[t]``
+    (its owning parameter)."""
+    table_needs_grad = args[-2]
+    buffers = [_grad_buffers.acquire(key) for key, need in zip(keys, table_needs_grad) if need]
+    torch.ops.nextrec_fast.pooled_embedding_backward_into(grad_out, buffers, tables, *args)
     return buffers
 
 
@@ -405,14 +410,11 @@ def _backward(ctx, grad_out):
                                                          check_invariants=False)  # in range by construction
     elif any(table_needs):
         if _grad_reuse_enabled(grad_out):
-            buffers = []
-            for t, need in enumerate(table_needs):
-                if need:
-                    owner = ctx.table_refs[t]()
-                    buffers.append(_grad_buffers.acquire(owner if owner is not None else tables[t]))
-            ops.pooled_embedding_backward_into(grad_out, buffers, tables, ids, offsets, weights, ctx.weighted_features, table_index,
-                                               combiners, mask_ids, max_lens, names, ctx.grad_padding_idx, mask,
-                                               ctx.deterministic)
+            owners = [ref() for ref in ctx.table_refs]
+            keys = [owner if owner is not None else table for owner, table in zip(owners, tables)]
+            buffers = _backward_into_reused_buffers(keys, grad_out, tables, ids, offsets, weights, ctx.weighted_features,
+                                                    table_index, combiners, mask_ids, max_lens, names,
+                                                    ctx.grad_padding_idx, mask, ctx.deterministic)
         elif torch.compiler.is_compiling() and _grad_reuse_allowed():
             # Traced by torch.compile: an opaque op that takes the reused buffers at run time
             # (a fresh zeroed V x D gradient per table and step cost 8x the backward itself).
