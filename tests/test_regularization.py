@@ -48,44 +48,48 @@ def _trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen tables (0.6) left out
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_autograd_grad(kind):
+def _compare(kind, backward) -> None:
+    """The loss and gradients of the fast and the plain model; ``backward(model, loss)`` returns
+    the {name: gradient} it produced."""
     plain, fast, x = _pair(kind)
     results = []
     for model in (fast, plain):
-        names, params = zip(*_trainable(model))
+        model.zero_grad(set_to_none=True)
         loss = _loss(model, x)
-        results.append((loss.detach(), dict(zip(names, torch.autograd.grad(loss, params, allow_unused=True)))))
+        results.append((loss.detach(), backward(model, loss)))
     _assert_same(*results)
+
+
+def _grads(model) -> dict:
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_autograd_grad(kind):
+    def backward(model, loss):
+        names, params = zip(*_trainable(model))
+        return dict(zip(names, torch.autograd.grad(loss, params, allow_unused=True)))
+    _compare(kind, backward)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_backward_with_inputs(kind):
     """``backward(inputs=...)``: only the listed parameters get a gradient, the regularisation's included."""
-    plain, fast, x = _pair(kind)
-    results = []
-    for model in (fast, plain):
-        model.zero_grad(set_to_none=True)
+    def backward(model, loss):
         params = [p for _, p in _trainable(model)]
-        chosen = params[::2]
-        loss = _loss(model, x)
-        loss.backward(inputs=chosen)
+        loss.backward(inputs=params[::2])
         assert all(p.grad is None for p in params[1::2])
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    _assert_same(*results)
+        return _grads(model)
+    _compare(kind, backward)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_grad_scaler(kind):
     """AMP's GradScaler scales the loss: the regularisation gradient is scaled too, and unscaled."""
-    plain, fast, x = _pair(kind)
-    results = []
-    for model in (fast, plain):
-        model.zero_grad(set_to_none=True)
+    def backward(model, loss):
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        loss = _loss(model, x)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
-    _assert_same(*results)
+        return _grads(model)
+    _compare(kind, backward)
