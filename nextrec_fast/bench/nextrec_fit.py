@@ -17,48 +17,25 @@ from nextrec_fast.bench.models import Row, default_model_kwargs
 __all__ = ["run_nextrec"]
 
 
-_V06_PARAMS = {"expert_params": "expert_mlp_params", "tower_params_list": "tower_mlp_params_list",
-               "shared_expert_params": "shared_expert_mlp_params", "ctr_params": "ctr_mlp_params",
-               "cvr_params": "cvr_mlp_params"}
-
-
-def _v06_mlp(params):
-    return [_v06_mlp(p) for p in params] if isinstance(params, list) else \
-        {("hidden_dims" if k == "dims" else k): v for k, v in params.items()}
-
-
 def _nextrec_model(model: str, features, kwargs: dict, seed: int):
-    """nextrec's own model (whichever generation is installed) for the benchmark's configuration:
-    0.3's arguments, or the same structure in 0.6's (``hidden_dims``, ``*_mlp_params``, 0.6's
-    other defaults such as ``norm_type="none"``)."""
-    from importlib import import_module
-    from nextrec.basic import features as nf
+    """nextrec's own model (whichever generation is installed) for the benchmark's configuration,
+    in that generation's arguments (0.6: ``hidden_dims``, ``*_mlp_params``, its other defaults
+    such as ``norm_type="none"``)."""
+    from nextrec_fast.compat import installed_generation
+    generation = installed_generation()
     dense, sparse, sequence = features
-    try:
-        cls = getattr(import_module(f"nextrec.models.multitask.{model}"), model.upper())
-    except ImportError:
-        cls = getattr(import_module(f"nextrec.models.multi_task.{model}"), model.upper())
-        nr_features = (
-            [nf.DenseFeature(f.name, embedding_dim=f.embedding_dim, input_dim=f.input_dim, use_embedding=f.use_embedding)
-             for f in dense],
-            [nf.SparseFeature(f.name, f.vocab_size, embedding_dim=f.embedding_dim, padding_idx=f.padding_idx)
-             for f in sparse],
-            [nf.SequenceFeature(f.name, f.vocab_size, max_len=f.max_len, embedding_dim=f.embedding_dim,
-                                combiner=f.combiner, padding_idx=f.padding_idx) for f in sequence])
-    else:
-        nr_features = (
-            [nf.DenseFeature(f.name, input_dim=f.input_dim) for f in dense],
-            [nf.SparseFeature(f.name, f.vocab_size, embedding_dim=f.embedding_dim, padding_idx=f.padding_idx)
-             for f in sparse],
-            [nf.SequenceFeature(f.name, f.vocab_size, max_len=f.max_len, embedding_dim=f.embedding_dim,
-                                combiner=f.combiner, padding_idx=f.padding_idx) for f in sequence])
-        kwargs = {_V06_PARAMS.get(k, k): _v06_mlp(v) if k in _V06_PARAMS else v for k, v in kwargs.items()}
-        if "specific_expert_params" in kwargs:
-            tasks = len(kwargs["target"])
-            kwargs["specific_expert_mlp_params"] = [_v06_mlp(kwargs.pop("specific_expert_params"))] * tasks
-        kwargs.pop("task", None)
+    dense_args = [{"name": f.name, "input_dim": f.input_dim} for f in dense]
+    if generation.name == "0.3":
+        dense_args = [{**a, "embedding_dim": f.embedding_dim, "use_embedding": f.use_embedding}
+                      for a, f in zip(dense_args, dense)]
+    nr_features = generation.features(
+        dense_args,
+        [{"name": f.name, "vocab_size": f.vocab_size, "embedding_dim": f.embedding_dim, "padding_idx": f.padding_idx}
+         for f in sparse],
+        [{"name": f.name, "vocab_size": f.vocab_size, "max_len": f.max_len, "embedding_dim": f.embedding_dim,
+          "combiner": f.combiner, "padding_idx": f.padding_idx} for f in sequence])
     torch.manual_seed(seed)
-    return cls(*nr_features, **kwargs)
+    return generation.model_class(model)(*nr_features, **generation.model_arguments(model, kwargs))
 
 
 def _user_data(x: dict, labels, sequence_names, targets) -> dict:

@@ -69,6 +69,38 @@ def plot_speedups(result: dict, path: str) -> str:
     return path
 
 
+def plot_demo(result: dict, path: str) -> str:
+    """Test AUC against training wall-clock time (``nextrec-fast demo --json``'s dict): one panel
+    per model and task, one line per variant, a point per epoch (the first at 0 s: untrained)."""
+    from nextrec_fast.bench.demo import VARIANTS
+    plt = _pyplot()
+    models = result["models"]
+    tasks = max(len(next(iter(m["runs"].values()))["final"]) for m in models.values())
+    fig, axes = plt.subplots(len(models), tasks, figsize=(5.2 * tasks, 3.4 * len(models)), squeeze=False)
+    for row, (kind, entry) in enumerate(models.items()):
+        for variant, run in entry["runs"].items():
+            for col, task in enumerate(run["final"]):
+                xs = [t for t, _ in run["curve"]]
+                ys = [m[task]["auc"] for _, m in run["curve"]]
+                axes[row][col].plot(xs, ys, marker="o", markersize=3, label=VARIANTS.get(variant, variant))
+                axes[row][col].set_title(f"{kind.upper()}: {task}", fontsize=9)
+                axes[row][col].set_xlabel("training time (s)", fontsize=8)
+                axes[row][col].set_ylabel("test AUC", fontsize=8)
+                axes[row][col].grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    env = result["environment"]
+    fig.suptitle(f"MovieLens-100K: test AUC vs training time, nextrec {env.get('nextrec', '?')}, batch "
+                 f"{env.get('batch_size')}, {env.get('threads')} threads ({env.get('device_name', '?')})", fontsize=10)
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 + 0.02 * (len(labels) > 3), 1, 0.95))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_json(json_path: str, out_path: str) -> str:
+    """Redraw a ``bench --json`` (speed-up bars) or ``demo --json`` (AUC curves) file."""
     with open(json_path) as fh:
-        return plot_speedups(json.load(fh), out_path)
+        result = json.load(fh)
+    return plot_demo(result, out_path) if "models" in result else plot_speedups(result, out_path)

@@ -12,7 +12,8 @@ from nextrec_fast.compat.nextrec_v03 import V03
 from nextrec_fast.compat.nextrec_v06 import V06
 
 __all__ = ["GENERATIONS", "MODEL_KINDS", "V03", "V06", "DenseFeatureSpec", "NextrecGeneration", "PooledFeatureSpec",
-           "UnsupportedModelError", "generation_of_model", "generation_of_layer", "nextrec_model_kind"]
+           "UnsupportedModelError", "generation_of_model", "generation_of_layer", "installed_generation",
+           "nextrec_model_kind"]
 
 # Newest first: the first adapter that recognises an object handles it.
 GENERATIONS: tuple[NextrecGeneration, ...] = (V06, V03)
@@ -33,3 +34,13 @@ def nextrec_model_kind(model) -> tuple[NextrecGeneration, str] | None:
         return None
     kind = generation.model_kind(model)
     return (generation, kind) if kind is not None else None
+
+
+def installed_generation() -> NextrecGeneration:
+    """The adapter of the installed nextrec. Raises ``ImportError`` (with how to install one) when
+    no supported nextrec is installed."""
+    for generation in GENERATIONS:
+        if generation.is_installed():
+            return generation
+    raise ImportError("no supported nextrec installed (0.6.x or 0.3.x): see the README's install commands "
+                      "(`pip install --no-deps nextrec==0.6.14` after its dependencies)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +163,37 @@ class NextrecGeneration:
         """nextrec's loader for in-memory ``data``, batched by indexing whole columns (same
         batches, same order, same random stream), or ``plain()`` where that does not apply."""
         return plain()
+
+    # -- building nextrec's own objects (benchmarks, demos, datasets) ---------------------
+    def is_installed(self) -> bool:
+        """Whether the installed nextrec is this generation (its model package exists)."""
+        try:
+            return importlib.util.find_spec(self.model_packages[0].rstrip(".")) is not None
+        except ImportError:  # no nextrec at all
+            return False
+
+    def model_class(self, kind: str) -> type:
+        """nextrec's class for ``kind`` ('esmm', 'mmoe' or 'ple', any case)."""
+        module = importlib.import_module(self.model_packages[0] + kind.lower())
+        return getattr(module, kind.upper())
+
+    def features(self, dense: list[dict], sparse: list[dict], sequence: list[dict]) -> tuple[list, list, list]:
+        """nextrec's DenseFeature / SparseFeature / SequenceFeature objects from argument dicts
+        (``name``, ``vocab_size``, ``embedding_dim``, ``padding_idx``, ``max_len``, ``combiner``,
+        ``embedding_name``, ``input_dim``: the names both generations share)."""
+        from nextrec.basic import features as nf
+        return ([nf.DenseFeature(**f) for f in dense], [nf.SparseFeature(**f) for f in sparse],
+                [nf.SequenceFeature(**f) for f in sequence])
+
+    def probabilities(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """``[B, T]`` task probabilities as nextrec's ``predict`` gives them, from a batch dict of
+        tensors (0.3: the forward; 0.6: ``call_model``, the forward then the task head)."""
+        return model.call_model(batch) if hasattr(model, "call_model") else model(batch)
+
+    def model_arguments(self, kind: str, kwargs: dict) -> dict:
+        """A model's keyword arguments, given in nextrec 0.3's names (``expert_params``,
+        ``tower_params_list``, MLPs as ``{"dims": [...]}``), in this generation's names."""
+        return dict(kwargs)
 
 
 def pooled_spec(feature, kind: str, combiner: str, mask_id: int, max_len, pooling_module=None) -> PooledFeatureSpec:

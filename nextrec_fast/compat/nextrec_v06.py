@@ -22,6 +22,17 @@ __all__ = ["NextrecV06", "V06"]
 _OP_COMBINERS = ("sum", "mean", "concat")
 
 
+# 0.3's argument names -> 0.6's (model_arguments).
+_V06_PARAMS = {"expert_params": "expert_mlp_params", "tower_params_list": "tower_mlp_params_list",
+               "shared_expert_params": "shared_expert_mlp_params", "ctr_params": "ctr_mlp_params",
+               "cvr_params": "cvr_mlp_params"}
+
+
+def _v06_mlp(params):
+    return [_v06_mlp(p) for p in params] if isinstance(params, list) else \
+        {("hidden_dims" if k == "dims" else k): v for k, v in params.items()}
+
+
 class NextrecV06(NextrecGeneration):
     name = "0.6"
     model_packages = ("nextrec.models.multitask.",)
@@ -99,6 +110,13 @@ class NextrecV06(NextrecGeneration):
                                               key_columns=key_columns if key_columns is not None else model.key_columns)
         return column_batch_loader(tensors, batch_size=batch_size, shuffle=shuffle,
                                    sections=("features", "labels", "keys"), constants={"schema": tensors.get("schema")})
+
+    def model_arguments(self, kind, kwargs):
+        out = {_V06_PARAMS.get(k, k): _v06_mlp(v) if k in _V06_PARAMS else v for k, v in kwargs.items()}
+        if "specific_expert_params" in out:  # 0.6: one MLP description per task
+            out["specific_expert_mlp_params"] = [_v06_mlp(out.pop("specific_expert_params"))] * len(out["target"])
+        out.pop("task", None)  # 0.6 infers the task types from the head
+        return out
 
 
 V06 = NextrecV06()
