@@ -114,3 +114,30 @@ def test_accelerated_fit_reaches_plain_quality_on_movielens(kind):
     first = entry["runs"]["accelerated"]["curve"]
     task = next(iter(first[0][1]))
     assert abs(first[-1][1][task]["auc"] - first[0][1][task]["auc"]) > 0.01
+
+
+@pytest.mark.nextrec
+@needs_data
+@pytest.mark.parametrize("kind", ["mmoe", "esmm"])
+def test_demo_scores_what_nextrec_predict_gives(kind, tmp_path, monkeypatch):
+    """The demo scores batches of tensors (``compat`` ``probabilities``); nextrec's ``predict`` on the
+    frame's columns gives the same probabilities, so the demo's AUCs are nextrec's."""
+    pytest.importorskip("nextrec")
+    import torch
+
+    from nextrec_fast.bench.demo import _quiet, _tensors, demo_model_kwargs
+    from nextrec_fast.compat import installed_generation
+    monkeypatch.chdir(tmp_path)
+    generation = installed_generation()
+    data = movielens_100k(kind, sample=3000)
+    test = data.test.iloc[:300].reset_index(drop=True)
+    torch.manual_seed(0)
+    with _quiet():
+        model = generation.model_class(kind)(*generation.features(data.dense, data.sparse, data.sequence),
+                                             **generation.model_arguments(kind, demo_model_kwargs(kind, data.targets)))
+        expected = np.asarray(model.predict(data.as_dict(test), batch_size=128, return_dataframe=False))
+    batch, _ = _tensors(data, test)
+    model.eval()
+    with torch.no_grad():
+        got = generation.probabilities(model, batch).numpy()
+    np.testing.assert_allclose(got, expected.reshape(got.shape), rtol=1e-5, atol=1e-6)

@@ -187,8 +187,9 @@ class NextrecGeneration:
 
     def probabilities(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """``[B, T]`` task probabilities as nextrec's ``predict`` gives them, from a batch dict of
-        tensors (0.3: the forward; 0.6: ``call_model``, the forward then the task head)."""
-        return model.call_model(batch) if hasattr(model, "call_model") else model(batch)
+        tensors (0.3: the forward; 0.6: the training adapter over ``call_model``, the forward then
+        the task head)."""
+        return model(batch)
 
     def model_arguments(self, kind: str, kwargs: dict) -> dict:
         """A model's keyword arguments, given in nextrec 0.3's names (``expert_params``,

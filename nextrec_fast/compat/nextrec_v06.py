@@ -111,6 +111,12 @@ class NextrecV06(NextrecGeneration):
         return column_batch_loader(tensors, batch_size=batch_size, shuffle=shuffle,
                                    sections=("features", "labels", "keys"), constants={"schema": tensors.get("schema")})
 
+    def probabilities(self, model, batch):
+        # What fit, evaluate and predict score: call_model (the forward's logits through the head),
+        # then the training adapter (ESMM's turns [ctr, cvr] into [ctr, ctcvr]).
+        adapter = getattr(model, "training_adapter", None)
+        return adapter.forward(model, batch) if adapter is not None else model.call_model(batch)
+
     def model_arguments(self, kind, kwargs):
         out = {_V06_PARAMS.get(k, k): _v06_mlp(v) if k in _V06_PARAMS else v for k, v in kwargs.items()}
         if "specific_expert_params" in out:  # 0.6: one MLP description per task
