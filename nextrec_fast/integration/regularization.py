@@ -1,7 +1,7 @@
 """nextrec's L1/L2 regularisation as one autograd node with one gradient per parameter.
 
 ``regularization_loss(terms)`` returns the value of nextrec's ``add_reg_loss`` (``sum l1 *
-|p|_1 + l2 * |p|_2^2`` over the terms the compat layer lists) from one foreach pass per (l1, l2) group, and its
+|p|_1 + l2 * |p|_2^2`` over the terms the compat layer lists) from chunked passes, and its
 backward returns ``grad_output * (l1 * sign(p) + 2 * l2 * p)`` for each parameter: one
 full-size tensor per parameter where nextrec's graph (abs, pow, sums and their backwards)
 makes several per embedding table.
@@ -18,6 +18,9 @@ from torch.autograd.function import once_differentiable
 
 __all__ = ["regularization_loss"]
 
+# Elements per step of the chunked passes: the chunk's temporaries stay in cache and are reused
+# by the allocator instead of being faulted in as full-size tensors.
+_CHUNK = 1 << 18
 
 
 def regularization_loss(terms: list[tuple[torch.Tensor, float, float]], device) -> torch.Tensor:
@@ -33,37 +36,46 @@ class _RegularizationLoss(torch.autograd.Function):
         ctx.terms = terms
         total = torch.zeros((), dtype=torch.float32, device=params[0].device)
         with torch.no_grad():
-            for (l1, l2, dtype, _), group in _groups(terms, range(len(terms))).items():
-                tensors = [terms[i][0].detach() for i in group]
-                # Half-precision tables accumulate in float32, as nextrec's .sum() does.
-                acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
-                if l1:
-                    total += l1 * torch.stack(torch._foreach_norm(tensors, 1, dtype=acc)).sum().float()
-                if l2:
-                    total += l2 * torch.stack(torch._foreach_norm(tensors, 2, dtype=acc)).square().sum().float()
+            for param, l1, l2 in terms:
+                abs_sum, square_sum = _abs_and_square_sums(param)
+                total += l1 * abs_sum + l2 * square_sum
         return total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grads = [None] * len(ctx.terms)
-        needed = [i for i, n in enumerate(ctx.needs_input_grad[1:]) if n]
-        with torch.no_grad():
-            for (l1, l2, dtype, _), group in _groups(ctx.terms, needed).items():
-                params = [ctx.terms[i][0].detach() for i in group]
-                out = torch._foreach_mul(params, 2.0 * l2) if l2 else [torch.zeros_like(p) for p in params]
-                if l1:
-                    torch._foreach_add_(out, torch._foreach_sign(params), alpha=l1)
-                torch._foreach_mul_(out, grad_output.to(dtype))
-                for i, g in zip(group, out):
-                    grads[i] = g
+        grads = [_regularization_grad(param, l1, l2, grad_output) if needed else None
+                 for (param, l1, l2), needed in zip(ctx.terms, ctx.needs_input_grad[1:])]
         return (None, *grads)
 
 
-def _groups(terms, indices) -> dict:
-    """Term indices by (l1, l2, dtype, device): what one foreach call may take together."""
-    groups: dict = {}
-    for i in indices:
-        param, l1, l2 = terms[i]
-        groups.setdefault((l1, l2, param.dtype, param.device), []).append(i)
-    return groups
+def _chunks(tensor: torch.Tensor):
+    flat = tensor.detach().reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK):
+        yield start, flat[start:start + _CHUNK]
+
+
+def _abs_and_square_sums(param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum(|p|) and sum(p * p) in one pass over p (fp32 accumulation, as nextrec's .sum())."""
+    abs_sum = torch.zeros((), dtype=torch.float32, device=param.device)
+    square_sum = torch.zeros((), dtype=torch.float32, device=param.device)
+    for _, chunk in _chunks(param):
+        abs_sum += chunk.abs().sum(dtype=torch.float32)
+        square_sum += torch.dot(chunk, chunk).float() if chunk.dtype == torch.float32 else chunk.square().sum(dtype=torch.float32)
+    return abs_sum, square_sum
+
+
+@torch.no_grad()
+def _regularization_grad(param: torch.Tensor, l1: float, l2: float, grad_output: torch.Tensor) -> torch.Tensor:
+    """``grad_output * (l1 * sign(p) + 2 * l2 * p)``, built chunk by chunk into one tensor."""
+    grad = torch.empty_like(param)
+    flat = grad.view(-1)
+    for start, p in _chunks(param):
+        g = flat[start:start + p.numel()]
+        if l2:
+            torch.mul(p, 2.0 * l2, out=g)
+        else:
+            g.zero_()
+        if l1:
+            g.add_(p.sign(), alpha=l1)
+    return grad.mul_(grad_output.to(grad.dtype))
