@@ -1,4 +1,4 @@
-"""Command line: ``nextrec-fast bench|plot|profile [...]`` (also ``python -m nextrec_fast ...``)."""
+"""Command line: ``nextrec-fast bench|plot|profile|demo [...]`` (also ``python -m nextrec_fast ...``)."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +8,14 @@ import sys
 def _set_threads(threads: int | None) -> None:
     import torch
 
-    from nextrec_fast.bench.common import default_threads
-    torch.set_num_threads(threads or default_threads())
+    from nextrec_fast.bench.common import default_threads, machine_load
+    if not threads:
+        threads = default_threads()
+        load, cores = machine_load()
+        if threads < cores:  # say why, or a user compares against 2-thread numbers unawares
+            print(f"using {threads} torch thread(s): {cores} cores less the load average {load:.1f} "
+                  f"(other work); --threads {cores} to override", file=sys.stderr)
+    torch.set_num_threads(threads)
 
 
 def _bench(args) -> int:
@@ -87,6 +93,15 @@ def _demo(args) -> int:
     return 0
 
 
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def main(argv=None) -> int:
     from nextrec_fast.bench.common import CONFIGS
     from nextrec_fast.bench.models import BENCH_CHOICES, MODEL_NAMES, MODES
@@ -148,23 +163,26 @@ def main(argv=None) -> int:
     prof.set_defaults(func=_profile)
 
     from nextrec_fast.bench.demo import VARIANTS
-    demo = sub.add_parser("demo", help="train on MovieLens-100K: plain nextrec vs accelerated vs the drop-in, "
+    demo = sub.add_parser("demo", description="Multi-task training on MovieLens-100K: plain nextrec's fit, the same "
+                                              "model after accelerate(), the drop-in in a PyTorch loop; seconds per "
+                                              "epoch, test AUC / log-loss, and a quality verdict against the "
+                                              "rounding yardstick.", help="train on MovieLens-100K: plain nextrec vs accelerated vs the drop-in, "
                                        "seconds per epoch and test AUC / log-loss per task (needs nextrec and the "
                                        "data: pip install --no-deps recbole==1.2.1)")
     demo.add_argument("--model", nargs="+", choices=["mmoe", "ple", "esmm"], default=["mmoe", "ple", "esmm"],
                       help="models to train (default: all three; ESMM on an impression space with sampled "
                            "unrated movies)")
-    demo.add_argument("--epochs", type=int, default=3, help="epochs per variant (default: 3)")
+    demo.add_argument("--epochs", type=_at_least(1), default=3, help="epochs per variant (default: 3)")
     demo.add_argument("--batch-size", type=int, default=2048, help="rows per training step (default: 2048, as bench)")
     demo.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     demo.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                       help="; ".join(f"{k}: {v}" for k, v in VARIANTS.items()) + " (default: all)")
-    demo.add_argument("--rounding-runs", type=int, default=2, metavar="K",
+    demo.add_argument("--rounding-runs", type=_at_least(0), default=2, metavar="K",
                       help="K more runs of nextrec and of accelerated from the initial weights moved one ulp: the "
                            "yardstick of how far float32 rounding alone moves test AUC; with K >= 2 the verdict is "
-                           "a Welch t test at a two-sided 1e-4 level, with K = 1 indicative only (default: 2)")
-    demo.add_argument("--sample", type=int, default=None, metavar="N",
-                      help="only the first N ratings in time order (a quick run; default: all 100,000)")
+                           "a Welch t test at a two-sided 1e-4 level, with K = 1 indicative only, with K = 0 none (default: 2)")
+    demo.add_argument("--sample", type=_at_least(1000), default=None, metavar="N",
+                      help="only the first N >= 1000 ratings in time order (a quick run; default: all 100,000)")
     demo.add_argument("--data", default=None, metavar="PATH",
                       help="a folder or recbole wheel with ml-100k.{inter,user,item} (default: $NEXTREC_FAST_ML100K, "
                            "else the installed recbole package's copy)")

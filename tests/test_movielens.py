@@ -141,3 +141,21 @@ def test_demo_scores_what_nextrec_predict_gives(kind, tmp_path, monkeypatch):
     with torch.no_grad():
         got = generation.probabilities(model, batch).numpy()
     np.testing.assert_allclose(got, expected.reshape(got.shape), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--sample", "5"], ["--rounding-runs", "-1"]])
+def test_demo_refuses_arguments_it_cannot_use(argv, capsys):
+    from nextrec_fast import cli
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", *argv])
+    assert exit_info.value.code == 2
+    assert "must be at least" in capsys.readouterr().err
+
+
+@needs_data
+def test_a_missing_path_says_where_it_came_from(monkeypatch, tmp_path):
+    monkeypatch.setenv("NEXTREC_FAST_ML100K", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="from NEXTREC_FAST_ML100K.*does not exist"):
+        find_movielens_100k()
+    with pytest.raises(ValueError, match="at least 1000"):
+        movielens_100k("mmoe", path=SOURCE, sample=10)

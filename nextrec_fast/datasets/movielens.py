@@ -35,7 +35,9 @@ class MovieLens:
     """The merged, time-ordered ratings split by time, and the features that describe them.
 
     ``train`` / ``test``: one row per rating (per impression for ``kind="esmm"``), in time order,
-    with one column per feature and target. Sparse features hold int64 ids, sequence features
+    with one column per feature and target, and two metadata columns that are neither:
+    ``timestamp`` and ``rating`` (the raw rating, 0 for ESMM's sampled impressions: it gives the
+    labels away, so never feed it to a model; ``columns()`` and ``as_dict`` leave both out). Sparse features hold int64 ids, sequence features
     a list of int ids per row (0 is the padding id, never a real id), dense features float32.
     ``sparse`` / ``sequence`` / ``dense``: ``{"name", "vocab_size", "embedding_dim", ...}`` dicts,
     the arguments of nextrec's ``SparseFeature`` / ``SequenceFeature`` / ``DenseFeature``.
@@ -68,7 +70,11 @@ def find_movielens_100k(path: str | os.PathLike | None = None) -> str:
     if explicit:  # the user named a place: look there only, and say so when it is wrong
         if _holds_files(str(explicit)):
             return str(explicit)
-        raise FileNotFoundError(f"{explicit} holds no ml-100k.{{inter,user,item}}. {MOVIELENS_HINT}")
+        origin = "" if path else " (from NEXTREC_FAST_ML100K)"
+        problem = "holds no ml-100k.{inter,user,item}" if os.path.exists(explicit) else "does not exist"
+        raise FileNotFoundError(f"MovieLens-100K: {explicit}{origin} {problem}; point it at a folder or a recbole "
+                                "wheel holding ml-100k.{inter,user,item} (`pip install --no-deps recbole==1.2.1` "
+                                "ships them; unset NEXTREC_FAST_ML100K to use the installed recbole's copy)")
     spec = importlib.util.find_spec("recbole")  # finds the package without importing it
     for location in (spec.submodule_search_locations or []) if spec is not None else []:
         candidate = os.path.join(location, "dataset_example", "ml-100k")
@@ -142,6 +148,9 @@ def movielens_100k(kind: str = "mmoe", path: str | os.PathLike | None = None, hi
         raise ValueError(f"kind must be 'mmoe', 'ple' or 'esmm', got {kind!r}")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if sample is not None and sample < 1000:
+        raise ValueError(f"sample must be at least 1000 ratings (a test split with both classes of every "
+                         f"target), got {sample}")
     source = find_movielens_100k(path)
     ratings, users, items = (_read(source, name) for name in _FILES)
     # Time order; ties broken by the file's order, so the split and histories are reproducible.
