@@ -49,19 +49,16 @@ def demo_model_kwargs(kind: str, targets: list[str]) -> dict:
 
 
 def _tensors(data, frame) -> tuple[dict, torch.Tensor]:
-    """The frame as a batch dict of tensors (sequences padded with 0 on the right to ``max_len``,
-    as nextrec pads them) and the ``[N, T]`` float labels."""
+    """The frame as a batch dict of tensors (sequences padded as nextrec pads them: each row's
+    first ``max_len`` ids, then its padding id) and the ``[N, T]`` float labels."""
+    from nextrec_fast.integration.data import pad_sequence_column
     batch = {}
     for f in data.dense:
         batch[f["name"]] = torch.from_numpy(frame[f["name"]].to_numpy(np.float32))
     for f in data.sparse:
         batch[f["name"]] = torch.from_numpy(frame[f["name"]].to_numpy(np.int64))
     for f in data.sequence:
-        ids = np.zeros((len(frame), f["max_len"]), dtype=np.int64)
-        for row, values in enumerate(frame[f["name"]]):
-            values = values[-f["max_len"]:]
-            ids[row, :len(values)] = values
-        batch[f["name"]] = torch.from_numpy(ids)
+        batch[f["name"]] = torch.from_numpy(pad_sequence_column(frame[f["name"]], f["max_len"], f["padding_idx"]))
     labels = torch.from_numpy(frame[data.targets].to_numpy(np.float32))
     return batch, labels
 

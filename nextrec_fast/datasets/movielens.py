@@ -108,18 +108,21 @@ def _codes(values: pd.Series) -> tuple[np.ndarray, int]:
     return (codes + 1).astype(np.int64), len(uniques) + 1
 
 
-def _histories(users: np.ndarray, items: np.ndarray, times: np.ndarray, length: int) -> list[list[int]]:
+def _histories(users: np.ndarray, items: np.ndarray, times: np.ndarray, length: int) -> tuple[list, np.ndarray]:
     """Per row, the user's last ``length`` movies rated strictly earlier (ties in time excluded,
-    so nothing rated in the same second or later leaks in). Rows must be in time order."""
+    so nothing rated in the same second or later leaks in), and how many ratings the user made
+    strictly earlier. Rows must be in time order."""
     out: list[list[int]] = [[] for _ in range(len(users))]
+    counts = np.zeros(len(users), dtype=np.int64)
     order = np.argsort(users, kind="stable")  # per user, still in time order
     bounds = np.flatnonzero(np.diff(users[order])) + 1
     for rows in np.split(order, bounds):
         user_items, user_times = items[rows].tolist(), times[rows]
         first_at_time = np.searchsorted(user_times, user_times, side="left")
+        counts[rows] = first_at_time
         for row, k in zip(rows.tolist(), first_at_time.tolist()):
             out[row] = user_items[max(0, k - length):k]
-    return out
+    return out, counts
 
 
 def movielens_100k(kind: str = "mmoe", path: str | os.PathLike | None = None, history_length: int = 20,
@@ -160,15 +163,11 @@ def movielens_100k(kind: str = "mmoe", path: str | os.PathLike | None = None, hi
         ratings = ratings.iloc[:sample].reset_index(drop=True)
 
     users = users.set_index("user_id")
-    user_cols = {
-        "age_bucket": np.searchsorted(AGE_BUCKETS, users["age"].to_numpy(), side="right").astype(np.int64) + 1,
-        "gender": _codes(users["gender"])[0],
-        "occupation": _codes(users["occupation"])[0],
-        "zip_prefix": _codes(users["zip_code"].astype(str).str[:2].str.upper())[0],
-    }
-    vocab = {"age_bucket": len(AGE_BUCKETS) + 2, "gender": _codes(users["gender"])[1],
-             "occupation": _codes(users["occupation"])[1],
-             "zip_prefix": _codes(users["zip_code"].astype(str).str[:2].str.upper())[1]}
+    user_cols = {"age_bucket": np.searchsorted(AGE_BUCKETS, users["age"].to_numpy(), side="right").astype(np.int64) + 1}
+    vocab = {"age_bucket": len(AGE_BUCKETS) + 2}
+    for name, values in (("gender", users["gender"]), ("occupation", users["occupation"]),
+                         ("zip_prefix", users["zip_code"].astype(str).str[:2].str.upper())):
+        user_cols[name], vocab[name] = _codes(values)
     user_table = pd.DataFrame(user_cols, index=users.index)
 
     items = items.set_index("item_id")
@@ -181,8 +180,7 @@ def movielens_100k(kind: str = "mmoe", path: str | os.PathLike | None = None, hi
     num_users, num_items = int(users.index.max()) + 1, int(items.index.max()) + 1
 
     u, i, t = (ratings[c].to_numpy(np.int64) for c in ("user_id", "item_id", "timestamp"))
-    history = _histories(u, i, t, history_length)
-    activity_count = _earlier_counts(u, t)
+    history, activity_count = _histories(u, i, t, history_length)
     frame = pd.DataFrame({"user_id": u, "item_id": i, "timestamp": t, "rating": ratings["rating"].to_numpy()})
     frame["history"] = history
     frame["_activity"] = activity_count
@@ -219,16 +217,6 @@ def movielens_100k(kind: str = "mmoe", path: str | os.PathLike | None = None, hi
             "train_until": int(train["timestamp"].max()), "test_from": int(test["timestamp"].min()),
             "positive_rate": {name: round(float(frame[name].mean()), 4) for name in targets}}
     return MovieLens(train, test, dense, sparse, sequence, targets, kind, source, info)
-
-
-def _earlier_counts(users: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """Per row, how many ratings the user made strictly earlier. Rows must be in time order."""
-    counts = np.zeros(len(users), dtype=np.int64)
-    order = np.argsort(users, kind="stable")
-    bounds = np.flatnonzero(np.diff(users[order])) + 1
-    for rows in np.split(order, bounds):
-        counts[rows] = np.searchsorted(times[rows], times[rows], side="left")
-    return counts
 
 
 def _negatives(frame: pd.DataFrame, rated: dict, num_items: int, per_rating: int, seed: int) -> pd.DataFrame:
