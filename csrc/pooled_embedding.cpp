@@ -811,8 +811,13 @@ void zero_block(void* p, int64_t bytes, bool streaming) {
   std::memset(p, 0, bytes);
 }
 
+// dirty[t] (the vector may be empty: none): table t's gradient buffer holds zeros except, maybe,
+// in the rows listed there (int64 ids, in range, repeats allowed): each block zeroes just those
+// rows of its own and adds into the rest, instead of zeroing the whole V x D buffer (288 MB for
+// the default tables, about as long as the scatter itself) every step.
 template <typename scalar_t>
-void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out) {
+void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out,
+                         const std::vector<const int64_t*>& dirty, const std::vector<int64_t>& dirty_count) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t num_tables = static_cast<int64_t>(plan.tables.size());
   const int64_t batch = plan.batch;
@@ -878,7 +883,19 @@ void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out) {
         scratch.resize(n);
         block = scratch.data();
       }
-      zero_block(block, n * static_cast<int64_t>(sizeof(acc_t)), in_place);
+      const bool add_into = !dirty.empty() && dirty[blk.table] != nullptr;
+      if (add_into) {
+        if constexpr (in_place) {
+          const int64_t* rows = dirty[blk.table];
+          for (int64_t k = 0; k < dirty_count[blk.table]; ++k)
+            if (rows[k] >= blk.row_begin && rows[k] < blk.row_end)
+              std::memset(block + (rows[k] - blk.row_begin) * D, 0, D * sizeof(acc_t));
+        } else {
+          zero_block(block, n * static_cast<int64_t>(sizeof(acc_t)), false);  // the fp32 scratch
+        }
+      } else {
+        zero_block(block, n * static_cast<int64_t>(sizeof(acc_t)), in_place);
+      }
       for (const FeatureMeta* f : readers[blk.table]) {
         const acc_t* dn = denoms[f->feature].empty() ? nullptr : denoms[f->feature].data();
         if (f->ids_int64)
@@ -888,10 +905,53 @@ void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out) {
           scatter_feature_block<scalar_t, int32_t>(*f, g, plan.total_dim, batch, dn, blk.row_begin, blk.row_end,
                                                    block, scaled.data());
       }
-      if constexpr (!in_place)
+      if constexpr (!in_place)  // half types: the whole block is written, dirty rows or not
         for (int64_t k = 0; k < n; ++k) grad[k] = static_cast<scalar_t>(block[k]);
     }
   });
+}
+
+void backward_into_dirty_cpu(const at::Tensor& grad_out, const TensorList& grads, const TensorList& tables,
+                             const TensorList& ids, const OptTensorList& offsets, const TensorList& weights,
+                             at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners,
+                             at::IntArrayRef mask_ids, at::IntArrayRef max_lens, const std::vector<std::string>& names,
+                             at::IntArrayRef grad_padding_idx, at::IntArrayRef table_needs_grad, bool deterministic,
+                             const OptTensorList& dirty_rows) {
+  (void)deterministic;  // the CPU backward is always deterministic (fixed per-row order)
+  PoolingPlan plan = backward_plan(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
+                                   max_lens, names, grad_padding_idx);
+  check_offsets_cpu(plan, names);
+  attach_grads(plan, grads, table_needs_grad);
+  // Per table the dirty rows of its buffer (checked here, before any thread writes).
+  std::vector<const int64_t*> dirty;
+  std::vector<int64_t> dirty_count;
+  std::vector<at::Tensor> dirty_keep;
+  if (!dirty_rows.empty()) {
+    TORCH_CHECK(dirty_rows.size() == grads.size(), "pooled_embedding_backward_into_dirty: ", dirty_rows.size(),
+                " dirty_rows entries for ", grads.size(), " gradient buffers");
+    dirty.assign(tables.size(), nullptr);
+    dirty_count.assign(tables.size(), 0);
+    size_t slot = 0;
+    for (size_t t = 0; t < tables.size() && t < table_needs_grad.size(); ++t) {
+      if (!table_needs_grad[t]) continue;
+      const std::optional<at::Tensor>& rows = dirty_rows[slot++];
+      if (!rows.has_value()) continue;
+      TORCH_CHECK(rows->scalar_type() == at::kLong && rows->dim() == 1 && rows->device().is_cpu(),
+                  "pooled_embedding_backward_into_dirty: dirty rows must be a 1-D int64 CPU tensor");
+      at::Tensor r = rows->contiguous();
+      const int64_t* p = r.data_ptr<int64_t>();
+      const int64_t V = tables[t].size(0);
+      for (int64_t k = 0; k < r.numel(); ++k)
+        TORCH_CHECK(p[k] >= 0 && p[k] < V, "pooled_embedding_backward_into_dirty: dirty row ", p[k],
+                    " out of range for table ", t, " with ", V, " rows");
+      dirty[t] = p;
+      dirty_count[t] = r.numel();
+      dirty_keep.push_back(std::move(r));
+    }
+  }
+  at::Tensor g = grad_out.contiguous();
+  NEXTREC_FAST_DISPATCH_FLOATING(plan.dtype, "pooled_embedding_backward_cpu",
+                                 [&] { backward_cpu_kernel<scalar_t>(plan, g, dirty, dirty_count); });
 }
 
 void backward_into_cpu(const at::Tensor& grad_out, const TensorList& grads, const TensorList& tables,
@@ -899,14 +959,8 @@ void backward_into_cpu(const at::Tensor& grad_out, const TensorList& grads, cons
                        at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
                        at::IntArrayRef max_lens, const std::vector<std::string>& names,
                        at::IntArrayRef grad_padding_idx, at::IntArrayRef table_needs_grad, bool deterministic) {
-  (void)deterministic;  // the CPU backward is always deterministic (fixed per-row order)
-  PoolingPlan plan = backward_plan(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
-                                   max_lens, names, grad_padding_idx);
-  check_offsets_cpu(plan, names);
-  attach_grads(plan, grads, table_needs_grad);
-  at::Tensor g = grad_out.contiguous();
-  NEXTREC_FAST_DISPATCH_FLOATING(plan.dtype, "pooled_embedding_backward_cpu",
-                                 [&] { backward_cpu_kernel<scalar_t>(plan, g); });
+  backward_into_dirty_cpu(grad_out, grads, tables, ids, offsets, weights, weighted_features, table_index, combiners,
+                          mask_ids, max_lens, names, grad_padding_idx, table_needs_grad, deterministic, {});
 }
 
 TensorList backward_cpu(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
@@ -1104,6 +1158,14 @@ NEXTREC_FAST_LIBRARY_FRAGMENT(NEXTREC_FAST_OP_NAMESPACE, m) {
       "Tensor?[] offsets, Tensor[] per_id_weights, int[] weighted_features, int[] table_index, int[] combiners, int[] mask_ids, "
       "int[] max_lens, str[] feature_names, int[] grad_padding_idx, int[] table_needs_grad, "
       "bool deterministic) -> ()");
+  // The same, except that a buffer with dirty_rows[i] given holds zeros outside those rows (int64
+  // row ids, repeats allowed): only they are zeroed before the gradient is added in (the Python
+  // side passes the rows its previous write touched). None: the buffer is zeroed whole.
+  m.def(
+      "pooled_embedding_backward_into_dirty(Tensor grad_out, Tensor(a!)[] grads, Tensor[] tables, Tensor[] ids, "
+      "Tensor?[] offsets, Tensor[] per_id_weights, int[] weighted_features, int[] table_index, int[] combiners, int[] mask_ids, "
+      "int[] max_lens, str[] feature_names, int[] grad_padding_idx, int[] table_needs_grad, "
+      "bool deterministic, Tensor?[] dirty_rows) -> ()");
   // Sparse gradients (uncoalesced COO, like nn.Embedding(sparse=True)): per table that needs a
   // gradient, its int64 row indices [N] then values [N, D].
   m.def(
@@ -1123,6 +1185,7 @@ NEXTREC_FAST_LIBRARY_IMPL(NEXTREC_FAST_OP_NAMESPACE, CPU, m) {
   m.impl("pooled_embedding_forward", &nextrec_fast::forward_cpu);
   m.impl("pooled_embedding_backward", &nextrec_fast::backward_cpu);
   m.impl("pooled_embedding_backward_into", &nextrec_fast::backward_into_cpu);
+  m.impl("pooled_embedding_backward_into_dirty", &nextrec_fast::backward_into_dirty_cpu);
   m.impl("pooled_embedding_backward_sparse", &nextrec_fast::backward_sparse_cpu);
   m.impl("pooled_embedding_weight_backward", &nextrec_fast::weight_backward_cpu);
 }

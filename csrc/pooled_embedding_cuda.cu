@@ -268,16 +268,25 @@ __global__ void reduce_sorted_kernel(const FeatureMeta* __restrict__ feats, int6
   }
 }
 
-void backward_into_cuda(const at::Tensor& grad_out, const TensorList& grads, const TensorList& tables,
-                        const TensorList& ids, const OptTensorList& offsets, const TensorList& weights,
-                        at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
-                        at::IntArrayRef max_lens, const std::vector<std::string>& names,
-                        at::IntArrayRef grad_padding_idx, at::IntArrayRef table_needs_grad, bool deterministic) {
+void backward_into_dirty_cuda(const at::Tensor& grad_out, const TensorList& grads, const TensorList& tables,
+                              const TensorList& ids, const OptTensorList& offsets, const TensorList& weights,
+                              at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners,
+                              at::IntArrayRef mask_ids, at::IntArrayRef max_lens, const std::vector<std::string>& names,
+                              at::IntArrayRef grad_padding_idx, at::IntArrayRef table_needs_grad, bool deterministic,
+                              const OptTensorList& dirty_rows) {
   PoolingPlan plan = backward_plan(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids,
                                         max_lens, names, grad_padding_idx);
   DeviceGuard guard(plan.device);
   attach_grads(plan, grads, table_needs_grad);
-  for (const at::Tensor& g : grads) g.zero_();
+  TORCH_CHECK(dirty_rows.empty() || dirty_rows.size() == grads.size(), "pooled_embedding_backward_into_dirty: ",
+              dirty_rows.size(), " dirty_rows entries for ", grads.size(), " gradient buffers");
+  // The kernels add into the buffers: zero the dirty rows of those that list them, the rest whole.
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (!dirty_rows.empty() && dirty_rows[i].has_value())
+      grads[i].index_fill_(0, dirty_rows[i]->to(grads[i].device()), 0);
+    else
+      grads[i].zero_();
+  }
   // Global row space over the tables that need a gradient (sort keys of the deterministic path).
   std::vector<int64_t> row_base(plan.tables.size(), 0);
   int64_t total_rows = 0;
@@ -339,6 +348,15 @@ void backward_into_cuda(const at::Tensor& grad_out, const TensorList& grads, con
                         order.data_ptr<int64_t>(), src.data_ptr<int64_t>(), denom.data_ptr<at::opmath_type<scalar_t>>(),
                         weight.data_ptr<at::opmath_type<scalar_t>>(), feature.data_ptr<int32_t>());
   });
+}
+
+void backward_into_cuda(const at::Tensor& grad_out, const TensorList& grads, const TensorList& tables,
+                        const TensorList& ids, const OptTensorList& offsets, const TensorList& weights,
+                        at::IntArrayRef weighted_features, at::IntArrayRef table_index, at::IntArrayRef combiners, at::IntArrayRef mask_ids,
+                        at::IntArrayRef max_lens, const std::vector<std::string>& names,
+                        at::IntArrayRef grad_padding_idx, at::IntArrayRef table_needs_grad, bool deterministic) {
+  backward_into_dirty_cuda(grad_out, grads, tables, ids, offsets, weights, weighted_features, table_index, combiners,
+                           mask_ids, max_lens, names, grad_padding_idx, table_needs_grad, deterministic, {});
 }
 
 TensorList backward_cuda(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
@@ -420,5 +438,6 @@ NEXTREC_FAST_LIBRARY_IMPL(NEXTREC_FAST_OP_NAMESPACE, NEXTREC_FAST_CUDA_DISPATCH_
   m.impl("pooled_embedding_forward", &nextrec_fast::forward_cuda);
   m.impl("pooled_embedding_backward", &nextrec_fast::backward_cuda);
   m.impl("pooled_embedding_backward_into", &nextrec_fast::backward_into_cuda);
+  m.impl("pooled_embedding_backward_into_dirty", &nextrec_fast::backward_into_dirty_cuda);
   m.impl("pooled_embedding_weight_backward", &nextrec_fast::weight_backward_cuda);
 }

@@ -39,15 +39,17 @@ def _worker(rank: int, port: int, model: str, out_path: str) -> None:
         perturb_batchnorm(ref)
         fast = fast_cls(dense_features=dense, sparse_features=sparse, sequence_features=sequence, **kwargs).double()
         fast.load_state_dict(ref.state_dict(), strict=True)
-        # Each rank its own shard of the batch.
-        x = random_inputs(dense, sparse, sequence, batch=12, generator=torch.Generator().manual_seed(100 + rank),
-                          dtype=torch.float64)
+        # Each rank its own shard of the batch, new ids each step.
+        xs = [random_inputs(dense, sparse, sequence, batch=12, dtype=torch.float64,
+                            generator=torch.Generator().manual_seed(100 + rank + 10 * step)) for step in range(2)]
         grads = {}
         for name, m in (("ref", ref), ("fast", fast)):
             ddp = torch.nn.parallel.DistributedDataParallel(m, find_unused_parameters=True)
-            for step in range(2):  # the second step reuses the fast path's gradient buffers
+            # The second step reuses the fast path's gradient buffers, which the all-reduce wrote
+            # (rows of the other rank's ids too): they must be zeroed whole, not by this rank's rows.
+            for step in range(2):
                 ddp.zero_grad(set_to_none=True)
-                out = ddp(x)
+                out = ddp(xs[step])
                 (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
             grads[name] = {n: None if p.grad is None else p.grad.clone() for n, p in m.named_parameters()}
         if rank == 0:

@@ -536,6 +536,86 @@ def test_grad_buffer_reuse_gives_identical_grads(rng, set_to_none, monkeypatch):
             torch.testing.assert_close(got, exp)
 
 
+def _fresh_ids(case, tables, gen):
+    """The case with new random ids of the same shapes, dtypes and tables (new rows each step)."""
+    ids = [torch.randint(0, tables[t].shape[0], i.shape, generator=gen).to(i.dtype)
+           for i, t in zip(case["ids"], case["table_index"])]
+    return {**case, "ids": ids}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_backward_into_dirty_zeroes_only_the_dirty_rows(rng, dtype):
+    """dirty_rows[i] given: the buffer holds zeros outside those rows (repeats allowed), which hold
+    garbage here (NaN); the result is the gradient exactly. None: a poisoned buffer is
+    overwritten whole."""
+    case, tables = random_case(rng, dtype=dtype, weights=True, half=dtype != torch.float64)
+    out = call(case, tables)
+    grad_out = torch.randn(out.shape, dtype=torch.float64).to(dtype)
+    _, ref, _ = reference_grads(case, tables, grad_out, case["per_id_weights"])
+    dirty, bufs = [], []
+    for t in tables:
+        if rng.random() < 0.5:
+            dirty.append(None)
+            bufs.append(torch.full_like(t, float("nan")))
+        else:
+            rows = torch.randint(0, t.shape[0], (rng.randint(0, 2 * t.shape[0]),))
+            buf = torch.zeros_like(t)
+            buf[rows] = float("nan")
+            dirty.append(rows)
+            bufs.append(buf)
+    torch.ops.nextrec_fast.pooled_embedding_backward_into_dirty(
+        grad_out, bufs, *_common_op_args(case, tables), case["grad_padding_idx"], [1] * len(tables), True, dirty)
+    for b, r in zip(bufs, ref):
+        torch.testing.assert_close(b.double(), r, **TOL[dtype])
+    with pytest.raises(RuntimeError, match="dirty row .* out of range"):
+        torch.ops.nextrec_fast.pooled_embedding_backward_into_dirty(
+            grad_out, bufs, *_common_op_args(case, tables), case["grad_padding_idx"], [1] * len(tables), True,
+            [torch.tensor([tables[0].shape[0]])] + [None] * (len(tables) - 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_reused_buffers_zero_only_written_rows_and_stay_exact(rng, dtype, monkeypatch):
+    """Each step pools new ids (other rows than the step before), .grad set to None in between:
+    the reused buffer is zeroed only where the last step wrote, and every step's gradients equal
+    fresh buffers' bit for bit. A buffer written in place in between (here scaled and shifted, as
+    clipping or a user might) is zeroed whole instead."""
+    case, tables = random_case(rng, batch=16, dtype=dtype)
+    case["grad_padding_idx"] = [-1] * len(tables)
+    seed = rng.randrange(2**31)
+
+    def run(steps=4, meddle_at=2):
+        gen = torch.Generator().manual_seed(seed)
+        params = [torch.nn.Parameter(t.clone()) for t in tables]
+        grads = []
+        for step in range(steps):
+            for p in params:
+                if step == meddle_at and p.grad is not None:
+                    p.grad.mul_(0.5).add_(1.0)  # an in-place write: bumps the buffer's version
+                p.grad = None
+            step_case = _fresh_ids(case, tables, gen)
+            (call(step_case, params) * (step + 1)).sum().backward()
+            grads.append([None if p.grad is None else p.grad.clone() for p in params])
+        return grads
+
+    acquired = []
+    original = pe._grad_buffers.acquire
+
+    def spy(table):
+        buffer, dirty = original(table)
+        acquired.append(dirty is not None)
+        return buffer, dirty
+    monkeypatch.setattr(pe._grad_buffers, "acquire", spy)
+    with_reuse = run()
+    monkeypatch.setenv("NEXTREC_FAST_GRAD_REUSE", "0")
+    fresh = run()
+    for step, (a_step, b_step) in enumerate(zip(with_reuse, fresh)):
+        for a, b in zip(a_step, b_step):
+            assert (a is None and b is None) or torch.equal(a, b), f"step {step} (seed {seed})"
+    used = sum(g is not None for g in with_reuse[0])
+    # step 0 fresh buffers, steps 1 and 3 zeroed row by row, step 2 (after the in-place write) whole
+    assert acquired == [False] * used + [True] * used + [False] * used + [True] * used, acquired
+
+
 def test_grad_reuse_respects_kept_grad():
     """The user keeps step 1's .grad (gradient accumulation): step 2 must add, not overwrite it."""
     table = torch.nn.Parameter(torch.randn(20, 4))
@@ -561,10 +641,12 @@ def test_grad_cache_does_not_keep_tables_alive():
     table = torch.nn.Parameter(torch.randn(10, 2))
     pe.pooled_embedding([table], [torch.tensor([1, 2])], table_index=[0], combiners=["sum"], mask_ids=[-1],
                         max_lens=[-1], feature_names=["f"]).sum().backward()
-    ref = weakref.ref(table)
+    ref, key = weakref.ref(table), id(table)
+    assert key in pe._grad_buffers._written  # the rows its buffer holds
     del table
     gc.collect()
     assert ref() is None
+    assert key not in pe._grad_buffers._written and key not in pe._grad_buffers._entries
 
 
 def test_backward_into_overwrites_poisoned_buffers(rng):
@@ -674,6 +756,11 @@ def test_opcheck(rng, draw):
     torch.library.opcheck(torch.ops.nextrec_fast.pooled_embedding_backward_into.default,
                           (grad_out.clone(), [torch.empty_like(t) for t in tables], *common,
                            case["grad_padding_idx"], need, True))
+    # Every row listed dirty (so repeated calls, as opcheck makes, give the same result), or none.
+    torch.library.opcheck(torch.ops.nextrec_fast.pooled_embedding_backward_into_dirty.default,
+                          (grad_out.clone(), [torch.empty_like(t) for t in tables], *common,
+                           case["grad_padding_idx"], need, True,
+                           [torch.arange(t.shape[0]) if i % 2 else None for i, t in enumerate(tables)]))
     torch.library.opcheck(torch.ops.nextrec_fast.pooled_embedding_weight_backward.default, (grad_out.clone(), *common))
 
 

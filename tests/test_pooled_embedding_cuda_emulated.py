@@ -96,6 +96,22 @@ def test_dense_backward_matches_reference(emu, rng, dtype, deterministic, draw):
     for got, exp in zip(buffers, grads):
         torch.testing.assert_close(got, exp, rtol=0, atol=0) if deterministic else \
             torch.testing.assert_close(got.double(), exp.double(), **TOL[dtype])
+    # backward_into_dirty: buffers holding NaN in their listed dirty rows (zeros elsewhere), or
+    # poisoned whole with no rows listed, get the same gradients.
+    dirty = [torch.randint(0, t.shape[0], (rng.randint(0, 2 * t.shape[0]),)) if rng.random() < 0.5 else None
+             for t in tables]
+    buffers = []
+    for t, rows in zip(tables, dirty):
+        if rows is None:
+            buffers.append(torch.full_like(t, float("nan")))
+        else:
+            buffers.append(torch.zeros_like(t))
+            buffers[-1][rows] = float("nan")
+    emu.pooled_embedding_backward_into_dirty(grad_out, buffers, *_common_op_args(case, tables),
+                                             case["grad_padding_idx"], need, deterministic, dirty)
+    for got, exp in zip(buffers, grads):
+        torch.testing.assert_close(got, exp, rtol=0, atol=0) if deterministic else \
+            torch.testing.assert_close(got.double(), exp.double(), **TOL[dtype])
     weighted = [f for f, w in enumerate(case["per_id_weights"]) if w is not None]
     if weighted:
         wgrads = emu.pooled_embedding_weight_backward(grad_out, *_common_op_args(case, tables))

@@ -206,6 +206,12 @@ def _register_fakes():
                        max_lens, feature_names, grad_padding_idx, table_needs_grad, deterministic):
         return [t.new_empty(t.shape) for t, need in zip(tables, table_needs_grad) if need]
 
+    @torch.library.register_fake("nextrec_fast::pooled_embedding_backward_into_dirty")
+    def _backward_into_dirty_fake(grad_out, grads, tables, ids, offsets, per_id_weights, weighted_features,
+                                  table_index, combiners, mask_ids, max_lens, feature_names, grad_padding_idx,
+                                  table_needs_grad, deterministic, dirty_rows):
+        return None
+
     @torch.library.register_fake("nextrec_fast::pooled_embedding_backward_into")
     def _backward_into_fake(grad_out, grads, tables, ids, offsets, per_id_weights, weighted_features, table_index, combiners,
                             mask_ids, max_lens, feature_names, grad_padding_idx, table_needs_grad, deterministic):
@@ -265,12 +271,22 @@ class _GradBufferCache:
     def __init__(self):
         self._lock = threading.Lock()
         self._entries: dict[int, tuple[weakref.ref, Tensor, int]] = {}
+        # key -> (buffer version after our write, int64 rows that write may have made non-zero)
+        self._written: dict[int, tuple[int, Tensor]] = {}
 
-    def acquire(self, table: Tensor) -> Tensor:
-        """A contiguous buffer shaped like ``table`` that nobody else can observe (contents undefined)."""
+    def acquire(self, table: Tensor) -> tuple[Tensor, Tensor | None]:
+        """A contiguous buffer shaped like ``table`` that nobody else can observe, and the rows
+        outside which it holds zeros (None: its contents are undefined).
+
+        A reused buffer's rows are known when nothing has written it since our last write: its
+        version counter (bumped by every in-place op, the guard autograd itself uses for saved
+        tensors) is the one recorded after that write, and the rows are that write's ids; the
+        kernel then zeroes just those. Anything else (an optimiser or clipping that scaled it in
+        place, DDP's all-reduce copying into it) leaves the whole buffer to be zeroed."""
         key = id(table)
         with self._lock:
             entry = self._entries.get(key)
+            written = self._written.pop(key, None)
             allocations = 0
             if entry is not None:
                 ref, alias, allocations = entry
@@ -278,7 +294,8 @@ class _GradBufferCache:
                     allocations = 0
                 elif (alias.shape == table.shape and alias.dtype == table.dtype and alias.device == table.device
                         and _storage_refs(alias) == _SOLE_OWNER_REFS):
-                    return alias.detach()
+                    dirty = written[1] if written is not None and written[0] == alias._version else None
+                    return alias.detach(), dirty
             # The backward's scatter reads and writes rows of the buffer at random, like the
             # forward reads the table: on CPU it goes on huge pages too.
             if table.device.type == "cpu" and allocations < self.HUGE_PAGE_ALLOCATIONS:
@@ -286,17 +303,27 @@ class _GradBufferCache:
             else:
                 buffer = torch.empty(table.shape, dtype=table.dtype, device=table.device)
 
-            def _forget(dead_ref, key=key, entries=self._entries):
+            def _forget(dead_ref, key=key, entries=self._entries, written=self._written):
                 current = entries.get(key)
                 if current is not None and current[0] is dead_ref:
                     del entries[key]
+                    written.pop(key, None)  # the dead table's rows
 
             self._entries[key] = (weakref.ref(table, _forget), buffer.detach(), allocations + 1)
-            return buffer
+            return buffer, None
+
+    def written(self, table: Tensor, buffer: Tensor, rows: Tensor) -> None:
+        """Record that ``buffer`` (acquired for ``table``) now has non-zeros in ``rows`` only."""
+        key = id(table)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0]() is table and entry[1].data_ptr() == buffer.data_ptr():
+                self._written[key] = (buffer._version, rows)
 
     def clear(self):
         with self._lock:
             self._entries.clear()
+            self._written.clear()
 
 
 _grad_buffers = _GradBufferCache()
@@ -330,16 +357,29 @@ def _backward_reusing(grad_out, tables, ids, offsets, per_id_weights, weighted_f
             max_lens, feature_names, grad_padding_idx, table_needs_grad, deterministic)
     if not _grad_reuse_enabled(grad_out):
         return list(torch.ops.nextrec_fast.pooled_embedding_backward(*args))
-    return _backward_into_reused_buffers(tables, *args)
+    # Rows are not tracked here: a compiled graph's own kernels may write buffers without bumping
+    # their version counters, so each is zeroed whole.
+    return _backward_into_reused_buffers(tables, *args, track_rows=False)
 
 
-def _backward_into_reused_buffers(keys, grad_out, tables, *args) -> list[Tensor]:
+def _backward_into_reused_buffers(keys, grad_out, tables, *args, track_rows: bool = True) -> list[Tensor]:
     """``pooled_embedding_backward`` (same arguments after ``keys``) written into the cached
     gradient buffers of the tables that need one, the buffer of table t keyed on ``keys[t]``
     (its owning parameter)."""
     table_needs_grad = args[-2]
-    buffers = [_grad_buffers.acquire(key) for key, need in zip(keys, table_needs_grad) if need]
-    torch.ops.nextrec_fast.pooled_embedding_backward_into(grad_out, buffers, tables, *args)
+    acquired = [(t, _grad_buffers.acquire(key)) for t, (key, need) in enumerate(zip(keys, table_needs_grad)) if need]
+    buffers = [buffer for _, (buffer, _) in acquired]
+    dirty = [rows if track_rows else None for _, (_, rows) in acquired]
+    torch.ops.nextrec_fast.pooled_embedding_backward_into_dirty(grad_out, buffers, tables, *args, dirty)
+    if not track_rows:
+        return buffers
+    # The rows this write may have made non-zero: every id of the features reading the table (a
+    # superset: truncated or masked ids are included, and zeroing a zero row is harmless).
+    ids, table_index = args[0], args[4]
+    for t, (buffer, _) in acquired:
+        rows = [i.reshape(-1).long() for i, ti in zip(ids, table_index) if ti == t]
+        rows = torch.cat(rows) if rows else torch.empty(0, dtype=torch.long, device=buffer.device)  # cat copies
+        _grad_buffers.written(keys[t], buffer, rows)
     return buffers
 
 
