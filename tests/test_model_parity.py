@@ -109,3 +109,48 @@ def test_forward_float32(model, seed, mode):
     err_fast = (out_fast - out_exact).abs().max().item()
     err_ref = (out_ref - out_exact).abs().max().item()
     assert err_fast <= max(1e-5, 1.5 * err_ref), f"fast error {err_fast:.3g}, float32 reference error {err_ref:.3g}"
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_padded_first_layer_float32(model, mode, monkeypatch):
+    """The first layer's input padded with zero columns (what large float32 CPU batches get,
+    ``experts._k_padding``; forced here on a small batch, 5 columns whatever the width) loses no
+    precision: forward and every gradient as close to the float64 result as without padding, or
+    as the float32 reference (the project's yardstick, tests/test_precision.py: the median
+    relative error over every element not exactly zero in float64)."""
+    from nextrec_fast.layers import experts
+    padded = []
+
+    def pad_always(x):
+        pad = 5 if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 else 0
+        padded.append(pad)
+        return pad
+    seed = random.randrange(2**31)
+    results = {}
+    for name in ("padded", "unpadded", "ref", "exact"):
+        ref, fast, x = build_pair(model, seed, dtype=torch.float32)  # the same weights and batch each time
+        m, inputs = (fast, x) if name in ("padded", "unpadded") else (ref, x)
+        if name == "exact":
+            m, inputs = ref.double(), {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
+        monkeypatch.setattr(experts, "_k_padding", pad_always if name == "padded" else lambda x: 0)
+        m.train(mode == "train")
+        out, grads = forward_backward(m, inputs)
+        results[name] = [out.double()] + [None if g is None else g.double() for g in grads.values()]
+    assert any(padded), "the padded path did not run"
+
+    def median_relative_error(which):
+        errs = [((got - e).abs() / e.abs())[e != 0] for got, e in zip(results[which], results["exact"])
+                if e is not None]
+        return torch.cat(errs).median().item()
+    err = {k: median_relative_error(k) for k in ("padded", "unpadded", "ref")}
+    assert err["padded"] <= max(1.5 * err["unpadded"], 2.0 * err["ref"]), f"{err} (seed {seed})"
+
+
+def test_k_padding_rule():
+    from nextrec_fast.layers import experts
+    big = experts.K_PAD_MIN_BATCH
+    for k in (1, 15, 16, 17, 477, 480):
+        assert experts._k_padding(torch.empty(big, k)) == (-k) % experts.K_PAD_MULTIPLE
+        assert experts._k_padding(torch.empty(big - 1, k)) == 0  # small batches: no copies
+        assert experts._k_padding(torch.empty(big, k, dtype=torch.float64)) == 0

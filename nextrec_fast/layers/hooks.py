@@ -33,11 +33,20 @@ def _intercepted(module: nn.Module) -> bool:
                 or module._backward_pre_hooks or "parametrizations" in module._modules)
 
 
+def _subtree_intercepted(module: nn.Module) -> bool:
+    # A plain walk of _modules: Module.modules() builds names and a memo set, which made this
+    # check a tenth of a small batch's forward (it runs for every expert and tower per call).
+    if _intercepted(module):
+        return True
+    return any(child is not None and _subtree_intercepted(child) for child in module._modules.values())
+
+
 def needs_module_call(modules: nn.Module | Iterable[nn.Module], recurse: bool = True) -> bool:
     """True if any of ``modules`` (or, with ``recurse``, their submodules) has a hook or a
     parametrised weight."""
     roots = [modules] if isinstance(modules, nn.Module) else modules
-    return any(_intercepted(m) for root in roots for m in (root.modules() if recurse else [root]))
+    check = _subtree_intercepted if recurse else _intercepted
+    return any(check(root) for root in roots)
 
 
 def global_module_hooks_active() -> bool:
