@@ -52,6 +52,7 @@ class _Accelerated:
         # state_dict, for a pickle that loads with nextrec alone.
         state = self.__getstate__()
         options = state.pop("_nextrec_fast_options", {})
+        state.pop("embedding_optimizer", None)  # not carried by copies (its tables are the original's)
         return _rebuild_accelerated, (type(self)._nextrec_fast_original, state, dict(options))
 
     def add_reg_loss(self):
@@ -95,13 +96,22 @@ def _subclass(original: type, mixins: tuple, generation) -> type:
     return _accelerated_classes[key]
 
 
-def accelerate(model, *, fast_regularization: bool = True, fused_optimizer: bool = True, fast_data: bool = True):
+def accelerate(model, *, fast_regularization: bool = True, fused_optimizer: bool = True, fast_data: bool = True,
+               embedding_optimizer: tuple | None = None):
     """Make a constructed nextrec ESMM / MMOE / PLE (0.3.x or 0.6.x) fast, in place.
 
     Args:
         model (nn.Module): one of nextrec's ESMM, MMOE, PLE, or a subclass.
         fast_regularization (bool = True), fused_optimizer (bool = True), fast_data (bool = True):
             the training-loop switches described in this module's docstring.
+        embedding_optimizer ((optimizer_class, kwargs) or None): opt-in; the embedding tables
+            are then updated inside the pooling backward with that rule
+            (``nextrec_fast.optim.apply_optimizer_in_backward``: SGD, Adagrad, SparseAdam,
+            RowWiseAdagrad, lazy semantics) and get no ``.grad``, so nextrec's own optimiser in
+            ``fit`` updates the rest. The optimiser is ``model.embedding_optimizer`` (its
+            ``state_dict`` is not in nextrec's checkpoints: save it beside them); copies of the
+            model do not carry it; ``restore`` removes it. Tables under regularisation
+            (``embedding_l1_reg`` / ``embedding_l2_reg`` > 0) cannot take it.
 
     Returns:
         The same object (accelerating twice is a no-op).
@@ -118,6 +128,8 @@ def accelerate(model, *, fast_regularization: bool = True, fused_optimizer: bool
             f"accelerate() supports nextrec's ESMM, MMOE and PLE ({', '.join(SUPPORTED_MODELS)}, and subclasses); "
             f"got {type(model).__module__}.{type(model).__qualname__}")
     generation, kind = found
+    if embedding_optimizer is not None:  # refused before anything changes
+        embedding_optimizer = _embedding_optimizer_spec(model, generation, embedding_optimizer)
     embedding = model.embedding
     model_class, embedding_class = type(model), type(embedding)
     # A shallow copy (copy.copy) shares the embedding layer, already accelerated with the original.
@@ -138,7 +150,31 @@ def accelerate(model, *, fast_regularization: bool = True, fused_optimizer: bool
     embedding.place_tables_on_huge_pages()
     if fused_optimizer:
         fuse_optimizer(getattr(model, "optimizer_fn", None))
+    if embedding_optimizer is not None:
+        from nextrec_fast import optim
+        try:  # its own options are checked here: undo everything on a bad one
+            model.embedding_optimizer = optim.apply_optimizer_in_backward(params=model.embedding.tables(),
+                                                                          **embedding_optimizer)
+        except Exception:
+            restore(model)
+            raise
     return model
+
+
+def _embedding_optimizer_spec(model, generation, spec) -> dict:
+    """``(optimizer_class, kwargs)`` checked against the plain model: the arguments of
+    ``apply_optimizer_in_backward`` but the tables."""
+    try:
+        optimizer_class, kwargs = spec
+    except (TypeError, ValueError):
+        raise TypeError("accelerate(embedding_optimizer=...) takes (optimizer_class, kwargs), e.g. "
+                        "(nextrec_fast.optim.RowWiseAdagrad, {'lr': 0.05})") from None
+    regularised = {id(p) for p, _, _ in generation.regularization_terms(model)}
+    if any(id(t) in regularised for t in FastEmbeddingMixin.tables(model.embedding)):  # nextrec's embed_dict
+        raise UnsupportedModelError("accelerate(embedding_optimizer=...): the embedding tables are regularised "
+                                    "(embedding_l1_reg / embedding_l2_reg > 0), which needs their dense gradient; "
+                                    "set those to 0 or leave embedding_optimizer unset. The model was left unchanged")
+    return {"optimizer_class": optimizer_class, "optimizer_kwargs": kwargs}
 
 
 def _undo_classes(model, model_class, embedding, embedding_class, undo_embedding: bool = True) -> None:
@@ -157,6 +193,9 @@ def restore(model):
     so that it pickles without any reference to nextrec_fast."""
     if not is_accelerated(model):
         return model
+    if model.__dict__.pop("embedding_optimizer", None) is not None:
+        from nextrec_fast import optim
+        optim.remove_optimizer_in_backward(model.embedding.tables())
     unfuse_optimizer(getattr(model, "optimizer_fn", None))
     embedding = model.embedding
     embedding_class = getattr(type(embedding), "_nextrec_fast_original", None) or type(embedding)

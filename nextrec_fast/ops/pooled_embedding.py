@@ -429,6 +429,55 @@ def _per_item(needs, count):
     return [bool(needs)] * count
 
 
+# The attribute a table under an in-backward optimiser carries (set by nextrec_fast.optim): an
+# object whose ``optimizer`` has ``apply(table, rows, summed_gradient_rows)``.
+IN_BACKWARD_ATTR = "_nextrec_fast_in_backward"
+
+
+def _in_backward_optimizers(ctx, table_needs) -> list:
+    """Per table, the optimiser applied inside this backward (nextrec_fast.optim), or None."""
+    optimizers = []
+    for ref, need in zip(ctx.table_refs, table_needs):
+        owner = ref() if need else None
+        entry = getattr(owner, IN_BACKWARD_ATTR, None) if owner is not None else None
+        optimizers.append(entry.optimizer if entry is not None else None)
+    return optimizers
+
+
+def _in_backward_updates(ctx, optimizers, grad_out, tables, ids, offsets, weights) -> list:
+    """The updates of the tables under an in-backward optimiser, ``[(optimizer, table, rows,
+    summed gradient rows)]``: their sparse gradient rows summed per distinct row and checked
+    finite (all before any table changes)."""
+    table_index, combiners, mask_ids, max_lens, names = ctx.static
+    if tables[0].device.type != "cpu":
+        raise NotImplementedError("apply_optimizer_in_backward: the in-backward update runs on CPU tables only so far; "
+                                  "on CUDA use a regular optimiser")
+    if torch.compiler.is_compiling():
+        raise NotImplementedError("apply_optimizer_in_backward: not supported under torch.compile (the update is a "
+                                  "side effect of the backward); compile the dense part only")
+    mask = [int(o is not None) for o in optimizers]
+    flat = torch.ops.nextrec_fast.pooled_embedding_backward_sparse(
+        grad_out, tables, ids, offsets, weights, ctx.weighted_features, table_index, combiners, mask_ids, max_lens,
+        names, ctx.grad_padding_idx, mask)
+    pairs = iter(zip(flat[0::2], flat[1::2]))
+    updates = []
+    for t, optimizer in enumerate(optimizers):
+        if optimizer is None:
+            continue
+        indices, values = next(pairs)
+        # Distinct rows in ascending order, duplicates summed in position order by index_add_ (on
+        # the CPU a fixed order: the same result run to run). 3x faster than a COO coalesce
+        # (7.9 vs 23.9 ms for 150K ids of a 100K-row table), the same sums.
+        rows, inverse = torch.unique(indices, sorted=True, return_inverse=True)
+        grad = values.new_zeros(len(rows), values.shape[1]).index_add_(0, inverse, values)
+        if not torch.isfinite(grad.sum()):  # one pass: any NaN/inf makes the sum non-finite
+            readers = [n for n, ti in zip(names, table_index) if ti == t]
+            raise FloatingPointError(f"apply_optimizer_in_backward: a non-finite gradient reached the table of feature(s) "
+                                     f"{', '.join(map(repr, readers))}; no table was updated in this step")
+        updates.append((optimizer, ctx.table_refs[t](), rows, grad))
+    return updates
+
+
 def _backward(ctx, grad_out):
     tables, ids, offsets, weights = _unpack(ctx)
     table_index, combiners, mask_ids, max_lens, names = ctx.static
@@ -437,6 +486,11 @@ def _backward(ctx, grad_out):
     weight_needs = _per_item(needs[3], ctx.num_weights)
     grad_out = grad_out.contiguous()
     table_grads = [None] * len(tables)
+    optimizers = _in_backward_optimizers(ctx, table_needs)
+    updates = []
+    if any(o is not None for o in optimizers):
+        updates = _in_backward_updates(ctx, optimizers, grad_out, tables, ids, offsets, weights)
+        table_needs = [need and o is None for need, o in zip(table_needs, optimizers)]  # no .grad for them
     mask = [int(n) for n in table_needs]
     ops = torch.ops.nextrec_fast
     if any(table_needs) and ctx.sparse_grad:
@@ -473,6 +527,9 @@ def _backward(ctx, grad_out):
                                                         ctx.weighted_features, table_index, combiners, mask_ids,
                                                         max_lens, names)
         weight_grads = [g if need else None for g, need in zip(computed, weight_needs)]
+    # Last: the per-id weights' gradients above read the tables as the forward saw them.
+    for optimizer, param, rows, grad in updates:
+        optimizer.apply(param, rows, grad)
     grads = [None if n is None else [None] * n for n in ctx.grad_structure]
     grads[0], grads[3] = table_grads, weight_grads
     return tuple(grads)
