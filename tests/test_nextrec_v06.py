@@ -219,13 +219,15 @@ def _fit_predictions(model, data, targets, epochs=2, **compile_kwargs):
     return np.asarray(model.predict(data, batch_size=64, return_dataframe=False), dtype=float)
 
 
+@pytest.mark.parametrize("norm_type", ["none", "batch_norm"])
 @pytest.mark.parametrize("kind", list(CLASSES))
-def test_fit_plain_vs_accelerated(kind):
+def test_fit_plain_vs_accelerated(kind, norm_type):
     """Two epochs of 0.6's own fit loop (regularisation, gradient clipping, SGD), plain and
     accelerated from the same weights and batches: the same predictions, to float32 rounding as
-    training carries it (measured by a third plain run from weights moved by one ulp)."""
-    seed = _seed("fit", kind)
-    model, feats = random_v06_model(kind, seed, norm_type="none", dense_l2_reg=1e-3, embedding_l2_reg=1e-4)
+    training carries it (measured by a third plain run from weights moved by one ulp). With
+    BatchNorm MLPs also the running statistics the predictions use."""
+    seed = _seed("fit", kind, norm_type)
+    model, feats = random_v06_model(kind, seed, norm_type=norm_type, dense_l2_reg=1e-3, embedding_l2_reg=1e-4)
     for module in model.modules():  # smooth activations: no kinks for rounding to cross
         for i, child in list(module.named_children()):
             if isinstance(child, (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.ELU)):
