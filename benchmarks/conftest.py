@@ -169,12 +169,13 @@ def pytest_terminal_summary(terminalreporter, config):
     for b in rows:
         groups.setdefault(b.group, {})[b.extra_info["impl"]] = b
     write = terminalreporter.write_line
-    terminalreporter.section("nextrec_fast: implementations side by side (vs reference in the same run)")
+    terminalreporter.section("nextrec_fast: implementations side by side (vs nextrec where it ran, else the "
+                             "reference, in the same run)")
     write(f"{'group':<40} {'impl':<19} {'min ms':>9} {'median ms':>10} {'speed-up':>9} "
           f"{'peak MB':>9} {'mem vs ref':>10}")
-    order = ("reference", "compiled_reference", "fast", "compiled_fast", "fast_torch")
+    order = ("nextrec", "accelerated", "reference", "compiled_reference", "fast", "compiled_fast", "fast_torch")
     for group, impls in groups.items():
-        ref = impls.get("reference")
+        ref = impls.get("nextrec") or impls.get("reference")
         for impl, b in sorted(impls.items(), key=lambda item: (order + (item[0],)).index(item[0])):
             stats = b.stats.stats
             speedup = f"{ref.stats.stats.min / stats.min:.2f}x" if ref is not None and stats.min else "-"
@@ -182,8 +183,9 @@ def pytest_terminal_summary(terminalreporter, config):
             memory = f"{peak / ref_peak:.2f}x" if ref_peak else "-"
             write(f"{group:<40} {impl:<19} {stats.min * 1e3:>9.3f} {stats.median * 1e3:>10.3f} {speedup:>9} "
                   f"{peak / 2**20:>9.2f} {memory:>10}")
-    write("speed-up = reference min / impl min; peak MB = extra memory at the peak of one call "
-          f"({rows[0].extra_info['memory_method']})")
+    write("speed-up = baseline min / impl min, the baseline being nextrec's own model where the group has it "
+          "(the installed nextrec), else the reference; peak MB = extra memory at the peak of one call "
+          f"({rows[0].extra_info['memory_method']}); mem vs ref likewise")
 
 
 # -- shared inputs: built once per size, reused by every implementation -------------------------
@@ -211,3 +213,26 @@ def _model_pair(model: str, size: Size, device: torch.device):
 def model_pair(size, device):
     """``model_pair(name) -> (reference_model, fast_model)`` with identical weights."""
     return lambda model: _model_pair(model, size, device)
+
+
+@functools.lru_cache(maxsize=1)
+def _nextrec_pair(model: str, size: Size, device: torch.device):
+    import copy
+    import nextrec_fast
+    generation, _ = bench.installed_nextrec()
+    features, _, _ = _features_and_batch(size, device)
+    plain = bench.nextrec_model(model, features, bench.default_model_kwargs(model), seed=0, device=device)
+    fast = nextrec_fast.accelerate(copy.deepcopy(plain))
+    return plain, fast, lambda m: (lambda batch: generation.probabilities(m, batch))
+
+
+@pytest.fixture
+def nextrec_pair(size, device):
+    """``nextrec_pair(name) -> (nextrec_model, accelerated_copy, forward_of)`` with the installed
+    nextrec's own model (``forward_of(m)``: batch -> probabilities as nextrec scores them); skips
+    where no nextrec is installed."""
+    def get(model: str):
+        if bench.installed_nextrec() is None:
+            pytest.skip("no nextrec installed: the nextrec / accelerated rows need it (README command 2)")
+        return _nextrec_pair(model, size, device)
+    return get

@@ -1,18 +1,26 @@
 """Whole ESMM / MMOE / PLE (the ``nextrec-fast bench`` configs): forward in eval mode, forward in
-train mode (autograd graph built, no backward) and a full Adam training step on BCE.
+train mode (autograd graph built, no backward), a full Adam training step on BCE, and the same
+step with Adam(fused=True) where the fast models' tables get row-wise Adagrad in the pooling
+backward instead (train_step_fused_tables: the training step issue #16 compares).
 fast_torch = the fast model with the Triton kernels and the C++ pooling op off (backend ``torch``);
 compiled_fast = ``torch.compile(fast, fullgraph=True)`` (with --bench-compile on CPU): it must not
-be slower than fast."""
+be slower than fast. Where nextrec is installed also nextrec = its own model (either generation) and
+accelerated = a copy after ``nextrec_fast.accelerate``: the summary's speed-ups are then over nextrec."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("reference", "compiled_reference", "fast", "compiled_fast", "fast_torch")
+from nextrec_fast import optim
+
+IMPLS = ("nextrec", "accelerated", "reference", "compiled_reference", "fast", "compiled_fast", "fast_torch")
 MODELS = ("mmoe", "ple", "esmm")
-MODES = ("forward_eval", "forward_train", "train_step")
+MODES = ("forward_eval", "forward_train", "train_step", "train_step_fused_tables")
 
 
-def step_fn(model, forward, mode, x, labels):
+def step_fn(model, forward, mode, x, labels, tables_in_backward=False):
+    """train_step: torch's default Adam on everything; train_step_fused_tables: Adam(fused=True),
+    the fast models' tables under row-wise Adagrad in the pooling backward instead (the caller
+    undoes that with nextrec_fast.optim.remove_optimizer_in_backward)."""
     if mode == "forward_eval":
         model.eval()
 
@@ -23,7 +31,12 @@ def step_fn(model, forward, mode, x, labels):
     model.train()
     if mode == "forward_train":
         return lambda: forward(x)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    params = list(model.parameters())
+    if tables_in_backward:
+        tables = model.embedding.tables()
+        optim.apply_optimizer_in_backward(optim.RowWiseAdagrad, tables, {"lr": 0.01})
+        params = [p for p in params if all(p is not t for t in tables)]
+    optimizer = torch.optim.Adam(params, lr=1e-3, fused=mode == "train_step_fused_tables")
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -36,9 +49,14 @@ def step_fn(model, forward, mode, x, labels):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("model_name", MODELS)
-def test_model(run_case, compile_or_skip, torch_backend_or_skip, model_pair, features_and_batch, model_name, mode,
-               impl):
+def test_model(run_case, compile_or_skip, torch_backend_or_skip, model_pair, nextrec_pair, features_and_batch,
+               model_name, mode, impl):
     _, x, labels = features_and_batch
+    if impl in ("nextrec", "accelerated"):
+        plain, accelerated, forward_of = nextrec_pair(model_name)
+        model = plain if impl == "nextrec" else accelerated
+        _run_model_case(run_case, model, forward_of(model), mode, x, labels, model_name, impl)
+        return
     ref, fast = model_pair(model_name)
     model = fast if impl.startswith("fast") else ref
     forward = model
@@ -48,4 +66,16 @@ def test_model(run_case, compile_or_skip, torch_backend_or_skip, model_pair, fea
         forward = compile_or_skip(model, fullgraph=True)  # no graph breaks in our forward
     elif impl == "fast_torch":
         forward = torch_backend_or_skip(model)
-    run_case(step_fn(model, forward, mode, x, labels), group=f"model:{model_name}:{mode}", impl=impl)
+    _run_model_case(run_case, model, forward, mode, x, labels, model_name, impl)
+
+
+def _run_model_case(run_case, model, forward, mode, x, labels, model_name, impl):
+    fused = mode == "train_step_fused_tables" and impl in ("fast", "compiled_fast", "fast_torch", "accelerated")
+    if fused and impl != "fast" and impl != "accelerated":
+        pytest.skip("tables in backward: eager fast models only (not under torch.compile or the torch backend)")
+    try:
+        run_case(step_fn(model, forward, mode, x, labels, tables_in_backward=fused), group=f"model:{model_name}:{mode}",
+                 impl=impl)
+    finally:
+        if fused:
+            optim.remove_optimizer_in_backward(model.embedding.tables())

@@ -30,13 +30,16 @@ def _bench(args) -> int:
         models = [m for m in args.model if m != "pooling"]
         models = [m for m in models if m != "esmm"] if models == list(benchmark.MODEL_NAMES) else models
         from nextrec_fast.bench.nextrec_fit import run_nextrec
-        result = run_nextrec(models=models, batch=args.batch_size or 2048, steps=args.steps,
+        if args.batch_size and len(args.batch_size) > 1:
+            print("bench --nextrec takes one --batch-size", file=sys.stderr)
+            return 2
+        result = run_nextrec(models=models, batch=args.batch_size[0] if args.batch_size else 2048, steps=args.steps,
                                        rounds=args.repeats, progress=not args.quiet, config=args.config)
     else:
-        # --batch-size: the models' batch (default 2048) and the pooling's only batch (default 2048 and 8192).
-        result = benchmark.run(models=args.model, modes=args.mode, batch=args.batch_size or 2048, device=args.device,
+        # --batch-size: the models' batches (default 2048) and the pooling's (default 2048 and 8192).
+        result = benchmark.run(models=args.model, modes=args.mode, batch=args.batch_size or [2048], device=args.device,
                                repeats=args.repeats, warmup=args.warmup, progress=not args.quiet, config=args.config,
-                               pooling_batches=[args.batch_size] if args.batch_size else None)
+                               pooling_batches=args.batch_size or None, against_nextrec=not args.reference)
     print(benchmark.format_table(result))
     if args.json:
         common.save_json(result, args.json)
@@ -107,16 +110,22 @@ def main(argv=None) -> int:
     from nextrec_fast.bench.models import BENCH_CHOICES, MODEL_NAMES, MODES
     parser = argparse.ArgumentParser(prog="nextrec-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="time reference vs fast ESMM/MMOE/PLE and the embedding pooling on the "
-                                          "default config")
+    bench = sub.add_parser("bench", help="time the installed nextrec (else the reference) vs the fast ESMM/MMOE/PLE, "
+                                          "with each step's GEMM floor, and the embedding pooling, on the default config")
     bench.add_argument("--model", nargs="+", choices=BENCH_CHOICES, default=list(BENCH_CHOICES),
                        help="pooling: the embedding pooling alone, nextrec-style vs the fused op vs one "
                             "F.embedding_bag per feature, forward and forward+backward (default: all)")
     bench.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES),
                        help="forward_eval: eval-mode forward; forward_backward: train-mode forward + BCE + backward; "
-                            "train_step: that plus torch Adam (default: all)")
-    bench.add_argument("--batch-size", type=int, default=None,
-                       help="default: 2048 for the models; 2048 and 8192 for pooling")
+                            "train_step: that plus torch's default Adam on every parameter; train_step_fused_tables: "
+                            "Adam(fused=True), and for the fast model row-wise Adagrad on the tables inside the "
+                            "pooling backward (nextrec_fast.optim) (default: all)")
+    bench.add_argument("--batch-size", type=int, nargs="+", default=None,
+                       help="one or more batch sizes, e.g. 64 256 2048 8192 for a scaling table (default: 2048 "
+                            "for the models; 2048 and 8192 for pooling)")
+    bench.add_argument("--reference", action="store_true",
+                       help="speed-ups over the reference (nextrec's math re-implemented) even where nextrec is "
+                            "installed (default: over the installed nextrec, else the reference)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     bench.add_argument("--config", choices=sorted(CONFIGS), default="default",
                        help="default: the realistic config (26 sparse, 3 sequence, 13 dense features; "

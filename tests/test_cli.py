@@ -10,6 +10,7 @@ import pytest
 from nextrec_fast import cli
 
 
+@pytest.mark.nextrec  # against the installed nextrec, so also in the 0.6 environment's `pytest -m nextrec`
 def test_bench_small_config(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--config", "small", "--batch-size", "64", "--repeats", "1", "--warmup", "0",
@@ -17,8 +18,20 @@ def test_bench_small_config(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "speed-up" in table and "mmoe" in table and "esmm" in table
     result = json.loads(out.read_text())
-    assert {r["mode"] for r in result["rows"]} == {"forward_eval", "forward_backward", "train_step"}
-    assert all(r["reference_ms"] > 0 and r["fast_ms"] > 0 for r in result["rows"])
+    assert {r["mode"] for r in result["rows"]} == {"forward_eval", "forward_backward", "train_step",
+                                                    "train_step_fused_tables"}
+    assert all(r["baseline_ms"] > 0 and r["fast_ms"] > 0 for r in result["rows"])
+    # Against the installed nextrec when there is one, else the reference; the reference and the
+    # fast step's GEMM floor are timed in the same loop either way.
+    nextrec = result["environment"]["nextrec"]
+    assert {r["baseline"] for r in result["rows"]} == {f"nextrec {nextrec}" if nextrec else "reference"}
+    assert ("nextrec " + nextrec if nextrec else "the reference (no nextrec installed)") in table
+    for r in result["rows"]:
+        assert r["others"]["gemm_floor"]["ms"] > 0 and len(r["others"]["gemm_floor"]["samples_ms"]) == 1
+        assert ("reference" in r["others"]) == bool(nextrec)
+        gflop = r["gemm_gflop"]
+        base = gflop["nextrec" if nextrec else "reference"]
+        assert base > 0 and abs(gflop["fast"] - base) <= 0.02 * base, gflop  # the same GEMM work
     assert result["environment"]["torch"]
     # The pooling benchmark is part of the default run, at the given batch size only.
     assert "pooling of 6 sparse + 2 sequence features" in table and "embedding_bag" in table
@@ -124,11 +137,23 @@ def test_bench_table_has_legend_spread_and_names_its_baseline():
     from nextrec_fast.bench import models
     env = {"device": "cpu", "device_name": "x", "torch": "t", "triton": None, "threads": 1, "cores": 2,
            "pooling_op": "op", "config": "small", "repeats": 3, "load_at_start": 0.1, "load_at_end": 0.2}
-    row = {"model": "mmoe", "mode": "forward_eval", "batch": 8, "reference_ms": 2.0, "fast_ms": 1.0, "speedup": 2.0,
-           "reference_samples_ms": [1.9, 2.0, 2.2], "fast_samples_ms": [0.9, 1.0, 1.1]}
+    row = {"model": "mmoe", "mode": "forward_eval", "batch": 8, "baseline": "reference", "baseline_ms": 2.0,
+           "fast_ms": 1.0, "speedup": 2.0, "baseline_samples_ms": [1.9, 2.0, 2.2], "fast_samples_ms": [0.9, 1.0, 1.1],
+           "others": {"gemm_floor": {"ms": 0.5, "samples_ms": [0.4, 0.5, 0.6]}},
+           "gemm_gflop": {"fast": 1.0, "reference": 1.0}}
     table = models.format_table({"environment": env, "rows": [row]})
     assert "re-implemented" in table and "median of 3 interleaved repeats" in table
     assert "1.9-2.2" in table and "0.9-1.1" in table and "WARNING" not in table
-    fit = dict(row, mode="nextrec_fit_epoch")
+    assert "the baseline being the reference (no nextrec installed)" in table and "2.00x" in table
+    assert "0.4-0.6" in table and "fast/floor" in table and " 2.00x" in table.splitlines()[-2]
+    # Against nextrec: the nextrec column is the baseline, the reference a labelled extra column.
+    against = dict(row, baseline="nextrec 0.3.1", baseline_ms=4.0, speedup=4.0, baseline_samples_ms=[3.9, 4.0, 4.1],
+                   others={**row["others"], "reference": {"ms": 2.0, "samples_ms": [1.9, 2.0, 2.2]}},
+                   gemm_gflop={"fast": 1.0, "nextrec": 1.0})
+    table = models.format_table({"environment": {**env, "nextrec": "0.3.1"}, "rows": [against]})
+    line = next(l for l in table.splitlines() if l.startswith("mmoe"))
+    assert "the baseline being nextrec 0.3.1 (installed)" in table
+    assert line.split()[3:5] == ["4.0", "[3.9-4.1]"] and "4.00x" in line and "2.00x" in line, line
+    fit = dict(row, mode="nextrec_fit_epoch", baseline="plain nextrec")
     table = models.format_table({"environment": {**env, "nextrec": "0.6.14", "steps_per_epoch": 8}, "rows": [fit]})
     assert "plain nextrec ms" in table and "accelerated ms" in table and "nextrec 0.6.14" in table

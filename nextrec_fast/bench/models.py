@@ -1,13 +1,24 @@
-"""``nextrec-fast bench``: reference (nextrec's computation) vs fast models, side by side.
+"""``nextrec-fast bench``: nextrec itself, the reference and the fast models side by side, with
+each step's GEMM floor.
 
 The default configuration is a realistic CTR setup: 26 sparse features (vocabularies log-spaced
 from 1e3 to 1e6, dim 16), 3 sequence features (max_len 50, about half padding), 13 dense
 features; MMOE 8 experts [256, 128] with [64] towers, PLE 2 levels of 2 shared + 2 specific
-experts [256, 128], ESMM towers [256, 128, 64]. Timings are medians of repeats that alternate
-reference and fast, so machine noise hits both alike; speed-ups are ratios within one run.
+experts [256, 128], ESMM towers [256, 128, 64].
+
+Per model and mode, in one interleaved loop (each round calls every variant once, so machine
+noise hits all alike; the numbers are medians of the rounds):
+- ``nextrec``: the installed nextrec's own model (either generation), when nextrec is installed;
+- ``reference``: nextrec 0.3.1's math re-implemented in plain PyTorch (``nextrec_fast.reference``);
+- ``fast``: with nextrec installed, the nextrec model after ``nextrec_fast.accelerate`` (same
+  weights, what a user gets); without it, the drop-in ``nextrec_fast.models.standalone`` model
+  with the reference's weights;
+- ``gemm_floor``: the fast step's own GEMMs alone (``nextrec_fast.bench.gemm_floor``).
+Speed-ups are over nextrec when it is installed, else over the reference; the table says which.
 """
 from __future__ import annotations
 
+import copy
 import gc
 import statistics
 import sys
@@ -17,11 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from nextrec_fast import reference
+from nextrec_fast.bench import gemm_floor
 from nextrec_fast.bench.common import (CONFIGS, default_features, environment, machine_load, make_batch, reliability_warnings,
                                        spread, time_interleaved)
 
 MODEL_NAMES = ("mmoe", "ple", "esmm")
-MODES = ("forward_eval", "forward_backward", "train_step")
+MODES = ("forward_eval", "forward_backward", "train_step", "train_step_fused_tables")
 # `nextrec-fast bench --model` choices: the models, and "pooling" (the embedding pooling alone:
 # nextrec-style vs the fused op vs F.embedding_bag per feature, see pooling.py).
 BENCH_CHOICES = MODEL_NAMES + ("pooling",)
@@ -43,30 +55,66 @@ def default_model_kwargs(model: str) -> dict:
 
 @dataclass
 class Row:
+    """One model and mode: ``baseline`` (what the speed-up is over: "nextrec 0.3.1", "reference",
+    "plain nextrec") against ``fast``, medians and every sample in ms; ``others``: further variants
+    timed in the same loop ("reference" where the baseline is nextrec, "gemm_floor"), each
+    ``{"ms": median, "samples_ms": [...]}``; ``gemm_gflop``: GFLOP of the GEMMs one step runs, per
+    variant recorded."""
     model: str
     mode: str
     batch: int
-    reference_ms: float
+    baseline: str
+    baseline_ms: float
     fast_ms: float
     speedup: float
-    reference_samples_ms: list = field(default_factory=list)
+    baseline_samples_ms: list = field(default_factory=list)
     fast_samples_ms: list = field(default_factory=list)
+    others: dict = field(default_factory=dict)
+    gemm_gflop: dict = field(default_factory=dict)
 
 
-def _step_fn(model, mode, x, labels):
+def make_row(model: str, mode: str, batch: int, baseline: str, samples: dict, baseline_key: str,
+             gemm_gflop: dict | None = None, digits: int = 3) -> Row:
+    """A Row from ``samples`` (variant -> ms samples, with ``baseline_key`` and "fast")."""
+    base, fast = statistics.median(samples[baseline_key]), statistics.median(samples["fast"])
+    others = {name: {"ms": statistics.median(values), "samples_ms": [round(v, digits) for v in values]}
+              for name, values in samples.items() if name not in (baseline_key, "fast")}
+    return Row(model, mode, batch, baseline, base, fast, base / fast,
+               [round(v, digits) for v in samples[baseline_key]], [round(v, digits) for v in samples["fast"]],
+               others, dict(gemm_gflop or {}))
+
+
+def _step_fn(model, mode, x, labels, forward=None, tables_in_backward: bool = False):
+    """One call of ``mode`` on ``model``: ``forward(x)`` gives ``[B, T]`` probabilities (default:
+    ``model(x)``); training modes take BCE on them, ``zero_grad(set_to_none=True)`` first.
+    "train_step": then torch's default Adam over every parameter; "train_step_fused_tables":
+    ``Adam(fused=True)``, and with ``tables_in_backward`` (the fast variant) the embedding tables
+    under row-wise Adagrad applied in the pooling backward instead (``nextrec_fast.optim``;
+    undo with ``optim.remove_optimizer_in_backward(model.embedding.tables())``)."""
+    forward = forward or model
     if mode == "forward_eval":
         model.eval()
 
         def run():
             with torch.no_grad():
-                model(x)
+                forward(x)
         return run
     model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3) if mode == "train_step" else None
+    optimizer = None
+    if mode == "train_step":
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    elif mode == "train_step_fused_tables":
+        params = list(model.parameters())
+        if tables_in_backward:
+            from nextrec_fast import optim
+            tables = model.embedding.tables()
+            optim.apply_optimizer_in_backward(optim.RowWiseAdagrad, tables, {"lr": 0.01})
+            params = [p for p in params if all(p is not t for t in tables)]
+        optimizer = torch.optim.Adam(params, lr=1e-3, fused=True)
 
     def run():
         model.zero_grad(set_to_none=True)
-        out = model(x)
+        out = forward(x)
         loss = F.binary_cross_entropy(out.clamp(1e-7, 1 - 1e-7), labels)
         loss.backward()
         if optimizer is not None:
@@ -75,6 +123,7 @@ def _step_fn(model, mode, x, labels):
 
 
 def build_models(model: str, device, features=None, seed: int = 0, overrides: dict | None = None):
+    """(reference, drop-in) models of the benchmark's configuration, with the same weights."""
     from nextrec_fast.models import standalone
     dense, sparse, sequence = features or default_features()
     kwargs = {**default_model_kwargs(model), **(overrides or {})}
@@ -87,29 +136,102 @@ def build_models(model: str, device, features=None, seed: int = 0, overrides: di
     return ref, fast
 
 
-def run(models=MODEL_NAMES, modes=MODES, batch: int = 2048, device: str | None = None, repeats: int = 5,
-        warmup: int = 2, progress=True, config: str = "default", pooling_batches=None) -> dict:
-    """Reference vs fast per model and mode; with "pooling" in ``models`` also the pooling
-    benchmark (``result["pooling"]``) at ``pooling_batches`` (default: 2048 and 8192)."""
+def installed_nextrec():
+    """(the installed nextrec's compat adapter, its version) or None where no nextrec is installed."""
+    from nextrec_fast.compat import installed_generation
+    try:
+        generation = installed_generation()
+        import nextrec
+    except ImportError:
+        return None
+    return generation, getattr(nextrec, "__version__", generation.name)
+
+
+def nextrec_model(model: str, features, kwargs: dict, seed: int, device="cpu"):
+    """nextrec's own model (whichever generation is installed) for the benchmark's configuration,
+    in that generation's arguments (0.6: ``hidden_dims``, ``*_mlp_params``, its other defaults
+    such as ``norm_type="none"``)."""
+    from nextrec_fast.compat import installed_generation
+    generation = installed_generation()
+    dense, sparse, sequence = features
+    dense_args = [{"name": f.name, "input_dim": f.input_dim} for f in dense]
+    if generation.name == "0.3":
+        dense_args = [{**a, "embedding_dim": f.embedding_dim, "use_embedding": f.use_embedding}
+                      for a, f in zip(dense_args, dense)]
+    nr_features = generation.features(
+        dense_args,
+        [{"name": f.name, "vocab_size": f.vocab_size, "embedding_dim": f.embedding_dim, "padding_idx": f.padding_idx}
+         for f in sparse],
+        [{"name": f.name, "vocab_size": f.vocab_size, "max_len": f.max_len, "embedding_dim": f.embedding_dim,
+          "combiner": f.combiner, "padding_idx": f.padding_idx} for f in sequence])
+    torch.manual_seed(seed)
+    arguments = generation.model_arguments(model, kwargs)
+    if generation.name == "0.3":
+        arguments["device"] = str(device)
+    return generation.model_class(model)(*nr_features, **arguments).to(device)
+
+
+def build_variants(model: str, device, features, found=None, seed: int = 0) -> tuple[dict, str]:
+    """The variants one bench row times, ``name -> (module, forward)`` (forward: batch dict ->
+    ``[B, T]`` probabilities), and the name of the baseline ("nextrec" or "reference").
+    ``found``: ``installed_nextrec()``, or None to time against the reference."""
+    import nextrec_fast
+    ref, standalone = build_models(model, device, features=features, seed=seed)
+    variants = {"reference": (ref, ref)}
+    if found is None:
+        variants["fast"] = (standalone, standalone)
+        return variants, "reference"
+    del standalone
+    generation, _ = found
+    plain = nextrec_model(model, features, default_model_kwargs(model), seed=seed, device=device)
+    fast = nextrec_fast.accelerate(copy.deepcopy(plain))
+    variants["nextrec"] = (plain, lambda batch, m=plain: generation.probabilities(m, batch))
+    variants["fast"] = (fast, lambda batch, m=fast: generation.probabilities(m, batch))
+    return variants, "nextrec"
+
+
+def run(models=MODEL_NAMES, modes=MODES, batch: int | list[int] = 2048, device: str | None = None, repeats: int = 5,
+        warmup: int = 2, progress=True, config: str = "default", pooling_batches=None,
+        against_nextrec: bool = True) -> dict:
+    """Per model, batch (one or a list) and mode, the variants of the module docstring timed
+    interleaved; with "pooling" in ``models`` also the pooling benchmark (``result["pooling"]``) at ``pooling_batches``
+    (default: 2048 and 8192). ``against_nextrec=False``: the reference is the baseline even where
+    nextrec is installed."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = {**environment(device), "config": config, "repeats": repeats}  # the load before the run
+    found = installed_nextrec() if against_nextrec else None
+    env["nextrec"] = found[1] if found else None
     model_names = [m for m in models if m != "pooling"]
-    rows, total, done = [], len(model_names) * len(modes), 0
+    batches = [batch] if isinstance(batch, int) else list(batch)
+    rows, total, done = [], len(model_names) * len(modes) * len(batches), 0
+    features = default_features(**CONFIGS[config])
     for model in model_names:
-        ref, fast = build_models(model, device, features=default_features(**CONFIGS[config]))
-        features = (ref.dense_features, ref.sparse_features, ref.sequence_features)
-        x, labels = make_batch(*features, batch=batch, device=device)
-        for mode in modes:
+        variants, baseline_key = build_variants(model, device, features, found)
+        for batch, mode in ((b, m) for b in batches for m in sorted(modes, key=MODES.index)):
+            x, labels = make_batch(*features, batch=batch, device=device)
             done += 1
             if progress:
                 print(f"[{done}/{total}] {model} {mode} (batch {batch}) ...", file=sys.stderr, flush=True)
-            # Fresh copies of the weights for training modes so both start from the same state.
-            samples = time_interleaved({"reference": _step_fn(ref, mode, x, labels),
-                                        "fast": _step_fn(fast, mode, x, labels)}, device, warmup, repeats)
-            ref_ms, fast_ms = statistics.median(samples["reference"]), statistics.median(samples["fast"])
-            rows.append(Row(model, mode, batch, ref_ms, fast_ms, ref_ms / fast_ms,
-                            [round(s, 3) for s in samples["reference"]], [round(s, 3) for s in samples["fast"]]))
-        del ref, fast, x, labels
+            steps = {name: _step_fn(module, mode, x, labels, forward, tables_in_backward=name == "fast")
+                     for name, (module, forward) in variants.items()}
+            # Warm the fast step before recording its GEMMs (plans and caches are built on first use).
+            steps["fast"]()
+            fast_gemms = gemm_floor.record_gemms(steps["fast"])
+            gflop = {"fast": gemm_floor.gemm_gflop(fast_gemms),
+                     baseline_key: gemm_floor.gemm_gflop(gemm_floor.record_gemms(steps[baseline_key]))}
+            if gflop["fast"] < 0.9 * gflop[baseline_key]:
+                # GEMMs hidden inside fused kernels (Triton on CUDA): the baseline's GEMMs stand in.
+                fast_gemms = gemm_floor.record_gemms(steps[baseline_key])
+                gflop["floor_from"] = baseline_key
+            steps["gemm_floor"] = gemm_floor.replay(fast_gemms)
+            samples = time_interleaved(steps, device, warmup, repeats)
+            rows.append(make_row(model, mode, batch, _baseline_label(baseline_key, env), samples, baseline_key,
+                                 {k: round(v, 4) if isinstance(v, float) else v for k, v in gflop.items()}))
+            del steps, x, labels
+            if mode == "train_step_fused_tables":
+                from nextrec_fast import optim
+                optim.remove_optimizer_in_backward(variants["fast"][0].embedding.tables())
+        del variants
         gc.collect()
     result = {"environment": env, "rows": [asdict(r) for r in rows]}
     if "pooling" in models:
@@ -122,12 +244,23 @@ def run(models=MODEL_NAMES, modes=MODES, batch: int = 2048, device: str | None =
     return result
 
 
+def _baseline_label(key: str, env: dict) -> str:
+    return f"nextrec {env['nextrec']}" if key == "nextrec" else "reference"
+
+
+def _cell(median: float | None, samples) -> str:
+    if median is None:
+        return "-"
+    lo, hi = spread(samples)
+    return f"{median:.1f} [{lo:.1f}-{hi:.1f}]"
+
+
 def format_table(result: dict) -> str:
     """The result as the terminal shows it: a header, a legend saying what each column is compared
-    with, per row the medians, their spread and the ratio, then any reliability warnings."""
+    with, per row the medians with their spread and the ratios, then any reliability warnings."""
     env = result["environment"]
-    nextrec_fit = bool(result["rows"]) and all(r["mode"].startswith("nextrec_fit") for r in result["rows"])
-    base, fast = ("plain nextrec", "accelerated") if nextrec_fit else ("reference", "fast")
+    rows = result["rows"]
+    nextrec_fit = bool(rows) and all(r["mode"].startswith("nextrec_fit") for r in rows)
     header = (f"nextrec-fast bench | device {env['device']} ({env['device_name']}) | torch {env['torch']} | "
               f"triton {env['triton']} | threads {env['threads']} of {env.get('cores', '?')} core(s) | "
               f"pooling: {env['pooling_op']} | config {env['config']}")
@@ -135,27 +268,61 @@ def format_table(result: dict) -> str:
         header += f" | nextrec {env.get('nextrec', '?')}, {env.get('steps_per_epoch', '?')} steps per epoch"
         legend = ("legend: nextrec's own fit on the installed nextrec, plain vs the same model after "
                   "nextrec_fast.accelerate, from the same weights and data, alternating; ms = median over the "
-                  "epochs run (step: over every step), min-max beside it; speed-up = plain / accelerated median")
+                  "epochs run (step: over every step), [min-max] beside it; speed-up = plain / accelerated median")
+        lines = [header, legend, f"{'model':<6} {'mode':<17} {'batch':>6} {'plain nextrec ms':>22} "
+                                 f"{'accelerated ms':>22} {'speed-up':>9}"]
+        for r in rows:
+            lines.append(f"{r['model']:<6} {r['mode']:<17} {r['batch']:>6} "
+                         f"{_cell(r['baseline_ms'], r['baseline_samples_ms']):>22} "
+                         f"{_cell(r['fast_ms'], r['fast_samples_ms']):>22} {r['speedup']:>8.2f}x")
+        timed = [(f"{r['model']} {r['mode']} ({who})", r[key]) for r in rows
+                 for who, key in (("plain", "baseline_samples_ms"), ("accelerated", "fast_samples_ms"))]
     else:
-        legend = (f"legend: reference = nextrec's math re-implemented in plain PyTorch (nextrec_fast.reference, "
-                  f"per-feature / per-expert loops), fast = the drop-in model, same weights; ms = median of "
-                  f"{env.get('repeats', '?')} interleaved repeats, min-max beside it; speed-up = reference / fast "
-                  f"median. Against nextrec itself: bench --nextrec")
+        against = f"nextrec {env['nextrec']} (installed)" if env.get("nextrec") else "the reference (no nextrec installed)"
+        legend = (f"legend: nextrec = the installed nextrec's own model; reference = nextrec 0.3.1's math "
+                  f"re-implemented in plain PyTorch (nextrec_fast.reference, per-feature / per-expert loops); fast = "
+                  f"{'the nextrec model after nextrec_fast.accelerate' if env.get('nextrec') else 'the drop-in model'}"
+                  f", same weights; GEMM floor = the fast step's own GEMMs alone (same shapes, threads). "
+                  f"ms = median of {env.get('repeats', '?')} interleaved repeats, [min-max] beside it; speed-up "
+                  f"= baseline median / fast median, the baseline being {against}; vs ref = reference / fast "
+                  f"(the reference is 0.3.1's model: BatchNorm MLPs, whatever nextrec is installed); fast/floor = "
+                  f"fast / GEMM floor (1.0: nothing but GEMMs left; lower is better). train_step: torch's Adam on "
+                  f"every parameter; train_step_fused_tables: Adam(fused=True), and for fast the tables under "
+                  f"row-wise Adagrad in the pooling backward (a different table optimiser: nextrec_fast.optim)")
         if env.get("config") == "small":
             legend += ("\nconfig small is a smoke test: its tables and batches are too small for the fast path to "
                        "pay off (speed-ups near or below 1x are expected); --config default measures")
-    lines = [header, legend,
-             f"{'model':<6} {'mode':<17} {'batch':>6} {base + ' ms':>16} {'min-max':>15} {fast + ' ms':>15} "
-             f"{'min-max':>15} {'speed-up':>9}"]
-    for r in result["rows"]:
-        (b_lo, b_hi), (f_lo, f_hi) = spread(r["reference_samples_ms"]), spread(r["fast_samples_ms"])
-        lines.append(f"{r['model']:<6} {r['mode']:<17} {r['batch']:>6} {r['reference_ms']:>16.1f} "
-                     f"{f'{b_lo:.1f}-{b_hi:.1f}':>15} {r['fast_ms']:>15.1f} {f'{f_lo:.1f}-{f_hi:.1f}':>15} "
-                     f"{r['speedup']:>8.2f}x")
-    if not result["rows"]:
+        lines = [header, legend,
+                 f"{'model':<6} {'mode':<23} {'batch':>6} {'nextrec ms':>20} {'reference ms':>20} {'fast ms':>20} "
+                 f"{'GEMM floor ms':>20} {'speed-up':>9} {'vs ref':>7} {'fast/floor':>10}"]
+        timed = []
+        for r in rows:
+            others = r.get("others", {})
+            ref = (r["baseline_ms"], r["baseline_samples_ms"]) if r["baseline"] == "reference" else \
+                (others.get("reference", {}).get("ms"), others.get("reference", {}).get("samples_ms", []))
+            nxt = (r["baseline_ms"], r["baseline_samples_ms"]) if r["baseline"] != "reference" else (None, [])
+            floor = others.get("gemm_floor", {})
+            vs_ref = f"{ref[0] / r['fast_ms']:.2f}x" if ref[0] else "-"
+            over_floor = f"{r['fast_ms'] / floor['ms']:.2f}x" if floor.get("ms") else "-"
+            lines.append(f"{r['model']:<6} {r['mode']:<23} {r['batch']:>6} {_cell(*nxt):>20} {_cell(*ref):>20} "
+                         f"{_cell(r['fast_ms'], r['fast_samples_ms']):>20} "
+                         f"{_cell(floor.get('ms'), floor.get('samples_ms', [])):>20} {r['speedup']:>8.2f}x "
+                         f"{vs_ref:>7} {over_floor:>10}")
+            timed += [(f"{r['model']} {r['mode']} ({who})", samples) for who, samples in
+                      ((r["baseline"], r["baseline_samples_ms"]), ("fast", r["fast_samples_ms"]))]
+        per_model = {}
+        for r in rows:
+            g = r.get("gemm_gflop") or {}
+            if "fast" in g:
+                base = g.get("nextrec", g.get("reference", 0.0))
+                per_model.setdefault(f"{r['model']} @{r['batch']}", []).append(f"{r['mode']} {g['fast']:.2f}/{base:.2f}")
+        if per_model:
+            lines.append("GEMM GFLOP per step, fast/baseline (nextrec, or the reference without it): "
+                         + "; ".join(f"{m}: {', '.join(v)}" for m, v in per_model.items()))
+        if any(r.get("gemm_gflop", {}).get("floor_from") for r in rows):
+            lines.append("GEMM floor from the baseline's GEMMs where the fast path runs its GEMMs inside fused kernels")
+    if not rows:
         lines = lines[:1]  # no model rows: no model header
-    timed = [(f"{r['model']} {r['mode']} ({who})", r[key]) for r in result["rows"]
-             for who, key in ((base, "reference_samples_ms"), (fast, "fast_samples_ms"))]
     if result.get("pooling"):
         from nextrec_fast.bench import pooling
         lines += ["", pooling.format_table(result["pooling"])]

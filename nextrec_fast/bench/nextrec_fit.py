@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -12,30 +11,9 @@ from dataclasses import asdict
 import torch
 
 from nextrec_fast.bench.common import CONFIGS, default_features, environment, machine_load, make_batch
-from nextrec_fast.bench.models import Row, default_model_kwargs
+from nextrec_fast.bench.models import default_model_kwargs, make_row, nextrec_model
 
 __all__ = ["run_nextrec"]
-
-
-def _nextrec_model(model: str, features, kwargs: dict, seed: int):
-    """nextrec's own model (whichever generation is installed) for the benchmark's configuration,
-    in that generation's arguments (0.6: ``hidden_dims``, ``*_mlp_params``, its other defaults
-    such as ``norm_type="none"``)."""
-    from nextrec_fast.compat import installed_generation
-    generation = installed_generation()
-    dense, sparse, sequence = features
-    dense_args = [{"name": f.name, "input_dim": f.input_dim} for f in dense]
-    if generation.name == "0.3":
-        dense_args = [{**a, "embedding_dim": f.embedding_dim, "use_embedding": f.use_embedding}
-                      for a, f in zip(dense_args, dense)]
-    nr_features = generation.features(
-        dense_args,
-        [{"name": f.name, "vocab_size": f.vocab_size, "embedding_dim": f.embedding_dim, "padding_idx": f.padding_idx}
-         for f in sparse],
-        [{"name": f.name, "vocab_size": f.vocab_size, "max_len": f.max_len, "embedding_dim": f.embedding_dim,
-          "combiner": f.combiner, "padding_idx": f.padding_idx} for f in sequence])
-    torch.manual_seed(seed)
-    return generation.model_class(model)(*nr_features, **generation.model_arguments(model, kwargs))
 
 
 def _user_data(x: dict, labels, sequence_names, targets) -> dict:
@@ -93,8 +71,8 @@ def run_nextrec(models=("mmoe", "ple"), batch: int = 2048, steps: int = 8, round
             cwd = os.getcwd()
             os.chdir(tmp)  # nextrec writes logs and checkpoints under the working directory
             try:
-                plain = _nextrec_model(model, features, kwargs, seed=0)
-                fast = _nextrec_model(model, features, kwargs, seed=0)
+                plain = nextrec_model(model, features, kwargs, seed=0)
+                fast = nextrec_model(model, features, kwargs, seed=0)
                 fast.load_state_dict(plain.state_dict())
                 targets = list(getattr(plain, "target_columns", None) or plain.target)
                 for m in (plain, fast):
@@ -119,9 +97,8 @@ def run_nextrec(models=("mmoe", "ple"), batch: int = 2048, steps: int = 8, round
         for mode, plain_samples, fast_samples in (
                 ("nextrec_fit_step", timers["plain"].samples, timers["accelerated"].samples),
                 ("nextrec_fit_epoch", epochs["plain"], epochs["accelerated"])):
-            plain_ms, fast_ms = statistics.median(plain_samples), statistics.median(fast_samples)
-            rows.append(Row(model, mode, batch, plain_ms, fast_ms, plain_ms / fast_ms,
-                            [round(v, 1) for v in plain_samples], [round(v, 1) for v in fast_samples]))
+            rows.append(make_row(model, mode, batch, "plain nextrec", {"plain": plain_samples, "fast": fast_samples},
+                                 "plain", digits=1))
         del plain, fast, data
         gc.collect()
     env["load_at_end"] = round(machine_load()[0], 2)

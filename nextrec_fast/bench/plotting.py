@@ -21,6 +21,9 @@ def baseline_name(result_or_rows) -> str:
     rows = result_or_rows["rows"] if isinstance(result_or_rows, dict) else result_or_rows
     if rows and all(r["mode"].startswith("nextrec_fit") for r in rows):
         return "plain nextrec (its own fit)"
+    baselines = {r.get("baseline", "reference") for r in rows}
+    if len(baselines) == 1 and baselines != {"reference"}:
+        return f"{baselines.pop()} (its own model)"
     return "the reference (nextrec's math re-implemented)"
 
 
