@@ -19,3 +19,17 @@ def pytest_report_header(config):
 def pytest_terminal_summary(terminalreporter):
     # Also under -q, which hides the header: a red run can be replayed with this seed.
     terminalreporter.write_line(f"rerun these configurations with NEXTREC_FAST_TEST_SEED={BASE_SEED}")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    # The CLI sets torch's thread count for its run (lower under load); run in-process by a test
+    # it must not leak: a float64 result compared bit for bit with another process's depends on
+    # the GEMMs' thread split (one ulp, seen in test_copies under a loaded full run).
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
