@@ -337,7 +337,13 @@ class ExpertBank:
     @staticmethod
     def _bmm(linears, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         """``[E, B, K] -> [E, B, N]`` with each expert's own weight."""
-        weight_t = torch.stack([lin.weight for lin in linears]).transpose(1, 2)  # [E, K, N]
+        if linears[0].weight.shape[0] == 1:
+            # [1, K] weights (the towers' last layers) as [K, 1] views: their gradients then come back
+            # with the parameters' own strides; through the transposed stack they came as [1, K] with
+            # strides (1, 1), which DDP's gradient buckets warn about on every run.
+            weight_t = torch.stack([lin.weight.view(-1, 1) for lin in linears])  # [E, K, 1]
+        else:
+            weight_t = torch.stack([lin.weight for lin in linears]).transpose(1, 2)  # [E, K, N]
         if linears[0].bias is None or not with_bias:
             return torch.bmm(x, weight_t)
         bias = torch.stack([lin.bias for lin in linears]).unsqueeze(1)  # [E, 1, N]
