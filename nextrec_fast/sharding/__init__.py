@@ -1,0 +1,20 @@
+"""Embedding tables on TorchRec: sharded over processes and machines by its
+``DistributedModelParallel``, the dense part (batched experts, gates, towers) data-parallel.
+
+Needs ``pip install "nextrec-fast[torchrec]"`` plus ``torchrec`` and ``fbgemm-gpu-cpu`` (or
+``fbgemm-gpu`` on CUDA) installed with ``--no-deps`` (see docs/sharding.md). Importing this
+package does not import TorchRec; its functions do.
+
+- ``use_torchrec_tables(model)``: the model's tables into one ``EmbeddingBagCollection``.
+- ``KJTCollate`` / ``padded_to_kjt``: nextrec-style padded ids to a ``KeyedJaggedTensor`` in the
+  data path.
+- ``shard_model(model, ...)``: ``DistributedModelParallel`` with a fused table optimiser and the
+  sharding types you allow (or the planner's choice).
+"""
+from nextrec_fast.sharding.embedding import TorchRecEmbedding, use_torchrec_tables
+from nextrec_fast.sharding.jagged import KJT_KEY, KJTCollate, padded_to_kjt
+from nextrec_fast.sharding.tables import table_configs
+from nextrec_fast.sharding.train import SHARDING_TYPES, dense_parameters, gathered_state_dict, shard_model
+
+__all__ = ["TorchRecEmbedding", "use_torchrec_tables", "KJT_KEY", "KJTCollate", "padded_to_kjt", "table_configs",
+           "shard_model", "dense_parameters", "gathered_state_dict", "SHARDING_TYPES"]

@@ -1,0 +1,136 @@
+"""``DistributedModelParallel`` around a model with TorchRec tables: the planner (or the sharding
+types you allow), a fused optimiser for the tables, DDP for the dense part."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from nextrec_fast.sharding.embedding import TorchRecEmbedding, use_torchrec_tables
+from nextrec_fast.sharding.tables import _import_torchrec
+
+__all__ = ["shard_model", "SHARDING_TYPES"]
+
+# TorchRec's sharding types by their names (torchrec.distributed.types.ShardingType values).
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+
+
+def shard_model(model: nn.Module, *, sharding: str | dict[str, str] | None = None, table_optimizer=None,
+                compute_kernel: str | None = None, device: torch.device | None = None, process_group=None):
+    """Shard ``model``'s tables over the ranks of the default process group.
+
+    Args:
+        model (nn.Module): a nextrec_fast model or ``accelerate()``d nextrec model (its tables are
+            moved to TorchRec by ``use_torchrec_tables`` first if they are not yet).
+        sharding (str or dict[str, str], optional): one of ``SHARDING_TYPES`` for every table, or
+            per table name; None lets TorchRec's planner choose among what it allows on the
+            device (on CPU: table-, column-wise, data-parallel). Table-wise places tables round
+            robin; column-wise splits every table's columns over all ranks; data-parallel keeps a
+            replica per rank (dense kernel only: the table then trains with the dense optimiser).
+        table_optimizer ((optimizer_class, kwargs), optional): applied to the tables inside the
+            backward (TorchRec's ``apply_optimizer_in_backward``; FBGEMM's fused kernels when
+            sharded), e.g. ``(torchrec.optim.RowWiseAdagrad, {"lr": 0.05})``. None: the tables
+            get gradients like the dense part.
+        compute_kernel (str, optional): TorchRec's kernel name ("fused", "dense"); default "fused"
+            with a table optimiser, else "dense".
+        device (torch.device, optional): default: CPU, or this rank's CUDA device when CUDA is up.
+        process_group: the group to shard over (default: the world).
+
+    Returns:
+        DistributedModelParallel holding the model's weights: call it like the model (its batch dict with ``KJTCollate``'s
+        ``"kjt"``). ``dmp.fused_optimizer`` holds the table optimiser's state; give
+        ``dense_parameters(dmp)`` your own optimiser. Each rank's table gradients are summed
+        over ranks (TorchRec's rule) while DDP averages the dense ones.
+
+    Raises:
+        RuntimeError: torch.distributed is not initialised. ValueError: an unknown sharding type
+            or table name, data-parallel with a fused kernel.
+    """
+    import torch.distributed as dist
+    _import_torchrec()
+    from torchrec.distributed import sharding_plan as plans
+    from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.types import ShardingPlan
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    if not dist.is_initialized():
+        raise RuntimeError("shard_model needs torch.distributed initialised (torchrun, or init_process_group)")
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    use_torchrec_tables(model)
+    layer: TorchRecEmbedding = model.embedding
+    tables = list(layer.ebc.embedding_bags)
+    per_table = dict.fromkeys(tables, sharding) if isinstance(sharding, str) else dict(sharding or {})
+    unknown = {t: k for t, k in per_table.items() if k not in SHARDING_TYPES or t not in tables}
+    if unknown:
+        raise ValueError(f"sharding {unknown}: tables are {tables}, sharding types {list(SHARDING_TYPES)}")
+    kernel = compute_kernel or ("fused" if table_optimizer is not None else "dense")
+    if kernel != "dense" and "data_parallel" in per_table.values():
+        raise ValueError("data_parallel tables run TorchRec's dense kernel only: no table_optimizer / compute_kernel "
+                         "'fused' for them (they train with the dense optimiser)")
+    if table_optimizer is not None:
+        optimizer_class, kwargs = table_optimizer
+        apply_optimizer_in_backward(optimizer_class, layer.ebc.parameters(), dict(kwargs))
+    group = process_group or dist.GroupMember.WORLD
+    world = dist.get_world_size(group)
+    sharders = get_default_sharders()
+    path = next(name for name, module in model.named_modules() if module is layer.ebc)
+    if per_table and len(per_table) == len(tables):
+        generators = {"data_parallel": lambda t, i: plans.data_parallel(),
+                      "table_wise": lambda t, i: plans.table_wise(rank=i % world, compute_kernel=kernel),
+                      "row_wise": lambda t, i: plans.row_wise(compute_kernel=kernel),
+                      "column_wise": lambda t, i: plans.column_wise(ranks=list(range(world)), compute_kernel=kernel),
+                      "table_row_wise": lambda t, i: plans.table_row_wise(host_index=0)}
+        per_param = {t: generators[per_table[t]](t, i) for i, t in enumerate(tables)}
+        plan = ShardingPlan({path: plans.construct_module_sharding_plan(
+            layer.ebc, per_param, local_size=world, world_size=world, device_type=device.type)})
+    else:  # the planner, constrained to what was given
+        # Data-parallel tables run the dense kernel only: not a candidate for a fused one (the
+        # planner would warn about it for every table).
+        free = [t for t in SHARDING_TYPES if t != "data_parallel"] if kernel != "dense" else None
+        constraints = {t: ParameterConstraints(sharding_types=[per_table[t]] if t in per_table else free,
+                                               compute_kernels=[kernel]) for t in tables}
+        planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device=device.type),
+                                           constraints=constraints)
+        plan = planner.collective_plan(model, sharders, group)
+    # DMP builds the shards afresh (FBGEMM's own initialisation): the model's weights are loaded
+    # into them after, from the unsharded tensors (freed once this returns).
+    state = model.state_dict()
+    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
+    dmp.load_state_dict(state)
+    return dmp
+
+
+def dense_parameters(dmp) -> dict[str, torch.Tensor]:
+    """The parameters of ``dmp`` not updated by a fused table optimiser, by name: what the dense
+    optimiser takes (``torch.optim.Adam(dense_parameters(dmp).values())``)."""
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+    return dict(in_backward_optimizer_filter(dmp.named_parameters()))
+
+
+def gathered_state_dict(dmp, dst: int = 0) -> dict[str, torch.Tensor] | None:
+    """The sharded model's state_dict with every sharded table gathered whole, under nextrec's
+    keys: what an unsharded model (or nextrec itself) loads. Collective: every rank must call it;
+    rank ``dst`` gets the dict, the others None."""
+    import torch.distributed as dist
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    import warnings
+
+    rank = dist.get_rank()
+    out = {}
+    with warnings.catch_warnings():  # TorchRec's state_dict still hands out ShardedTensors, which warn on use
+        warnings.simplefilter("ignore", FutureWarning)
+        state = dmp.state_dict()
+    for key, value in state.items():
+        if isinstance(value, ShardedTensor):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                full = torch.empty(value.size(), dtype=value.dtype) if rank == dst else None
+                value.gather(dst=dst, out=full)
+            value = full
+        elif hasattr(value, "full_tensor"):  # a DTensor
+            value = value.full_tensor()
+        if rank == dst:
+            out[key] = value.detach().clone()
+    return out if rank == dst else None
