@@ -413,3 +413,21 @@ def test_sharded_training_equals_unsharded(kind, tmp_path):
                 probe = checkpoint_model(_batches(checkpoint_model, seed + 5, 1)[0][rank])
                 probe = torch.cat(probe, 1) if isinstance(probe, (list, tuple)) else probe
                 torch.testing.assert_close(ranks[rank][str(layout)]["probe"], probe, rtol=1e-5, atol=1e-6)
+
+
+def test_torchrec_tables_benchmark_runs(tmp_path):
+    """The one-process benchmark row (nextrec's dense part vs ours, both on TorchRec tables, and ours
+    on its own pooling) runs end to end, in its own process (it sets up a process group)."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "nextrec_fast.bench.torchrec_tables", "--config", "small",
+                           "--batch-size", "64", "--repeats", "2", "--warmup", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["rows"]] == ["nextrec dense + TorchRec tables", "fast dense + TorchRec tables",
+                                                      "fast, own tables"]
+    assert all(r["ms"] > 0 and len(r["samples_ms"]) == 2 for r in result["rows"])
+    assert "speed-up over 'nextrec dense + TorchRec tables'" in proc.stdout
