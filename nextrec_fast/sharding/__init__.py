@@ -9,12 +9,16 @@ package does not import TorchRec; its functions do.
 - ``KJTCollate`` / ``padded_to_kjt``: nextrec-style padded ids to a ``KeyedJaggedTensor`` in the
   data path.
 - ``shard_model(model, ...)``: ``DistributedModelParallel`` with a fused table optimiser and the
-  sharding types you allow (or the planner's choice).
+  sharding types you allow (or the planner's choice); ``dense_parameters`` for the dense optimiser.
+- ``gathered_state_dict`` (whole tables, nextrec's keys, on one rank) and
+  ``save_sharded_checkpoint`` / ``load_sharded_checkpoint`` (``torch.distributed.checkpoint``).
 """
 from nextrec_fast.sharding.embedding import TorchRecEmbedding, use_torchrec_tables
 from nextrec_fast.sharding.jagged import KJT_KEY, KJTCollate, padded_to_kjt
 from nextrec_fast.sharding.tables import table_configs
-from nextrec_fast.sharding.train import SHARDING_TYPES, dense_parameters, gathered_state_dict, shard_model
+from nextrec_fast.sharding.train import (SHARDING_TYPES, dense_parameters, gathered_state_dict, load_sharded_checkpoint,
+                                         save_sharded_checkpoint, shard_model)
 
 __all__ = ["TorchRecEmbedding", "use_torchrec_tables", "KJT_KEY", "KJTCollate", "padded_to_kjt", "table_configs",
-           "shard_model", "dense_parameters", "gathered_state_dict", "SHARDING_TYPES"]
+           "shard_model", "dense_parameters", "gathered_state_dict", "save_sharded_checkpoint",
+           "load_sharded_checkpoint", "SHARDING_TYPES"]

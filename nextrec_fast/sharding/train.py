@@ -2,6 +2,8 @@
 types you allow), a fused optimiser for the tables, DDP for the dense part."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -134,3 +136,43 @@ def gathered_state_dict(dmp, dst: int = 0) -> dict[str, torch.Tensor] | None:
         if rank == dst:
             out[key] = value.detach().clone()
     return out if rank == dst else None
+
+
+def save_sharded_checkpoint(dmp, path: str, dense_optimizer=None) -> None:
+    """Write a checkpoint of ``dmp`` to the directory ``path``: the model (under nextrec's keys)
+    and the fused table optimiser's state as each rank's own shards (``torch.distributed.checkpoint``),
+    and ``dense_optimizer``'s state, the same on every rank (DDP), once by rank 0. Collective."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    dcp.save(_sharded_state(dmp), checkpoint_id=path)
+    if dense_optimizer is not None and dist.get_rank() == 0:
+        torch.save(dense_optimizer.state_dict(), os.path.join(path, _DENSE_OPTIMIZER_FILE))
+    dist.barrier()
+
+
+def load_sharded_checkpoint(dmp, path: str, dense_optimizer=None) -> None:
+    """Load what ``save_sharded_checkpoint`` wrote into ``dmp`` (and ``dense_optimizer``), in place.
+    The sharding may differ from the one that saved it (DCP reshards). Collective.
+
+    Raises:
+        FileNotFoundError: ``dense_optimizer`` given but the checkpoint has no dense optimiser state.
+    """
+    import torch.distributed.checkpoint as dcp
+    state = _sharded_state(dmp)
+    dcp.load(state, checkpoint_id=path)
+    dmp.load_state_dict(state["model"])
+    dmp.fused_optimizer.load_state_dict(state["tables_optimizer"])
+    if dense_optimizer is not None:
+        # A torch optimiser creates its state at its first step: DCP, which loads into existing
+        # tensors, would find none in a fresh one, so this part is a plain file.
+        dense_optimizer.load_state_dict(torch.load(os.path.join(path, _DENSE_OPTIMIZER_FILE), weights_only=False))
+
+
+_DENSE_OPTIMIZER_FILE = "dense_optimizer.pt"
+
+
+def _sharded_state(dmp) -> dict:
+    import warnings
+    with warnings.catch_warnings():  # ShardedTensors warn on use
+        warnings.simplefilter("ignore", FutureWarning)
+        return {"model": dmp.state_dict(), "tables_optimizer": dmp.fused_optimizer.state_dict()}
