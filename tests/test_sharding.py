@@ -44,29 +44,33 @@ ADAM = dict(lr=LR_DENSE, eps=1e-3)
 
 def random_config(rng: random.Random, kind: str):
     """Feature dicts (TorchRec-poolable: sum/mean combiners, dims divisible by 4 as FBGEMM's fused
-    kernel needs, tables shared by features of one combiner) and model kwargs in nextrec 0.3's names."""
-    sparse, sequence, dense, tables = [], [], [], []  # tables: (name, vocab, dim, combiner or None)
+    kernel needs, tables shared by features of one combiner) and model kwargs in nextrec 0.3's names.
+    A feature sharing a table masks the table's padding id: nextrec freezes that row for every
+    reader, TorchRec only skips the ids each feature masks (docs/sharding.md)."""
+    sparse, sequence, dense, tables = [], [], [], []  # tables: (name, vocab, dim, combiner or None, padding)
     for i in range(rng.randint(1, 3)):
         if tables and rng.random() < 0.3:
-            name, vocab, dim, _ = rng.choice(tables)
-            sparse.append(dict(name=f"sp{i}", vocab_size=vocab, embedding_dim=dim, embedding_name=name, padding_idx=0))
+            name, vocab, dim, _, pad = rng.choice(tables)
+            sparse.append(dict(name=f"sp{i}", vocab_size=vocab, embedding_dim=dim, embedding_name=name, padding_idx=pad))
         else:
             vocab, dim = rng.randint(8, 60), 8 if not tables else rng.choice([4, 8])  # one table column-wise splits
-            sparse.append(dict(name=f"sp{i}", vocab_size=vocab, embedding_dim=dim, padding_idx=rng.choice([None, 0])))
-            tables.append((f"sp{i}", vocab, dim, None))
+            pad = rng.choice([None, 0])  # sparse ids are drawn from 1 up: never the padding row
+            sparse.append(dict(name=f"sp{i}", vocab_size=vocab, embedding_dim=dim, padding_idx=pad))
+            tables.append((f"sp{i}", vocab, dim, None, pad))
     for i in range(rng.randint(1, 3)):
         shareable = [t for t in tables if rng.random() < 0.3]
         if shareable:
-            name, vocab, dim, combiner = shareable[0]
+            name, vocab, dim, combiner, pad = shareable[0]
             combiner = combiner or rng.choice(["sum", "mean"])
             sequence.append(dict(name=f"seq{i}", vocab_size=vocab, max_len=rng.randint(1, 5), embedding_dim=dim,
-                                 embedding_name=name, combiner=combiner, padding_idx=0))
-            tables[tables.index(shareable[0])] = (name, vocab, dim, combiner)
+                                 embedding_name=name, combiner=combiner, padding_idx=0 if pad is None else pad))
+            tables[tables.index(shareable[0])] = (name, vocab, dim, combiner, pad)
         else:
             vocab, dim, combiner = rng.randint(8, 60), rng.choice([4, 8]), rng.choice(["sum", "mean"])
+            pad = rng.choice([0, 3])
             sequence.append(dict(name=f"seq{i}", vocab_size=vocab, max_len=rng.randint(1, 5), embedding_dim=dim,
-                                 combiner=combiner, padding_idx=rng.choice([0, 3])))
-            tables.append((f"seq{i}", vocab, dim, combiner))
+                                 combiner=combiner, padding_idx=pad))
+            tables.append((f"seq{i}", vocab, dim, combiner, pad))
     for i in range(rng.randint(0, 2)):
         dense.append(dict(name=f"d{i}", input_dim=rng.randint(1, 3)))
     towers = [{"dims": [rng.choice([4, 8])]} for _ in range(2)]
@@ -92,6 +96,18 @@ def build_model(kind: str, seed: int, weight_seed: int | None = None):
     torch.manual_seed(seed if weight_seed is None else weight_seed)
     model = generation.model_class(kind)(*features, **generation.model_arguments(kind, kwargs))
     return nextrec_fast.accelerate(model)
+
+
+def freeze_biases_before_batchnorm(model) -> None:
+    """A Linear's bias right before a train-mode BatchNorm has a zero gradient in exact arithmetic
+    (the normalisation subtracts it again); in float32 it is rounding noise, which Adam turns into
+    steps of up to its learning rate, differently in every summation order. Frozen, it changes
+    nothing the model computes and leaves the comparison to the parameters that learn."""
+    for module in model.modules():
+        children = list(module.children())
+        for first, second in zip(children, children[1:]):
+            if isinstance(first, torch.nn.Linear) and isinstance(second, torch.nn.BatchNorm1d) and first.bias is not None:
+                first.bias.requires_grad_(False)
 
 
 def random_batch(model, seed: int, batch: int = 8) -> dict:
@@ -281,6 +297,7 @@ def _dmp_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_path
         for layout in SHARDINGS:
             model = build_model(kind, seed)
             model.train()
+            freeze_biases_before_batchnorm(model)
             fused = layout != "data_parallel"
             dmp = sharding.shard_model(model, sharding=layout,
                                        table_optimizer=(RowWiseAdagrad, {"lr": LR_TABLES, "eps": EPS}) if fused else None)
@@ -339,6 +356,7 @@ def _reference_training(kind: str, seed: int, steps: int, fused: bool, blocks: d
     ``blocks``: per table name, the column blocks of a column-wise split (else one block)."""
     model = build_model(kind, seed)
     model.train()
+    freeze_biases_before_batchnorm(model)
     tables = model.embedding.tables()
     is_table = lambda p: fused and any(p is t for t in tables)  # noqa: E731
     dense = torch.optim.Adam([p for p in model.parameters() if not is_table(p)], **ADAM)
@@ -430,6 +448,7 @@ def _resume_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_p
         for name, layout, weight_seed in (("saved", "table_wise", seed), ("resumed", "row_wise", seed + 3)):
             model = build_model(kind, seed, weight_seed=weight_seed)
             model.train()
+            freeze_biases_before_batchnorm(model)
             dmp = sharding.shard_model(model, sharding=layout,
                                        table_optimizer=(RowWiseAdagrad, {"lr": LR_TABLES, "eps": EPS}))
             dense = torch.optim.Adam(sharding.dense_parameters(dmp).values(), **ADAM)
