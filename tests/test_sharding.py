@@ -126,6 +126,11 @@ def random_batch(model, seed: int, batch: int = 8) -> dict:
     return x
 
 
+def output_of(out) -> torch.Tensor:
+    """``[B, T]`` from a forward's return value (nextrec 0.3's ESMM returns a list of columns)."""
+    return torch.cat(out, 1) if isinstance(out, (list, tuple)) else out
+
+
 def loss_of(out: torch.Tensor) -> torch.Tensor:
     return (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum()
 
@@ -155,8 +160,7 @@ def test_torchrec_tables_same_forward_and_gradients(kind, seed):
         batch = sharding.KJTCollate(model, collate=None)(x) if name == "torchrec_kjt" else x
         if name == "float64":
             batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-        out = model(batch)
-        out = torch.cat(out, 1) if isinstance(out, (list, tuple)) else out
+        out = output_of(model(batch))
         loss_of(out).backward()
         grads = {k.replace("ebc.embedding_bags.", "embed_dict."): p.grad.double()
                  for k, p in model.named_parameters() if p.grad is not None}
@@ -280,6 +284,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _save_from_all_ranks(results, rank: int, out_path: str) -> None:
+    """Every rank's ``results``, as a list by rank, saved by rank 0 for the test process."""
+    import torch.distributed as dist
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        torch.save(gathered, out_path)
+
+
 def _batches(model, seed: int, steps: int):
     """Per step, each rank's batch (different ids per rank and step)."""
     return [[random_batch(model, seed + 100 * step + rank) for rank in range(WORLD)] for step in range(steps)]
@@ -310,8 +323,7 @@ def _dmp_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_path
             outputs = []
             for step_batches in _batches(model, seed, steps):
                 dense.zero_grad(set_to_none=True)
-                out = dmp(collate(step_batches[rank]))
-                out = torch.cat(out, 1) if isinstance(out, (list, tuple)) else out
+                out = output_of(dmp(collate(step_batches[rank])))
                 outputs.append(out.detach().clone())
                 loss_of(out).backward()
                 dense.step()
@@ -322,13 +334,9 @@ def _dmp_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_path
             reloaded = sharding.gathered_state_dict(dmp)
             dmp.eval()
             with torch.no_grad():
-                probe = dmp(collate(_batches(model, seed + 5, 1)[0][rank]))
-                probe = torch.cat(probe, 1) if isinstance(probe, (list, tuple)) else probe
+                probe = output_of(dmp(collate(_batches(model, seed + 5, 1)[0][rank])))
             results[str(layout)] = dict(plan=plan, blocks=blocks, outputs=outputs, state=state, reloaded=reloaded, probe=probe)
-        gathered = [None] * WORLD
-        dist.all_gather_object(gathered, results)
-        if rank == 0:
-            torch.save(gathered, out_path)
+        _save_from_all_ranks(results, rank, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -371,8 +379,7 @@ def _reference_training(kind: str, seed: int, steps: int, fused: bool, blocks: d
             # BatchNorm's running statistics are each rank's own under DMP (it does not broadcast
             # buffers); rank 0's state is compared, so the other ranks' forwards leave them as they were.
             buffers = {k: b.clone() for k, b in model.named_buffers()} if rank else {}
-            out = model(batch)
-            outs.append(torch.cat(out, 1) if isinstance(out, (list, tuple)) else out)
+            outs.append(output_of(model(batch)))
             with torch.no_grad():
                 for k, b in model.named_buffers():
                     if k in buffers:
@@ -428,8 +435,7 @@ def test_sharded_training_equals_unsharded(kind, tmp_path):
             assert torch.equal(ranks[0][str(layout)]["reloaded"][key], value), (layout, key)
         with torch.no_grad():
             for rank in range(WORLD):
-                probe = checkpoint_model(_batches(checkpoint_model, seed + 5, 1)[0][rank])
-                probe = torch.cat(probe, 1) if isinstance(probe, (list, tuple)) else probe
+                probe = output_of(checkpoint_model(_batches(checkpoint_model, seed + 5, 1)[0][rank]))
                 torch.testing.assert_close(ranks[rank][str(layout)]["probe"], probe, rtol=1e-5, atol=1e-6)
 
 
@@ -461,15 +467,11 @@ def _resume_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_p
                 if name == "saved" and step == steps - 1:
                     sharding.save_sharded_checkpoint(dmp, checkpoint_dir, dense)
                 dense.zero_grad(set_to_none=True)
-                out = dmp(collate(step_batches[rank]))
-                out = torch.cat(out, 1) if isinstance(out, (list, tuple)) else out
+                out = output_of(dmp(collate(step_batches[rank])))
                 loss_of(out).backward()
                 dense.step()
             runs[name] = dict(output=out.detach().clone(), state=sharding.gathered_state_dict(dmp))
-        gathered = [None] * WORLD
-        dist.all_gather_object(gathered, runs)
-        if rank == 0:
-            torch.save(gathered, out_path)
+        _save_from_all_ranks(runs, rank, out_path)
     finally:
         dist.destroy_process_group()
 
