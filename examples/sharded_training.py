@@ -7,6 +7,7 @@ Each rank reads its own batches; the tables are sharded table-wise (``--sharding
 FBGEMM's fused row-wise Adagrad inside the backward, the dense part by Adam under DDP.
 """
 import argparse
+import logging
 import os
 
 import torch
@@ -23,6 +24,7 @@ parser.add_argument("--sharding", default="table_wise", help="table_wise, row_wi
                     "or planner (TorchRec's planner chooses)")
 parser.add_argument("--steps", type=int, default=20)
 args = parser.parse_args()
+logging.getLogger().setLevel(logging.WARNING)             # TorchRec / FBGEMM log every table at INFO
 
 dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 rank = dist.get_rank()
@@ -58,12 +60,12 @@ for step in range(args.steps):
     loss.backward()                                        # the tables are updated here
     dense_optimizer.step()
     if rank == 0 and step % 5 == 0:
-        print(f"step {step}: loss {loss.item():.4f}")
+        print(f"step {step}: loss {loss.item():.6f}")
 
 plan = {table: s.sharding_type for table, s in dmp.plan.plan["embedding.ebc"].items()}
 state = sharding.gathered_state_dict(dmp)                  # whole tables, nextrec's keys, on rank 0
 if rank == 0:
     print("plan:", plan)
-    print("gathered:", {k: tuple(v.shape) for k, v in state.items() if "embed_dict" in k})
+    print("gathered:", {k: f"{tuple(v.shape)} sum {v.double().sum().item():.6f}" for k, v in state.items() if "embed_dict" in k})
     # torch.save(state, "mmoe.pt") loads into the unsharded nextrec model: model.load_state_dict(state)
 dist.destroy_process_group()

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 try:
-    import torchrec  # noqa: F401
+    import torchrec
+    import torchrec.optim
 except Exception as e:  # fbgemm raises OSError, not ImportError, on a torch it was not built for
     pytest.skip(f"TorchRec is not installed ({type(e).__name__}: {str(e)[:120]}); .ci/run installs it",
                 allow_module_level=True)
@@ -272,6 +273,27 @@ def test_clear_errors():
         sharding.KJTCollate(torch.nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         sharding.shard_model(model)
+    with pytest.raises(TypeError, match=r"\(optimizer_class, kwargs\)"):
+        sharding.shard_model(model, table_optimizer=torchrec.optim.RowWiseAdagrad)
+
+
+def test_table_optimizer_taken_off_again():
+    """What shard_model undoes when DMP fails: TorchRec's in-backward optimiser on unsharded tables
+    (it would step them in every backward)."""
+    from nextrec_fast.sharding.train import _remove_optimizer_in_backward
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    model = sharding.use_torchrec_tables(build_model("mmoe", SEEDS[0]))
+    tables = model.embedding.tables()
+    apply_optimizer_in_backward(torchrec.optim.RowWiseAdagrad, tables, {"lr": 0.5})
+    before = [t.detach().clone() for t in tables]
+    loss_of(output_of(model(random_batch(model, 2)))).backward()
+    assert any(not torch.equal(t, b) for t, b in zip(tables, before))  # stepped in the backward
+    _remove_optimizer_in_backward(tables)
+    assert not any(hasattr(t, "_optimizer_classes") for t in tables)
+    before = [t.detach().clone() for t in tables]
+    model.zero_grad()
+    loss_of(output_of(model(random_batch(model, 3)))).backward()
+    assert all(torch.equal(t, b) for t, b in zip(tables, before)) and all(t.grad is not None for t in tables)
 
 
 # -- 2 processes: DistributedModelParallel ----------------------------------------------------
@@ -466,11 +488,24 @@ def _resume_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_p
             for step, step_batches in enumerate(batches):
                 if name == "saved" and step == steps - 1:
                     sharding.save_sharded_checkpoint(dmp, checkpoint_dir, dense)
+                    runs["at_save"] = sharding.gathered_state_dict(dmp)
                 dense.zero_grad(set_to_none=True)
                 out = output_of(dmp(collate(step_batches[rank])))
                 loss_of(out).backward()
                 dense.step()
             runs[name] = dict(output=out.detach().clone(), state=sharding.gathered_state_dict(dmp))
+        # Column-wise keeps row-wise Adagrad's state per column shard: refused with the optimiser
+        # state, by name, before anything loads; the weights alone load.
+        model = build_model(kind, seed, weight_seed=seed + 4)
+        dmp = sharding.shard_model(model, sharding="column_wise",
+                                   table_optimizer=(RowWiseAdagrad, {"lr": LR_TABLES, "eps": EPS}))
+        try:
+            sharding.load_sharded_checkpoint(dmp, checkpoint_dir)
+            runs["column_wise_refused"] = None
+        except ValueError as e:
+            runs["column_wise_refused"] = str(e)
+        sharding.load_sharded_checkpoint(dmp, checkpoint_dir, tables_optimizer=False)
+        runs["column_wise_weights"] = sharding.gathered_state_dict(dmp)
         _save_from_all_ranks(runs, rank, out_path)
     finally:
         dist.destroy_process_group()
@@ -491,6 +526,10 @@ def test_sharded_checkpoint_resumes_resharded(tmp_path):
     ranks = torch.load(out_path, weights_only=False)
     for rank in range(WORLD):
         torch.testing.assert_close(ranks[rank]["resumed"]["output"], ranks[rank]["saved"]["output"], rtol=1e-5, atol=1e-6)
+    assert "tables_optimizer=False" in (ranks[0]["column_wise_refused"] or ""), ranks[0]["column_wise_refused"]
+    for key, value in ranks[0]["at_save"].items():
+        if "running_" not in key and "num_batches_tracked" not in key:
+            assert torch.equal(ranks[0]["column_wise_weights"][key], value), key
     for key, value in ranks[0]["saved"]["state"].items():
         if "running_" in key or "num_batches_tracked" in key:
             # BatchNorm's statistics are each rank's own under DMP; the checkpoint keeps one rank's
