@@ -119,6 +119,15 @@ def _regularized_worker(rank: int, port: int, kind: str, setup: str, seed: int, 
             torch.save(grads, out_path)
     finally:
         dist.destroy_process_group()
+    if setup == "fsdp":
+        # The results are saved and the group destroyed. Now and then a process of this FSDP2-over-gloo
+        # case aborts with "terminate called without an active exception" (a C++ thread still joinable
+        # when destroyed: process teardown, as far as we can tell; in 2 CI dry runs and 1 of 11 loaded
+        # local runs, 0 of 24 quieter ones): leave without running the static destructors, so that a
+        # teardown crash cannot fail the gradient comparison.
+        import sys
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
 
 
 def _nullcontext():
