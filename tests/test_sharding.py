@@ -43,7 +43,7 @@ LR_TABLES, LR_DENSE, EPS = 0.05, 0.01, 1e-8
 ADAM = dict(lr=LR_DENSE, eps=1e-3)
 
 
-def random_config(rng: random.Random, kind: str):
+def random_config(rng: random.Random, kind: str, own_combiner: str | None = None):
     """Feature dicts (TorchRec-poolable: sum/mean combiners, dims divisible by 4 as FBGEMM's fused
     kernel needs, tables shared by features of one combiner) and model kwargs in nextrec 0.3's names.
     A feature sharing a table masks the table's padding id: nextrec freezes that row for every
@@ -72,6 +72,9 @@ def random_config(rng: random.Random, kind: str):
             sequence.append(dict(name=f"seq{i}", vocab_size=vocab, max_len=rng.randint(1, 5), embedding_dim=dim,
                                  combiner=combiner, padding_idx=pad))
             tables.append((f"seq{i}", vocab, dim, combiner, pad))
+    if own_combiner:  # a table TorchRec cannot pool: it stays on our op
+        sequence.append(dict(name="own", vocab_size=30, max_len=3, embedding_dim=4, combiner=own_combiner,
+                             padding_idx=0))
     for i in range(rng.randint(0, 2)):
         dense.append(dict(name=f"d{i}", input_dim=rng.randint(1, 3)))
     towers = [{"dims": [rng.choice([4, 8])]} for _ in range(2)]
@@ -86,11 +89,15 @@ def random_config(rng: random.Random, kind: str):
     return dense, sparse, sequence, kwargs
 
 
-def build_model(kind: str, seed: int, weight_seed: int | None = None):
+def build_model(kind: str, seed: int, weight_seed: int | None = None, own_table: bool = False):
     """nextrec's own model (the installed generation) of ``seed``'s configuration, its weights
-    drawn from ``weight_seed`` (default ``seed``), accelerated."""
+    drawn from ``weight_seed`` (default ``seed``), accelerated. ``own_table``: plus a sequence
+    feature TorchRec cannot pool (concat; on 0.6 also an attention pooling, drawn)."""
     generation = installed_generation()
-    dense, sparse, sequence, kwargs = random_config(random.Random(seed), kind)
+    own = None
+    if own_table:
+        own = random.Random(seed).choice(["concat", "dot_attention"] if generation.name == "0.6" else ["concat"])
+    dense, sparse, sequence, kwargs = random_config(random.Random(seed), kind, own)
     if generation.name == "0.3":
         dense = [dict(d, embedding_dim=d["input_dim"]) for d in dense]
     features = generation.features(dense, sparse, sequence)
@@ -121,7 +128,8 @@ def random_batch(model, seed: int, batch: int = 8) -> dict:
             x[slot.name] = torch.randint(1, slot.vocab_size, (batch,), generator=g)
         else:
             ids = torch.randint(0, slot.vocab_size, (batch, slot.max_len + 2), generator=g)
-            x[slot.name] = torch.where(torch.rand(ids.shape, generator=g) < 0.3, slot.mask_id, ids)
+            pad = slot.mask_id if slot.mask_id >= 0 else 0  # concat keeps its padding positions (id 0 here)
+            x[slot.name] = torch.where(torch.rand(ids.shape, generator=g) < 0.3, pad, ids)
     for spec in model.embedding.dense_specs:
         x[spec.name] = torch.randn(batch, spec.input_dim, generator=g)
     return x
@@ -141,14 +149,16 @@ def _print_seed(kind, seed):
 
 
 # -- one process -------------------------------------------------------------------------------
+@pytest.mark.parametrize("own_table", [False, True], ids=["torchrec_only", "with_own_table"])
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("kind", ["mmoe", "ple", "esmm"])
-def test_torchrec_tables_same_forward_and_gradients(kind, seed):
+def test_torchrec_tables_same_forward_and_gradients(kind, seed, own_table):
     """The same model with its tables in a TorchRec collection (padded ids converted in the model,
-    or a KeyedJaggedTensor from KJTCollate): outputs and every gradient as with nextrec_fast's
-    pooling, judged against float64 (the float32 runs may differ by their rounding)."""
+    or a KeyedJaggedTensor from KJTCollate; with ``own_table`` one table stays on our op):
+    outputs and every gradient as with nextrec_fast's pooling, judged against float64 (the
+    float32 runs may differ by their rounding)."""
     _print_seed(kind, seed)
-    base = build_model(kind, seed)
+    base = build_model(kind, seed, own_table=own_table)
     x = random_batch(base, seed + 1)
     results = {}
     for name in ("fast", "torchrec", "torchrec_kjt", "float64"):
@@ -158,6 +168,7 @@ def test_torchrec_tables_same_forward_and_gradients(kind, seed):
         elif name != "fast":
             sharding.use_torchrec_tables(model)
             assert isinstance(model.embedding, sharding.TorchRecEmbedding)
+            assert ("own" in model.embedding.embed_dict) == own_table
         batch = sharding.KJTCollate(model, collate=None)(x) if name == "torchrec_kjt" else x
         if name == "float64":
             batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
@@ -186,9 +197,9 @@ def test_state_dict_keys_are_nextrecs_both_ways(kind):
     values; the tables are the layer's own Parameters (no copy)."""
     seed = SEEDS[0]
     _print_seed(kind, seed)
-    plain = build_model(kind, seed)
+    plain = build_model(kind, seed, own_table=True)
     tables_before = [p for p in plain.embedding.tables()]
-    other = build_model(kind, seed, weight_seed=seed + 7)
+    other = build_model(kind, seed, weight_seed=seed + 7, own_table=True)
     model = sharding.use_torchrec_tables(copy.deepcopy(plain))
     assert sharding.use_torchrec_tables(model) is model  # twice: a no-op
     state = model.state_dict()
@@ -201,7 +212,8 @@ def test_state_dict_keys_are_nextrecs_both_ways(kind):
     with torch.no_grad():
         torch.testing.assert_close(model(x), other(x), rtol=1e-6, atol=1e-6)
     same = sharding.use_torchrec_tables(plain)
-    assert {id(t) for t in tables_before} == {id(w) for w in same.embedding.tables()}
+    after = same.embedding.tables() + [t.weight for t in same.embedding.embed_dict.values()]
+    assert {id(t) for t in tables_before} == {id(w) for w in after} and len(after) == len(tables_before)
 
 
 def test_table_configs_and_kjt():
@@ -233,12 +245,14 @@ def test_table_configs_and_kjt():
 
 
 def test_kjt_collate_in_a_dataloader():
-    model = sharding.use_torchrec_tables(build_model("mmoe", SEEDS[2]))
+    """Batches from samples; the ids of a table kept on our op ("own") pass through padded."""
+    model = sharding.use_torchrec_tables(build_model("mmoe", SEEDS[2], own_table=True))
     x = random_batch(model, 5, batch=10)
     samples = [{k: v[i] for k, v in x.items()} | {"y0": torch.tensor(float(i))} for i in range(10)]
     loader = torch.utils.data.DataLoader(samples, batch_size=4, collate_fn=sharding.KJTCollate(model))
     batches = list(loader)
     assert [b["kjt"].stride() for b in batches] == [4, 4, 2]
+    assert "own" not in batches[0]["kjt"].keys() and batches[0]["own"].shape == (4, x["own"].shape[1])
     assert torch.equal(batches[0]["y0"], torch.arange(4.0))
     model.eval()
     with torch.no_grad():
@@ -249,12 +263,11 @@ def test_clear_errors():
     """What TorchRec cannot pool, ids it cannot take, an in-backward optimiser it would never call,
     and a missing TorchRec-ready model, each named."""
     generation = installed_generation()
-    features = generation.features([], [dict(name="a", vocab_size=10, embedding_dim=4)],
-                                   [dict(name="s", vocab_size=10, max_len=3, embedding_dim=4, combiner="concat")])
+    features = generation.features([], [], [dict(name="s", vocab_size=10, max_len=3, embedding_dim=4, combiner="concat")])
     concat = nextrec_fast.accelerate(generation.model_class("mmoe")(*features, **generation.model_arguments(
         "mmoe", dict(expert_params={"dims": [8]}, num_experts=2, tower_params_list=[{"dims": [4]}] * 2,
                      target=["y0", "y1"], task=["binary", "binary"]))))
-    with pytest.raises(UnsupportedModelError, match="feature 's'.*concat"):
+    with pytest.raises(UnsupportedModelError, match="no table TorchRec can pool"):
         sharding.use_torchrec_tables(concat)
     assert not isinstance(concat.embedding, sharding.TorchRecEmbedding)  # left as it was
     model = build_model("mmoe", SEEDS[0])
@@ -298,6 +311,8 @@ def test_table_optimizer_taken_off_again():
 
 # -- 2 processes: DistributedModelParallel ----------------------------------------------------
 SHARDINGS = ["table_wise", "row_wise", "column_wise", "data_parallel", None]  # None: the planner's plan
+# MMOE's models get a table TorchRec cannot pool, kept on our op and replicated under DDP.
+OWN_TABLE = {"mmoe": True, "ple": False}
 
 
 def _free_port() -> int:
@@ -330,7 +345,7 @@ def _dmp_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_path
     try:
         results = {}
         for layout in SHARDINGS:
-            model = build_model(kind, seed)
+            model = build_model(kind, seed, own_table=OWN_TABLE[kind])
             model.train()
             freeze_biases_before_batchnorm(model)
             fused = layout != "data_parallel"
@@ -351,7 +366,7 @@ def _dmp_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_path
                 dense.step()
             state = sharding.gathered_state_dict(dmp)
             # A nextrec checkpoint (another seed's model) into the sharded model, then gathered back.
-            checkpoint = build_model(kind, seed, weight_seed=seed + 1).state_dict()
+            checkpoint = build_model(kind, seed, weight_seed=seed + 1, own_table=OWN_TABLE[kind]).state_dict()
             dmp.load_state_dict(checkpoint)
             reloaded = sharding.gathered_state_dict(dmp)
             dmp.eval()
@@ -378,20 +393,22 @@ def _rowwise_adagrad_blocks_(table, grad, states, blocks) -> None:
         rowwise_adagrad_(table[:, offset:offset + width], grad[:, offset:offset + width], state)
 
 
-def _reference_training(kind: str, seed: int, steps: int, fused: bool, blocks: dict | None = None):
+def _reference_training(kind: str, seed: int, steps: int, fused: bool, blocks: dict):
     """The unsharded model on the same batches with TorchRec's rules: the tables' gradients summed
     over the ranks' losses and stepped by row-wise Adagrad (``fused``), the dense ones averaged
     (DDP) and stepped by Adam; data-parallel tables are averaged and stepped by Adam too. Each
     rank's batch is its own forward (BatchNorm's batch statistics are per rank, as under DDP).
-    ``blocks``: per table name, the column blocks of a column-wise split (else one block)."""
-    model = build_model(kind, seed)
+    ``blocks``: per table in TorchRec's collection, the column blocks of a column-wise split
+    (None: one block)."""
+    model = build_model(kind, seed, own_table=OWN_TABLE[kind])
     model.train()
     freeze_biases_before_batchnorm(model)
-    tables = model.embedding.tables()
+    # The tables in TorchRec's collection (the plan's); a table kept on our op trains like the dense part.
+    names = [name for name in model.embedding.embed_dict if name in blocks]
+    tables = [model.embedding.embed_dict[name].weight for name in names]
     is_table = lambda p: fused and any(p is t for t in tables)  # noqa: E731
     dense = torch.optim.Adam([p for p in model.parameters() if not is_table(p)], **ADAM)
-    names = [name for name, table in model.embedding.embed_dict.items()]
-    table_blocks = [(blocks or {}).get(name) or [(0, t.shape[1])] for name, t in zip(names, tables)]
+    table_blocks = [blocks.get(name) or [(0, t.shape[1])] for name, t in zip(names, tables)]
     accumulators = [[torch.zeros(t.shape[0]) for _ in b] for t, b in zip(tables, table_blocks)]
     outputs = []
     for step_batches in _batches(model, seed, steps):
@@ -434,7 +451,7 @@ def test_sharded_training_equals_unsharded(kind, tmp_path):
     out_path = str(tmp_path / "sharded.pt")
     mp.spawn(_dmp_worker, args=(_free_port(), kind, seed, steps, out_path), nprocs=WORLD, join=True)
     ranks = torch.load(out_path, weights_only=False)
-    checkpoint_model = build_model(kind, seed, weight_seed=seed + 1)
+    checkpoint_model = build_model(kind, seed, weight_seed=seed + 1, own_table=OWN_TABLE[kind])
     checkpoint_model.eval()
     for layout in SHARDINGS:
         plan = ranks[0][str(layout)]["plan"]
@@ -474,7 +491,7 @@ def _resume_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_p
     try:
         runs = {}
         for name, layout, weight_seed in (("saved", "table_wise", seed), ("resumed", "row_wise", seed + 3)):
-            model = build_model(kind, seed, weight_seed=weight_seed)
+            model = build_model(kind, seed, weight_seed=weight_seed, own_table=OWN_TABLE[kind])
             model.train()
             freeze_biases_before_batchnorm(model)
             dmp = sharding.shard_model(model, sharding=layout,
@@ -496,7 +513,7 @@ def _resume_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_p
             runs[name] = dict(output=out.detach().clone(), state=sharding.gathered_state_dict(dmp))
         # Column-wise keeps row-wise Adagrad's state per column shard: refused with the optimiser
         # state, by name, before anything loads; the weights alone load.
-        model = build_model(kind, seed, weight_seed=seed + 4)
+        model = build_model(kind, seed, weight_seed=seed + 4, own_table=OWN_TABLE[kind])
         dmp = sharding.shard_model(model, sharding="column_wise",
                                    table_optimizer=(RowWiseAdagrad, {"lr": LR_TABLES, "eps": EPS}))
         try:

@@ -56,7 +56,10 @@ class FastEmbeddingMixin:
         self.place_tables_on_huge_pages()
 
     def _build_plan(self):
-        pooled, dense = self._compat.embedding_plan(self)
+        self._set_plan(*self._compat.embedding_plan(self))
+
+    def _set_plan(self, pooled: list[PooledFeatureSpec], dense: list[DenseFeatureSpec]) -> None:
+        """The plan for these features (``pooled`` read tables of ``self.embed_dict`` by name)."""
         table_names = list(self.embed_dict.keys())
         self.slots: tuple[PooledFeatureSpec, ...] = tuple(pooled)
         self._slot_tables = tuple(table_names.index(s.table_name) for s in pooled)

@@ -14,7 +14,7 @@ import torch.nn as nn
 from nextrec_fast.compat import UnsupportedModelError
 from nextrec_fast.layers.embedding import FastEmbeddingMixin
 from nextrec_fast.sharding.jagged import KJT_KEY, padded_to_kjt
-from nextrec_fast.sharding.tables import _import_torchrec, table_configs
+from nextrec_fast.sharding.tables import _import_torchrec, table_configs, torchrec_poolable_tables
 
 __all__ = ["TorchRecEmbedding", "use_torchrec_tables"]
 
@@ -28,8 +28,8 @@ class TorchRecEmbedding(nn.Module):
     Constructor Args:
         layer (nn.Module): a fast embedding layer (``model.embedding`` of a nextrec_fast model
             or of an ``accelerate()``d nextrec model). Its table Parameters move into the
-            collection (same objects); its other submodules (dense projections, poolings) are
-            kept under the same names.
+            collection (same objects); its other submodules (dense projections, poolings, the
+            tables TorchRec cannot pool) are kept under the same names.
 
     Call Args:
         x (dict[str, Tensor | KeyedJaggedTensor]): ``x["kjt"]``: the pooled features' ids as one
@@ -45,9 +45,14 @@ class TorchRecEmbedding(nn.Module):
     nextrec_fast checkpoint loads, and a sharded model's state_dict (ShardedTensors under the same
     keys) maps back onto an unsharded one.
 
+    Tables TorchRec cannot pool for every feature reading them (``concat``, nextrec 0.6's
+    attention poolings, sequences of different combiners sharing a table) stay ``nn.Embedding``s
+    in ``self.embed_dict``, pooled by nextrec_fast's op from the padded ids in the batch, and
+    replicated on every rank (DDP) when sharded, trained by the dense optimiser.
+
     Raises:
-        UnsupportedModelError: combiners TorchRec cannot pool (``table_configs``), tables under
-            ``nextrec_fast.optim``'s in-backward optimiser (use TorchRec's fused one instead).
+        UnsupportedModelError: no table TorchRec can pool; tables under ``nextrec_fast.optim``'s
+            in-backward optimiser (use TorchRec's fused one instead).
     """
 
     def __init__(self, layer: nn.Module):
@@ -63,15 +68,24 @@ class TorchRecEmbedding(nn.Module):
                 "the tables are under nextrec_fast.optim.apply_optimizer_in_backward, which TorchRec's modules never "
                 "call; remove it (remove_optimizer_in_backward) and give TorchRec its fused optimiser "
                 "(torchrec.optim.apply_optimizer_in_backward, or shard_model(table_optimizer=...))")
-        configs = table_configs(layer.slots, {name: w.shape[0] for name, w in weights.items()})
-        used = {c.name for c in configs}
-        unused = sorted(set(weights) - used)
+        read = {s.table_name for s in layer.slots}
+        unused = sorted(set(weights) - read)
         if unused:
             raise UnsupportedModelError(f"tables {unused} are read by no pooled feature; TorchRec would shard them "
                                         "anyway: drop them from the model first")
+        # Tables TorchRec cannot pool for every reader (concat, attention poolings, mixed combiners)
+        # stay nn.Embeddings pooled by our op, replicated on every rank like the dense part.
+        moved = set(torchrec_poolable_tables(layer.slots))
+        if not moved:
+            raise UnsupportedModelError("no table TorchRec can pool (combiners sum / mean, one per table): "
+                                        "keep this model on nextrec_fast's own pooling")
+        torchrec_slots = [s for s in layer.slots if s.table_name in moved]
+        own_slots = [s for s in layer.slots if s.table_name not in moved]
+        configs = table_configs(tuple(torchrec_slots), {name: weights[name].shape[0] for name in moved})
         self.features, self._compat = layer.features, layer._compat
         self.slots, self.dense_specs = layer.slots, layer.dense_specs
         self.kjt_keys = [name for c in configs for name in c.feature_names]
+        self._torchrec_tables = frozenset(moved)
         # On the meta device, then the layer's own Parameters put in: no second copy of the tables.
         self.ebc = torchrec.EmbeddingBagCollection(tables=configs, device=torch.device("meta"))
         device = None
@@ -79,14 +93,18 @@ class TorchRecEmbedding(nn.Module):
             bag.weight = weights[name]
             device = weights[name].device
         self.ebc._device = device
+        # The other tables under their own names: state_dict keys embed_dict.<table>.weight as before.
+        self.embed_dict = nn.ModuleDict({name: table for name, table in layer.embed_dict.items() if name not in moved})
         for name, module in layer.named_children():  # dense projections, poolings: same names
             if name != "embed_dict":
                 self.add_module(name, module)
+        self._own = _OwnPooling(self.embed_dict, own_slots, layer._compat) if own_slots else None
         self._register_state_dict_hook(_to_nextrec_keys)
         self.register_load_state_dict_pre_hook(_to_torchrec_keys)
 
     def tables(self) -> list[torch.Tensor]:
-        """The table weights, in table-config order (``ShardedTensor``s once DMP has sharded them)."""
+        """TorchRec's table weights, in table-config order (``ShardedTensor``s once DMP has sharded
+        them); the tables kept on our op are ``self.embed_dict``'s."""
         return [bag.weight for bag in self.ebc.embedding_bags.values()]
 
     def forward(self, x: dict, features=None, squeeze_dim: bool | None = None, **kwargs) -> torch.Tensor:
@@ -99,27 +117,41 @@ class TorchRecEmbedding(nn.Module):
             kjt = padded_to_kjt(x, self.slots, self.kjt_keys)
         # By key, never by position: a sharded collection returns its keys in shard order.
         pooled = self.ebc(kjt).to_dict()
+        if self._own is not None:  # the tables TorchRec cannot pool, by our op, from padded ids
+            own = self._own.pool(x).split([s.out_dim for s in self._own.slots], dim=1)
+            pooled.update(zip([s.name for s in self._own.slots], own))
         pieces = [pooled[s.name] for s in self.slots]
         pieces += [FastEmbeddingMixin._dense_column(self, spec, x) for spec in self.dense_specs]
         return torch.cat(pieces, dim=1)
 
 
-def _rename(state_dict, prefix: str, old: str, new: str) -> None:
-    """Rename ``prefix+old+rest`` keys to ``prefix+new+rest`` in place, keeping the order."""
+class _OwnPooling(FastEmbeddingMixin):
+    """Our pooling op over the tables TorchRec does not hold: the fast layer's ``pool`` on a plan
+    of just those features (no module of its own: the tables and pooling modules are the
+    TorchRecEmbedding's)."""
+
+    def __init__(self, embed_dict: nn.ModuleDict, slots, generation):
+        self.embed_dict, self._compat = embed_dict, generation
+        self._set_plan(list(slots), [])
+
+
+def _rename(state_dict, prefix: str, old: str, new: str, tables) -> None:
+    """Rename ``prefix+old+<table>.rest`` keys to ``prefix+new+<table>.rest`` for ``tables``, in
+    place, keeping the order."""
     items = list(state_dict.items())
     state_dict.clear()
     for key, value in items:
-        if key.startswith(prefix + old):
+        if key.startswith(prefix + old) and key[len(prefix + old):].split(".", 1)[0] in tables:
             key = prefix + new + key[len(prefix + old):]
         state_dict[key] = value
 
 
 def _to_nextrec_keys(module, state_dict, prefix, local_metadata):
-    _rename(state_dict, prefix, _TORCHREC_PREFIX, _NEXTREC_PREFIX)
+    _rename(state_dict, prefix, _TORCHREC_PREFIX, _NEXTREC_PREFIX, module._torchrec_tables)
 
 
 def _to_torchrec_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    _rename(state_dict, prefix, _NEXTREC_PREFIX, _TORCHREC_PREFIX)
+    _rename(state_dict, prefix, _NEXTREC_PREFIX, _TORCHREC_PREFIX, module._torchrec_tables)
 
 
 def use_torchrec_tables(model: nn.Module) -> nn.Module:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from nextrec_fast.compat import PooledFeatureSpec, UnsupportedModelError
 from nextrec_fast.features import SPARSE
 
-__all__ = ["table_configs", "TORCHREC_COMBINERS"]
+__all__ = ["table_configs", "torchrec_poolable_tables", "TORCHREC_COMBINERS"]
 
 # The combiners TorchRec's pooled embedding bags compute (no concat, no attention).
 TORCHREC_COMBINERS = ("sum", "mean")
@@ -25,6 +25,18 @@ def _import_torchrec():
             "pip install --no-deps torchrec==1.9.2 fbgemm-gpu-cpu==1.9.0 (the README's TorchRec section; "
             f"fbgemm must match the installed torch). Import failed with: {e}") from e
     return torchrec
+
+
+def torchrec_poolable_tables(slots: tuple[PooledFeatureSpec, ...]) -> list[str]:
+    """The tables (in first-read order) whose every reader TorchRec can pool: combiner sum or mean
+    without a pooling module of its own, and one pooling mode over the sequence features reading
+    it. The others stay on nextrec_fast's own pooling op."""
+    readers: dict[str, list[PooledFeatureSpec]] = {}
+    for slot in slots:
+        readers.setdefault(slot.table_name, []).append(slot)
+    return [table for table, rs in readers.items()
+            if all(s.combiner in TORCHREC_COMBINERS and s.pooling_module is None for s in rs)
+            and len({s.combiner for s in rs if s.kind != SPARSE}) <= 1]
 
 
 def table_configs(slots: tuple[PooledFeatureSpec, ...], num_embeddings: dict[str, int]) -> list:
