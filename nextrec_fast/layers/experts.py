@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from nextrec_fast.activations import activation_name
 from nextrec_fast.backend import get_backend, use_triton
-from nextrec_fast.layers import joined_weights
 from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
 
@@ -239,7 +238,7 @@ class ExpertBank:
                 relu = type(act) is nn.ReLU
                 linear_bias = None  # folded (fold_bias holds here)
                 if layer.linears[0].bias is not None:
-                    linear_bias = joined_weights.cat([lin.bias for lin in layer.linears])
+                    linear_bias = torch.cat([lin.bias for lin in layer.linears])
                 h = self._batch_norm_act(op, layer, h, linear_bias, relu=relu, out_expert_major=not last)
                 if relu:
                     act = None
@@ -267,11 +266,9 @@ class ExpertBank:
         sizes = {stop - start for start, stop in runs}
         if grouped and len(runs) > 1 and len(sizes) == 1:
             x = torch.stack([inputs[input_of[start]] for start, _ in runs])  # [G, B, K]
-            weight = joined_weights.stack([joined_weights.cat([lin.weight for lin in linears[start:stop]])
-                                           for start, stop in runs])
+            weight = torch.stack([torch.cat([lin.weight for lin in linears[start:stop]]) for start, stop in runs])
             if with_bias and linears[0].bias is not None:
-                bias = joined_weights.stack([joined_weights.cat([lin.bias for lin in linears[start:stop]])
-                                             for start, stop in runs])
+                bias = torch.stack([torch.cat([lin.bias for lin in linears[start:stop]]) for start, stop in runs])
                 return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
             return torch.bmm(x, weight.transpose(1, 2))
         return self._first_linear(inputs, input_of, with_bias=with_bias)
@@ -315,12 +312,12 @@ class ExpertBank:
             group = linears[start:stop]
             x = inputs[input_of[start]]
             pad = _k_padding(x)
-            weight = joined_weights.cat([lin.weight for lin in group]) if len(group) > 1 else group[0].weight
+            weight = torch.cat([lin.weight for lin in group]) if len(group) > 1 else group[0].weight
             if pad:  # the same zero columns on the input and the weights
                 x, weight = F.pad(x, (0, pad)), F.pad(weight, (0, pad))
             bias = None
             if group[0].bias is not None and with_bias:
-                bias = joined_weights.cat([lin.bias for lin in group]) if len(group) > 1 else group[0].bias
+                bias = torch.cat([lin.bias for lin in group]) if len(group) > 1 else group[0].bias
             outputs.append(F.linear(x, weight, bias))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
@@ -344,12 +341,12 @@ class ExpertBank:
             # [1, K] weights (the towers' last layers) as [K, 1] views: their gradients then come back
             # with the parameters' own strides; through the transposed stack they came as [1, K] with
             # strides (1, 1), which DDP's gradient buckets warn about on every run.
-            weight_t = joined_weights.stack([lin.weight.view(-1, 1) for lin in linears])  # [E, K, 1]
+            weight_t = torch.stack([lin.weight.view(-1, 1) for lin in linears])  # [E, K, 1]
         else:
-            weight_t = joined_weights.stack([lin.weight for lin in linears]).transpose(1, 2)  # [E, K, N]
+            weight_t = torch.stack([lin.weight for lin in linears]).transpose(1, 2)  # [E, K, N]
         if linears[0].bias is None or not with_bias:
             return torch.bmm(x, weight_t)
-        bias = joined_weights.stack([lin.bias for lin in linears]).unsqueeze(1)  # [E, 1, N]
+        bias = torch.stack([lin.bias for lin in linears]).unsqueeze(1)  # [E, 1, N]
         return torch.baddbmm(bias, x, weight_t)
 
     # -- BatchNorm, activation, dropout ------------------------------------------------------

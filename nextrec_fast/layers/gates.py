@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nextrec_fast.backend import use_triton
-from nextrec_fast.layers import joined_weights
 from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
 
@@ -44,8 +43,7 @@ def gate_logits(gates: Sequence[nn.Module], inputs: Sequence[torch.Tensor]) -> l
         if len(group) == 1:
             logits.append(F.linear(inputs[start], group[0].weight, group[0].bias))
         else:
-            joint = F.linear(inputs[start], joined_weights.cat([l.weight for l in group]),
-                             joined_weights.cat([l.bias for l in group]))
+            joint = F.linear(inputs[start], torch.cat([l.weight for l in group]), torch.cat([l.bias for l in group]))
             logits += list(joint.split([l.out_features for l in group], dim=1))
         start = stop
     return logits
