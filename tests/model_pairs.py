@@ -83,10 +83,10 @@ def forward_backward(model, x):
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def assert_same_results(fast_result, plain_result, rtol: float = 1e-7) -> None:
-    """Outputs and every gradient (``atol`` relative to the largest gradient)."""
+def assert_same_results(fast_result, plain_result, rtol: float = 1e-7, atol: float = 1e-9) -> None:
+    """Outputs and every gradient (for gradients ``atol`` is relative to the largest gradient)."""
     (out_fast, g_fast), (out_plain, g_plain) = fast_result, plain_result
-    torch.testing.assert_close(out_fast, out_plain, rtol=rtol, atol=1e-9)
+    torch.testing.assert_close(out_fast, out_plain, rtol=rtol, atol=atol)
     scale = max((g.abs().max().item() for g in g_plain.values() if g is not None), default=1.0)
     assert g_fast.keys() == g_plain.keys()
     for name, g in g_plain.items():
@@ -94,7 +94,7 @@ def assert_same_results(fast_result, plain_result, rtol: float = 1e-7) -> None:
             assert g_fast[name] is None or not g_fast[name].any(), name
         else:
             assert g_fast[name] is not None, f"{name}: no gradient"
-            torch.testing.assert_close(g_fast[name], g, rtol=rtol, atol=1e-9 * scale, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(g_fast[name], g, rtol=rtol, atol=atol * scale, msg=lambda m: f"{name}: {m}")
 
 
 def example_parts(model, kind: str) -> list[str]:

@@ -58,8 +58,9 @@ def _reference_rowwise(params, state, lr, eps, weight_decay):
             p[rows] -= lr * g / (acc[rows].sqrt() + eps).unsqueeze(1)
 
 
-def _run(rule, tables, spec, batches, fused: bool, dtype=torch.float64):
+def _run(rule, tables, spec, batches, fused: bool, dtype=torch.float64, **overrides):
     cls, kwargs = RULES[rule]
+    kwargs = {**kwargs, **overrides}
     params = [torch.nn.Parameter(t.clone()) for t in tables]
     if fused:
         opt = optim.apply_optimizer_in_backward(cls, params, kwargs)
@@ -126,8 +127,12 @@ def test_low_precision_tables_follow_the_float64_reference(rng, rule, dtype):
     float64 reference after the same steps."""
     tables, spec = _case(rng, dtype)
     batches = _batches(rng, tables, spec, steps=3)
-    got, state = _run(rule, tables, spec, batches, fused=True)
-    exp, _ = _run(rule, [t.double() for t in tables], spec, batches, fused=False)
+    # Adam turns a gradient near zero into a step of about lr whatever its size, so a sign that
+    # bfloat16's rounding of the forward flips moves an element by 2 lr (0.0986 seen, CI dry run
+    # 7): here eps above that noise, so the comparison measures the tables' rounding.
+    overrides = {"eps": 1e-2} if rule == "sparse_adam" else {}
+    got, state = _run(rule, tables, spec, batches, fused=True, **overrides)
+    exp, _ = _run(rule, [t.double() for t in tables], spec, batches, fused=False, **overrides)
     tol = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}[dtype]
     for g, e in zip(got, exp):
         assert g.dtype == dtype
