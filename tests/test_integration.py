@@ -50,7 +50,11 @@ def _grads(model, x):
 @pytest.mark.parametrize("kind", list(MODELS))
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_accelerate_in_place_same_results(kind, mode):
-    seed = random.Random().randrange(2**31)
+    # From the suite's seeded stream (NEXTREC_FAST_TEST_SEED replays it), printed: an unseeded
+    # draw here failed once in 8 CI dry runs (a tower BatchNorm bias gradient 0 against 0.56) and
+    # could not be replayed.
+    seed = random.randrange(2**31)
+    print(f"{kind} {mode} seed={seed}")
     model, x = _random_model(kind, seed)
     plain = copy.deepcopy(model)
     plain_state = copy.deepcopy(plain.state_dict())
@@ -152,7 +156,7 @@ def _smooth(kwargs: dict) -> dict:
 
 
 def _fit_pair(kind, optimizer, lr, seed=None):
-    seed = random.Random().randrange(2**31) if seed is None else seed
+    seed = random.randrange(2**31) if seed is None else seed  # the suite's seeded stream
     feats = random_features(random.Random(seed), nr_features)
     kwargs = _smooth(random_model_kwargs(kind, random.Random(seed + 1)))
     if kind == "esmm":
@@ -324,7 +328,7 @@ def test_drop_ins_are_nextrecs_classes_accelerated():
     assert (nextrec_fast.ESMM, nextrec_fast.MMOE, nextrec_fast.PLE) == (v03.ESMM, v03.MMOE, v03.PLE)
     assert inspect.signature(v03.MMOE) == inspect.signature(MMOE)
     for kind, cls in (("esmm", v03.ESMM), ("mmoe", v03.MMOE), ("ple", v03.PLE)):
-        seed = random.Random().randrange(2**31)
+        seed = random.randrange(2**31)  # the suite's seeded stream: replayable
         plain, x = _random_model(kind, seed)
         feats = (plain.dense_features, plain.sparse_features, plain.sequence_features)
         drop_in = cls(*feats, **random_model_kwargs(kind, random.Random(seed + 1)))
