@@ -4,7 +4,9 @@
     torchrun --nnodes N --nproc_per_node 8 ... examples/sharded_training.py   # GPUs: nccl
 
 Each rank reads its own batches; the tables are sharded table-wise (``--sharding``) and trained by
-FBGEMM's fused row-wise Adagrad inside the backward, the dense part by Adam under DDP.
+FBGEMM's fused row-wise Adagrad inside the backward, the dense part by Adam under DDP. The steps
+run on TorchRec's TrainPipelineSparseDist (the next batch's ids travel to their tables' ranks
+while this batch trains); ``--no-pipeline`` runs the same steps in a plain loop.
 """
 import argparse
 import logging
@@ -23,6 +25,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--sharding", default="table_wise", help="table_wise, row_wise, column_wise, data_parallel "
                     "or planner (TorchRec's planner chooses)")
 parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--no-pipeline", action="store_true", help="a plain loop instead of TorchRec's pipeline")
 args = parser.parse_args()
 logging.getLogger().setLevel(logging.WARNING)             # TorchRec / FBGEMM log every table at INFO
 
@@ -43,24 +46,47 @@ nextrec_fast.accelerate(model)
 dmp = sharding.shard_model(model, sharding=None if args.sharding == "planner" else args.sharding,
                            table_optimizer=(RowWiseAdagrad, {"lr": 0.05}) if args.sharding != "data_parallel" else None)
 dense_optimizer = torch.optim.Adam(sharding.dense_parameters(dmp).values(), lr=1e-3)
-collate = sharding.KJTCollate(model, collate=None)       # padded ids -> KeyedJaggedTensor, in the data path
 device = next(iter(sharding.dense_parameters(dmp).values())).device
 
-generator = torch.Generator().manual_seed(1000 + rank)  # each rank its own data
-for step in range(args.steps):
-    batch = {"price": torch.rand(256, generator=generator),
-             "user": torch.randint(1, 100_000, (256,), generator=generator),
-             "item": torch.randint(1, 50_000, (256,), generator=generator),
-             "history": torch.randint(0, 50_000, (256, 20), generator=generator)}
-    labels = torch.randint(0, 2, (256, 2), generator=generator).float()
-    x = {k: v.to(device) for k, v in collate(batch).items()}
-    dense_optimizer.zero_grad()
-    logits = dmp(x)                                        # [B, 2] (0.6: logits; the head is call_model's)
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.to(device))
-    loss.backward()                                        # the tables are updated here
-    dense_optimizer.step()
-    if rank == 0 and step % 5 == 0:
-        print(f"step {step}: loss {loss.item():.6f}")
+
+def batches(n):
+    generator = torch.Generator().manual_seed(1000 + rank)  # each rank its own data
+    for _ in range(n):
+        yield {"price": torch.rand(256, generator=generator),
+               "user": torch.randint(1, 100_000, (256,), generator=generator),
+               "item": torch.randint(1, 50_000, (256,), generator=generator),
+               "history": torch.randint(0, 50_000, (256, 20), generator=generator),
+               "click": torch.randint(0, 2, (256,), generator=generator).float(),
+               "buy": torch.randint(0, 2, (256,), generator=generator).float()}
+
+
+def loss_fn(logits, batch):                                # [B, 2] (0.6: logits; the head is call_model's)
+    labels = torch.stack([batch["click"], batch["buy"]], dim=1)
+    return torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+
+
+# padded ids -> KeyedJaggedTensor, in the data path (a DataLoader's collate_fn; here on ready batches)
+collate = sharding.KJTCollate(model, collate=None, pipelined=not args.no_pipeline)
+if args.no_pipeline:
+    for step, batch in enumerate(map(collate, batches(args.steps))):
+        x = {k: v.to(device) for k, v in batch.items()}
+        dense_optimizer.zero_grad()
+        loss = loss_fn(dmp(x), x)
+        loss.backward()                                    # the tables are updated here
+        dense_optimizer.step()
+        if rank == 0 and step % 5 == 0:
+            print(f"step {step}: loss {loss.item():.6f}")
+else:
+    pipeline = sharding.train_pipeline(dmp, loss_fn, dense_optimizer)
+    it, step = map(collate, batches(args.steps)), 0
+    while True:
+        try:
+            logits = pipeline.progress(it)                 # zero_grad, forward, backward, both optimisers
+        except StopIteration:
+            break
+        if rank == 0 and step % 5 == 0:
+            print(f"step {step}: logits mean {logits.mean().item():.6f}")
+        step += 1
 
 plan = {table: s.sharding_type for table, s in dmp.plan.plan["embedding.ebc"].items()}
 state = sharding.gathered_state_dict(dmp)                  # whole tables, nextrec's keys, on rank 0

@@ -312,7 +312,7 @@ def test_table_optimizer_taken_off_again():
 # -- 2 processes: DistributedModelParallel ----------------------------------------------------
 SHARDINGS = ["table_wise", "row_wise", "column_wise", "data_parallel", None]  # None: the planner's plan
 # MMOE's models get a table TorchRec cannot pool, kept on our op and replicated under DDP.
-OWN_TABLE = {"mmoe": True, "ple": False}
+OWN_TABLE = {"mmoe": True, "ple": False, "esmm": True}
 
 
 def _free_port() -> int:
@@ -554,6 +554,63 @@ def test_sharded_checkpoint_resumes_resharded(tmp_path):
             continue
         torch.testing.assert_close(ranks[0]["resumed"]["state"][key], value, rtol=1e-5, atol=1e-6,
                                    msg=lambda m: f"resumed {key}: {m}")
+
+
+def _pipeline_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_path: str) -> None:
+    """Row-wise tables trained through TorchRec's TrainPipelineSparseDist (train_pipeline)."""
+    import torch.distributed as dist
+    from torchrec.optim import RowWiseAdagrad
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        model = build_model(kind, seed, own_table=OWN_TABLE[kind])
+        model.train()
+        freeze_biases_before_batchnorm(model)
+        dmp = sharding.shard_model(model, sharding="row_wise",
+                                   table_optimizer=(RowWiseAdagrad, {"lr": LR_TABLES, "eps": EPS}))
+        dense = torch.optim.Adam(sharding.dense_parameters(dmp).values(), **ADAM)
+        collate = sharding.KJTCollate(model, collate=None, pipelined=True)
+        batches = iter([collate(step_batches[rank]) for step_batches in _batches(model, seed, steps)])
+        pipeline = sharding.train_pipeline(dmp, lambda out, dense_columns: loss_of(output_of(out)), dense)
+        outputs = []
+        while True:
+            try:
+                outputs.append(output_of(pipeline.progress(batches)).detach().clone())
+            except StopIteration:
+                break
+        pipelined = bool(getattr(dmp.module.embedding.ebc, "is_pipelined", False))
+        tables = list(dmp.plan.plan["embedding.ebc"])
+        _save_from_all_ranks(dict(outputs=outputs, state=sharding.gathered_state_dict(dmp), pipelined=pipelined,
+                                  tables=tables), rank, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_pipeline_equals_unsharded(tmp_path):
+    """TorchRec's TrainPipelineSparseDist (``train_pipeline``, ``KJTCollate(pipelined=True)``) over
+    row-wise tables: the collection is pipelined (its lookup runs a batch ahead), and each rank's
+    outputs over 4 steps and the gathered weights equal the unsharded model's on the same batches."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    seed, steps = SEEDS[2], 4
+    kind = random.Random(seed).choice(["mmoe", "ple", "esmm"])
+    _print_seed(kind, seed)
+    out_path = str(tmp_path / "pipeline.pt")
+    mp.spawn(_pipeline_worker, args=(_free_port(), kind, seed, steps, out_path), nprocs=WORLD, join=True)
+    ranks = torch.load(out_path, weights_only=False)
+    assert all(r["pipelined"] for r in ranks), "TorchRec's pipeline did not pipeline the collection"
+    assert all(len(r["outputs"]) == steps for r in ranks), [len(r["outputs"]) for r in ranks]
+    model, outputs = _reference_training(kind, seed, steps, fused=True, blocks=dict.fromkeys(ranks[0]["tables"]))
+    for step in range(steps):
+        for rank in range(WORLD):
+            torch.testing.assert_close(ranks[rank]["outputs"][step], outputs[step][rank], rtol=2e-4, atol=2e-5,
+                                       msg=lambda m: f"step {step} rank {rank}: {m}")
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(ranks[0]["state"][key], value, rtol=2e-4, atol=2e-5, msg=lambda m: f"{key}: {m}")
 
 
 def test_torchrec_tables_benchmark_runs(tmp_path):

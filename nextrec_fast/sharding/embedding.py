@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from nextrec_fast.compat import UnsupportedModelError
 from nextrec_fast.layers.embedding import FastEmbeddingMixin
-from nextrec_fast.sharding.jagged import KJT_KEY, padded_to_kjt
+from nextrec_fast.sharding.jagged import KJT_KEY, POOLED_KEY, padded_to_kjt
 from nextrec_fast.sharding.tables import _import_torchrec, table_configs, torchrec_poolable_tables
 
 __all__ = ["TorchRecEmbedding", "use_torchrec_tables"]
@@ -36,6 +36,8 @@ class TorchRecEmbedding(nn.Module):
             ``KeyedJaggedTensor`` (``KJTCollate`` builds it in the data path, as TorchRec's
             pipeline needs), or, without it, nextrec's padded id tensors (converted here, on the
             fly); dense columns ``[B]`` or ``[B, input_dim]`` as nextrec takes them.
+            ``x["pooled"]``, when present: the collection's output for this batch, looked up
+            already (``ShardedTrainStep``, TorchRec's pipeline); the collection is not called.
 
     Returns:
         Tensor: ``[B, sum of output dims]``, pooled features in feature order, then dense ones:
@@ -112,11 +114,14 @@ class TorchRecEmbedding(nn.Module):
                 features is not None and [f.name for f in features] != [f.name for f in self.features]):
             raise NotImplementedError("TorchRecEmbedding computes the multi-task models' layout only (all features, "
                                       "pooled, squeeze_dim=True)")
-        kjt = x.get(KJT_KEY) if isinstance(x, dict) else None
-        if kjt is None:
-            kjt = padded_to_kjt(x, self.slots, self.kjt_keys)
+        pooled = x.get(POOLED_KEY) if isinstance(x, dict) else None
+        if pooled is None:
+            kjt = x.get(KJT_KEY) if isinstance(x, dict) else None
+            if kjt is None:
+                kjt = padded_to_kjt(x, self.slots, self.kjt_keys)
+            pooled = self.ebc(kjt)
         # By key, never by position: a sharded collection returns its keys in shard order.
-        pooled = self.ebc(kjt).to_dict()
+        pooled = pooled.to_dict()
         if self._own is not None:  # the tables TorchRec cannot pool, by our op, from padded ids
             own = self._own.pool(x).split([s.out_dim for s in self._own.slots], dim=1)
             pooled.update(zip([s.name for s in self._own.slots], own))

@@ -12,10 +12,13 @@ import torch
 from nextrec_fast.compat import PooledFeatureSpec
 from nextrec_fast.features import SPARSE
 
-__all__ = ["KJT_KEY", "padded_to_kjt", "KJTCollate"]
+__all__ = ["KJT_KEY", "POOLED_KEY", "padded_to_kjt", "KJTCollate"]
 
 # The batch-dict key under which a model with TorchRec tables takes its sparse and sequence ids.
 KJT_KEY = "kjt"
+# The key under which TorchRec's pipeline hands the model the tables' pooled ``KeyedTensor``,
+# looked up before the model runs (``ShardedTrainStep``).
+POOLED_KEY = "pooled"
 
 
 def _jagged(slot: PooledFeatureSpec, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,11 +84,13 @@ class KJTCollate:
         model_or_layer (nn.Module): a model after ``use_torchrec_tables`` (or its embedding).
         collate (callable, optional): the collate to run first (default
             ``torch.utils.data.default_collate``); pass None to call it on already-batched dicts.
+        pipelined (bool): return a ``KJTBatch`` (``nextrec_fast.sharding.pipeline``), the batch
+            TorchRec's ``TrainPipelineSparseDist`` moves, instead of a dict.
     """
 
     _DEFAULT = object()
 
-    def __init__(self, model_or_layer, collate=_DEFAULT):
+    def __init__(self, model_or_layer, collate=_DEFAULT, pipelined: bool = False):
         layer = getattr(model_or_layer, "embedding", model_or_layer)
         if not hasattr(layer, "kjt_keys"):
             raise TypeError("KJTCollate needs a model after nextrec_fast.sharding.use_torchrec_tables(model)")
@@ -94,10 +99,15 @@ class KJTCollate:
             from torch.utils.data import default_collate
             collate = default_collate
         self.collate = collate
+        self.pipelined = pipelined
 
     def __call__(self, samples):
         batch = self.collate(samples) if self.collate is not None else samples
         pooled = set(self.keys)
         out = {k: v for k, v in batch.items() if k not in pooled}
-        out[KJT_KEY] = padded_to_kjt(batch, self.slots, self.keys)
+        kjt = padded_to_kjt(batch, self.slots, self.keys)
+        if self.pipelined:
+            from nextrec_fast.sharding.pipeline import KJTBatch
+            return KJTBatch(kjt, out)
+        out[KJT_KEY] = kjt
         return out
