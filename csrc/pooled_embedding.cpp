@@ -25,8 +25,10 @@
 #include <cstdlib>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 
@@ -1088,6 +1090,212 @@ TensorList backward_sparse_cpu(const at::Tensor& grad_out, const TensorList& tab
   return out;
 }
 
+// ---- backward: coalesced sparse gradients (the in-backward optimisers) ----------------------
+
+// Row id -> its slot among a table's distinct rows, in first-appearance order. A table no
+// larger than 8x the entries gets a direct [V] map (one cache-friendly load per id); a larger one
+// an open-addressing hash of capacity at least twice the entries (a [V] map would cost more to
+// clear than the entries to look up). Ids are in-range rows (>= 0), so -1 marks an empty key.
+class RowSlots {
+ public:
+  RowSlots(int64_t entries, int64_t vocab) : direct_(vocab <= 8 * entries) {
+    if (direct_) {
+      slots_.assign(vocab, -1);
+    } else {
+      int64_t capacity = 16;
+      shift_ = 60;
+      while (capacity < 2 * entries) {
+        capacity *= 2;
+        --shift_;
+      }
+      keys_.assign(capacity, -1);
+      slots_.resize(capacity);
+      mask_ = static_cast<uint64_t>(capacity - 1);
+    }
+    rows_.reserve(std::min<int64_t>(entries, vocab));
+  }
+  int64_t slot(int64_t id) {
+    if (direct_) {
+      int32_t& s = slots_[id];
+      if (s < 0) {
+        s = static_cast<int32_t>(rows_.size());
+        rows_.push_back(id);
+      }
+      return s;
+    }
+    // Fibonacci hashing: the top bits of id * 2^64 / phi spread consecutive ids.
+    uint64_t h = (static_cast<uint64_t>(id) * 0x9E3779B97F4A7C15ull) >> shift_;
+    while (true) {
+      if (keys_[h] == id) return slots_[h];
+      if (keys_[h] == -1) {
+        keys_[h] = id;
+        slots_[h] = static_cast<int32_t>(rows_.size());
+        rows_.push_back(id);
+        return slots_[h];
+      }
+      h = (h + 1) & mask_;
+    }
+  }
+  const std::vector<int64_t>& rows() const { return rows_; }
+
+ private:
+  bool direct_;
+  std::vector<int64_t> keys_, rows_;
+  std::vector<int32_t> slots_;  // fewer than 2^31 distinct rows per call
+  uint64_t mask_ = 0;
+  int shift_ = 0;
+};
+
+// Calls visit(bag, position, id) for every kept position of `f` whose id receives gradient, in
+// bag then position order: the order of backward_sparse's entries.
+template <typename index_t, typename Visit>
+void for_each_grad_entry(const FeatureMeta& f, int64_t batch, Visit&& visit) {
+  const index_t* ids = static_cast<const index_t*>(f.ids);
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t begin, end;
+    bag_bounds(f, b, &begin, &end);
+    begin = kept_begin(begin, end, f.max_len);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t id = static_cast<int64_t>(ids[p]);
+      if (receives_grad(f, id)) visit(b, begin, p, id);
+    }
+  }
+}
+
+// Adds one feature's entries into their rows' sums `acc` ([U, D]), entry by entry in
+// backward_sparse's order (k: the running entry index, fresh: the next slot not yet written).
+// Each entry is what backward_sparse writes (g / denom * w) summed in acc_t; a row's first entry
+// is written (0 + x is x), so `acc` needs no zeroing pass. Without per-id weights every entry of
+// a sum/mean bag adds the same vector: computed once per bag.
+template <typename scalar_t, typename index_t>
+void accumulate_feature(const FeatureMeta& f, const scalar_t* grad_out, int64_t out_stride, int64_t batch,
+                        const std::vector<int32_t>& entry_slot, at::opmath_type<scalar_t>* acc, int64_t& k,
+                        int32_t& fresh) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t* ids = static_cast<const index_t*>(f.ids);
+  const scalar_t* weights = static_cast<const scalar_t*>(f.weights);
+  const int64_t D = f.dim, entries = static_cast<int64_t>(entry_slot.size());
+  const bool per_bag = weights == nullptr && f.combiner != kConcat;
+  std::vector<acc_t> bag_grad(D);
+  for (int64_t b = 0; b < batch; ++b) {
+    int64_t begin, end;
+    bag_bounds(f, b, &begin, &end);
+    begin = kept_begin(begin, end, f.max_len);
+    const acc_t denom = f.combiner == kMean ? mean_denominator<acc_t>(pooled_count(f, begin, end)) : acc_t(1);
+    if (per_bag) {
+      const scalar_t* src = grad_out + b * out_stride + f.out_offset;
+      for (int64_t d = 0; d < D; ++d) {
+        acc_t v = static_cast<acc_t>(src[d]);
+        if (f.combiner == kMean) v /= denom;
+        bag_grad[d] = v;
+      }
+    }
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t id = static_cast<int64_t>(ids[p]);
+      if (!receives_grad(f, id)) continue;
+      // The rows entries add into are scattered: fetch a few entries ahead.
+      if (k + 8 < entries) __builtin_prefetch(acc + static_cast<int64_t>(entry_slot[k + 8]) * D, 1);
+      const int32_t slot = entry_slot[k++];
+      acc_t* dst = acc + static_cast<int64_t>(slot) * D;
+      const acc_t* v = bag_grad.data();
+      if (!per_bag) {
+        const scalar_t* src = grad_out + b * out_stride + out_column(f, p - begin);
+        const acc_t w = weights != nullptr ? static_cast<acc_t>(weights[p]) : acc_t(1);
+        for (int64_t d = 0; d < D; ++d) {
+          acc_t x = static_cast<acc_t>(src[d]);
+          if (f.combiner == kMean) x /= denom;
+          bag_grad[d] = x * w;
+        }
+      }
+      if (slot == fresh) {
+        ++fresh;
+        for (int64_t d = 0; d < D; ++d) dst[d] = v[d];
+      } else {
+        for (int64_t d = 0; d < D; ++d) dst[d] += v[d];
+      }
+    }
+  }
+}
+
+// One table's distinct rows and their summed gradients [U, D] (accumulation dtype), the sum of
+// each row's entries in entry order from zero: what index_add_ of backward_sparse's entries
+// gives, without writing the [N, D] entries.
+template <typename scalar_t>
+void coalesce_table(const PoolingPlan& plan, const scalar_t* grad_out, int64_t table, at::Tensor& rows_out,
+                    at::Tensor& grad_out_rows, bool& finite) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = plan.batch;
+  int64_t bound = 0;
+  for (const FeatureMeta& f : plan.features)
+    if (f.table_index == table) bound += f.offsets == nullptr ? batch * f.seq_len : f.seq_len;
+  RowSlots map(bound, plan.tables[table].size(0));
+  std::vector<int32_t> entry_slot;
+  entry_slot.reserve(bound);
+  for (const FeatureMeta& f : plan.features) {
+    if (f.table_index != table) continue;
+    auto visit = [&](int64_t, int64_t, int64_t, int64_t id) { entry_slot.push_back(map.slot(id)); };
+    if (f.ids_int64) for_each_grad_entry<int64_t>(f, batch, visit);
+    else for_each_grad_entry<int32_t>(f, batch, visit);
+  }
+  const int64_t D = plan.tables[table].size(1);
+  const int64_t U = static_cast<int64_t>(map.rows().size());
+  rows_out = at::empty({U}, plan.tables[table].options().dtype(at::kLong));
+  std::copy(map.rows().begin(), map.rows().end(), rows_out.data_ptr<int64_t>());
+  grad_out_rows = at::empty({U, D}, plan.tables[table].options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* acc = grad_out_rows.data_ptr<acc_t>();
+  int64_t k = 0;
+  int32_t fresh = 0;  // slots were numbered in entry order: a slot's first entry is the next new one
+  for (const FeatureMeta& f : plan.features) {
+    if (f.table_index != table) continue;
+    if (f.ids_int64) accumulate_feature<scalar_t, int64_t>(f, grad_out, plan.total_dim, batch, entry_slot, acc, k, fresh);
+    else accumulate_feature<scalar_t, int32_t>(f, grad_out, plan.total_dim, batch, entry_slot, acc, k, fresh);
+  }
+  // NaN fails every comparison, inf exceeds the largest finite value; an OR reduction
+  // vectorises where a floating-point sum would wait on every add.
+  bool bad = false;
+  const acc_t largest = std::numeric_limits<acc_t>::max();
+  for (int64_t i = 0; i < U * D; ++i) bad |= !(std::abs(acc[i]) <= largest);
+  finite = !bad;
+}
+
+// Per table needing a gradient: its distinct rows [U] (int64, first-appearance order) then their
+// summed gradients [U, D] (float32 for half tables, else the table's dtype), flattened as
+// [rows_0, grads_0, rows_1, grads_1, ...], then one bool tensor [tables needing a gradient]:
+// whether each table's sums are all finite. Tables run in parallel; each table's sums are in
+// entry order, so the result is the same run to run and thread count to thread count.
+TensorList backward_coalesced_cpu(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
+                                  const OptTensorList& offsets, const TensorList& weights,
+                                  at::IntArrayRef weighted_features, at::IntArrayRef table_index,
+                                  at::IntArrayRef combiners, at::IntArrayRef mask_ids, at::IntArrayRef max_lens,
+                                  const std::vector<std::string>& names, at::IntArrayRef grad_padding_idx,
+                                  at::IntArrayRef table_needs_grad) {
+  PoolingPlan plan = backward_plan(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners,
+                                   mask_ids, max_lens, names, grad_padding_idx);
+  check_offsets_cpu(plan, names);
+  TORCH_CHECK_VALUE(table_needs_grad.size() == plan.tables.size(), "pooled_embedding backward: table_needs_grad has ",
+                    table_needs_grad.size(), " entries for ", plan.tables.size(), " tables");
+  at::Tensor g = grad_out.contiguous();
+  std::vector<int64_t> wanted;
+  for (size_t t = 0; t < plan.tables.size(); ++t)
+    if (table_needs_grad[t]) wanted.push_back(static_cast<int64_t>(t));
+  std::vector<at::Tensor> rows(wanted.size()), sums(wanted.size());
+  at::Tensor finite = at::empty({static_cast<int64_t>(wanted.size())}, g.options().dtype(at::kBool));
+  bool* ok = finite.data_ptr<bool>();
+  NEXTREC_FAST_DISPATCH_FLOATING(plan.dtype, "pooled_embedding_backward_coalesced_cpu", [&] {
+    const scalar_t* go = g.data_ptr<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(wanted.size()), 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) coalesce_table<scalar_t>(plan, go, wanted[i], rows[i], sums[i], ok[i]);
+    });
+  });
+  TensorList out;
+  for (size_t i = 0; i < wanted.size(); ++i) {
+    out.push_back(rows[i]);
+    out.push_back(sums[i]);
+  }
+  out.push_back(finite);
+  return out;
+}
+
 // ---- backward: per-id weights --------------------------------------------------------------
 
 template <typename scalar_t, typename index_t>
@@ -1172,6 +1380,13 @@ NEXTREC_FAST_LIBRARY_FRAGMENT(NEXTREC_FAST_OP_NAMESPACE, m) {
       "pooled_embedding_backward_sparse(Tensor grad_out, Tensor[] tables, Tensor[] ids, Tensor?[] offsets, "
       "Tensor[] per_id_weights, int[] weighted_features, int[] table_index, int[] combiners, int[] mask_ids, int[] max_lens, "
       "str[] feature_names, int[] grad_padding_idx, int[] table_needs_grad) -> Tensor[]");
+  // Coalesced sparse gradients: per table that needs a gradient, its distinct int64 rows [U]
+  // (first-appearance order) then their summed gradients [U, D] (float32 for half tables); last,
+  // a bool tensor: per such table, whether its sums are all finite.
+  m.def(
+      "pooled_embedding_backward_coalesced(Tensor grad_out, Tensor[] tables, Tensor[] ids, Tensor?[] offsets, "
+      "Tensor[] per_id_weights, int[] weighted_features, int[] table_index, int[] combiners, int[] mask_ids, int[] max_lens, "
+      "str[] feature_names, int[] grad_padding_idx, int[] table_needs_grad) -> Tensor[]");
   // Gradients of the per-id weights, in the order of per_id_weights.
   m.def(
       "pooled_embedding_weight_backward(Tensor grad_out, Tensor[] tables, Tensor[] ids, Tensor?[] offsets, "
@@ -1187,6 +1402,7 @@ NEXTREC_FAST_LIBRARY_IMPL(NEXTREC_FAST_OP_NAMESPACE, CPU, m) {
   m.impl("pooled_embedding_backward_into", &nextrec_fast::backward_into_cpu);
   m.impl("pooled_embedding_backward_into_dirty", &nextrec_fast::backward_into_dirty_cpu);
   m.impl("pooled_embedding_backward_sparse", &nextrec_fast::backward_sparse_cpu);
+  m.impl("pooled_embedding_backward_coalesced", &nextrec_fast::backward_coalesced_cpu);
   m.impl("pooled_embedding_weight_backward", &nextrec_fast::weight_backward_cpu);
 }
 #endif

@@ -70,8 +70,16 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                     continue
                 if p.dim() != 2:
                     raise ValueError(f"RowWiseAdagrad: expected [V, D] tables, got a parameter of shape {tuple(p.shape)}")
-                rows = torch.arange(p.shape[0], device=p.device)
-                _rowwise_adagrad(p, self.state[p], rows, p.grad.to_dense(), group)
+                # Every row, in torch ops (any device); the in-backward path runs the C++ op.
+                state = self.state[p]
+                if not state:
+                    state["sum"] = torch.zeros(p.shape[0], dtype=_state_dtype(p), device=p.device)
+                g = p.grad.to_dense().to(state["sum"].dtype)
+                if group["weight_decay"]:
+                    g = g + group["weight_decay"] * p.to(g.dtype)
+                state["sum"].add_(g.pow(2).mean(dim=1))
+                multiplier = group["lr"] / (state["sum"].sqrt() + group["eps"])
+                p.sub_((g * multiplier.unsqueeze(1)).to(p.dtype))
         return loss
 
 
@@ -147,18 +155,30 @@ class EmbeddingOptimizerInBackward(torch.optim.Optimizer):
     @torch.no_grad()
     def apply(self, param: Tensor, rows: Tensor, grad: Tensor) -> None:
         """Update ``param``'s distinct ``rows`` (int64 ``[U]``) with their summed gradient
-        ``grad`` (``[U, D]``)."""
-        # Looked up each time: load_state_dict replaces the group dicts (and schedulers edit them).
-        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
-        state = self.state[param]
-        if self.rule == "sgd":
-            param.index_add_(0, rows, grad.to(param.dtype), alpha=-group["lr"])
-        elif self.rule == "adagrad":
-            _adagrad(param, state, rows, grad, group)
-        elif self.rule == "rowwise_adagrad":
-            _rowwise_adagrad(param, state, rows, grad, group)
-        else:
-            _sparse_adam(param, state, rows, grad, group)
+        ``grad`` (``[U, D]``), in place."""
+        EmbeddingOptimizerInBackward.apply_many([(self, param, rows, grad)])
+
+    @staticmethod
+    @torch.no_grad()
+    def apply_many(updates) -> None:
+        """Several tables' updates, ``[(optimizer, table, rows, grad)]``, in one call of the C++
+        op ``embedding_rows_update_`` (the pooling backward's updates of one step): ``rows``
+        int64 ``[U]`` distinct, ``grad`` ``[U, D]`` their summed gradients."""
+        tables, states, rows, grads, rules, hyper = [], [], [], [], [], []
+        for optimizer, param, r, g in updates:
+            # Looked up each time: load_state_dict replaces the group dicts (and schedulers edit them).
+            group = next(grp for grp in optimizer.param_groups if any(p is param for p in grp["params"]))
+            rule, state, h = _RULES[optimizer.rule](param, optimizer.state[param], group)
+            g = g.to(_state_dtype(param)).contiguous()
+            if group.get("maximize", False):  # SparseAdam's option (the other rules refuse it)
+                g = -g
+            tables.append(param)
+            states += state
+            rows.append(r)
+            grads.append(g)
+            rules.append(rule)
+            hyper += h
+        torch.ops.nextrec_fast.embedding_rows_update_(tables, states, rows, grads, rules, hyper)
 
 
 def _gradient_elsewhere(param: Tensor) -> None:
@@ -176,53 +196,41 @@ def _state_dtype(param: Tensor) -> torch.dtype:
     return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
 
 
-def _adagrad(param, state, rows, grad, group):
+# Per rule: (the op's rule number, its state tensors, its hyper-parameters), the state created on
+# first use (fp32 for half tables, as FBGEMM keeps its momentum).
+def _sgd(param, state, group):
+    return 0, [], [group["lr"]]
+
+
+def _adagrad(param, state, group):
     if not state:
         state["step"] = torch.tensor(0.0, dtype=_state_dtype(param))
         state["sum"] = torch.full(param.shape, float(group["initial_accumulator_value"]),
                                   dtype=_state_dtype(param), device=param.device)
     state["step"] += 1
     step = state["step"].item()
-    clr = group["lr"] / (1 + (step - 1) * group["lr_decay"])
-    g = grad.to(state["sum"].dtype)
-    s = state["sum"].index_select(0, rows).add_(g * g)
-    state["sum"].index_copy_(0, rows, s)
-    update = g / s.sqrt_().add_(group["eps"])
-    param.index_add_(0, rows, update.to(param.dtype), alpha=-clr)
+    return 1, [state["sum"]], [group["lr"] / (1 + (step - 1) * group["lr_decay"]), group["eps"]]
 
 
-def _rowwise_adagrad(param, state, rows, grad, group):
-    if not state:  # fp32 (fp64 for fp64 tables), as FBGEMM keeps its momentum
+def _rowwise_adagrad(param, state, group):
+    if not state:
         state["sum"] = torch.zeros(param.shape[0], dtype=_state_dtype(param), device=param.device)
-    g = grad.to(state["sum"].dtype)
-    if group["weight_decay"]:
-        g = g + group["weight_decay"] * param.index_select(0, rows).to(g.dtype)
-    acc = state["sum"].index_select(0, rows).add_(g.pow(2).mean(dim=1))
-    state["sum"].index_copy_(0, rows, acc)
-    multiplier = group["lr"] / (acc.sqrt() + group["eps"])
-    param.index_add_(0, rows, (g * multiplier.unsqueeze(1)).to(param.dtype), alpha=-1.0)
+    return 2, [state["sum"]], [group["lr"], group["eps"], group["weight_decay"]]
 
 
-def _sparse_adam(param, state, rows, grad, group):
+def _sparse_adam(param, state, group):
     if not state:
         state["step"] = 0
         state["exp_avg"] = torch.zeros(param.shape, dtype=_state_dtype(param), device=param.device)
         state["exp_avg_sq"] = torch.zeros(param.shape, dtype=_state_dtype(param), device=param.device)
     state["step"] += 1
     beta1, beta2 = group["betas"]
-    g = grad.to(state["exp_avg"].dtype)
-    if group["maximize"]:
-        g = -g
-    m_old, v_old = state["exp_avg"].index_select(0, rows), state["exp_avg_sq"].index_select(0, rows)
-    m_update = (g - m_old).mul_(1 - beta1)
-    v_update = (g * g).sub_(v_old).mul_(1 - beta2)
-    state["exp_avg"].index_add_(0, rows, m_update)
-    state["exp_avg_sq"].index_add_(0, rows, v_update)
-    numer = m_update.add_(m_old)
-    denom = v_update.add_(v_old).sqrt_().add_(group["eps"])
     step = state["step"]
     step_size = group["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
-    param.index_add_(0, rows, (numer.div_(denom) * -step_size).to(param.dtype))
+    return 3, [state["exp_avg"], state["exp_avg_sq"]], [step_size, beta1, beta2, group["eps"]]
+
+
+_RULES = {"sgd": _sgd, "adagrad": _adagrad, "rowwise_adagrad": _rowwise_adagrad, "sparse_adam": _sparse_adam}
 
 
 def apply_optimizer_in_backward(optimizer_class: type, params: Iterable[Tensor],

@@ -484,6 +484,66 @@ def test_sparse_grad_matches_dense(rng):
         torch.testing.assert_close(s.grad.to_dense(), d.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("draw", range(3))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_coalesced_gradients_match_the_reference(rng, dtype, draw):
+    """The in-backward optimisers' gradients (pooled_embedding_backward_coalesced): per table its
+    distinct rows, in first-appearance order, and their summed gradients (float32 for half
+    tables), judged against the float64 reference's dense gradient, with per-id weights, concat,
+    jagged and padded layouts, int32 ids and shared tables; plus the per-table finite flags."""
+    case, tables = random_case(rng, dtype=dtype, weights=True)
+    common = _common_op_args(case, tables)
+    width = call(case, tables).shape[1]
+    grad_out = torch.randn(len(case["ids"][0]) if case["offsets"][0] is None else len(case["offsets"][0]) - 1, width,
+                           dtype=torch.float64).to(dtype)
+    need = [rng.choice([0, 1]) for _ in tables]
+    need[rng.randrange(len(tables))] = 1
+    flat = torch.ops.nextrec_fast.pooled_embedding_backward_coalesced(grad_out, *common, case["grad_padding_idx"], need)
+    *flat, finite = flat
+    assert finite.dtype == torch.bool and finite.tolist() == [True] * sum(need)
+    _, expected, _ = reference_grads(case, tables, grad_out.to(torch.float64), case["per_id_weights"])
+    acc_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    tol = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: TOL[torch.float32],
+           torch.bfloat16: dict(rtol=1e-5, atol=1e-5)}[dtype]  # bf16 inputs, float32 sums
+    for t, (rows, sums) in zip([t for t in range(len(tables)) if need[t]], zip(flat[0::2], flat[1::2])):
+        assert rows.dtype == torch.int64 and sums.dtype == acc_dtype and sums.shape == (len(rows), tables[t].shape[1])
+        assert len(set(rows.tolist())) == len(rows), "rows repeat"
+        dense = torch.zeros(tables[t].shape, dtype=torch.float64)
+        dense[rows] = sums.double()
+        torch.testing.assert_close(dense, expected[t], **tol, msg=lambda m: f"table {t}: {m}")
+        # Exactly the rows that some kept, pooled position of a reading feature hits.
+        hit = []
+        for f, ti in enumerate(case["table_index"]):
+            if ti != t:
+                continue
+            ids = case["ids"][f].long()
+            if case["offsets"][f] is not None:
+                ids, valid = to_padded(ids, case["offsets"][f], grad_out.shape[0])
+            else:
+                ids, valid = ids.reshape(grad_out.shape[0], -1), torch.ones(ids.reshape(grad_out.shape[0], -1).shape, dtype=torch.bool)
+            if case["max_lens"][f] >= 0:  # the last max_len valid positions of each bag
+                keep = valid.flip(1).cumsum(1).flip(1) <= case["max_lens"][f]
+                valid = valid & keep
+            if case["combiners"][f] != "concat":
+                valid = valid & (ids != case["mask_ids"][f])
+            for row in ids[valid].tolist():
+                if row != case["grad_padding_idx"][t] and row not in hit:
+                    hit.append(row)
+        assert rows.tolist() == hit, (t, rows.tolist(), hit)
+    # NaN everywhere: every table that got rows is flagged; NaN in feature 0's first column only:
+    # the tables feature 0 does not read stay finite.
+    wanted = [t for t in range(len(tables)) if need[t]]
+    *_, flags = torch.ops.nextrec_fast.pooled_embedding_backward_coalesced(
+        torch.full_like(grad_out, float("nan")), *common, case["grad_padding_idx"], need)
+    assert flags.tolist() == [flat[2 * i].numel() == 0 for i in range(len(wanted))], flags
+    poisoned = grad_out.clone()
+    poisoned[:, 0] = float("nan")
+    *_, flags = torch.ops.nextrec_fast.pooled_embedding_backward_coalesced(poisoned, *common, case["grad_padding_idx"], need)
+    for i, t in enumerate(wanted):
+        if t != case["table_index"][0]:
+            assert flags[i], (t, flags)
+
+
 # ------------------------------------------------------------------------------------------
 # Determinism, gradient buffer reuse, poisoned buffers
 # ------------------------------------------------------------------------------------------
