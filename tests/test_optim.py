@@ -289,3 +289,18 @@ def test_copies_and_pickles_carry_no_in_backward_optimizer(tmp_path):
         out.sum().backward()
         assert other.grad is not None
     assert optim.in_backward_optimizer(table) is not None
+
+
+def test_tbe_benchmark_runs():
+    """The side-by-side benchmark with FBGEMM's TBE (python -m nextrec_fast.bench.tbe_update) on
+    the small features, one repeat: every row timed, and FBGEMM's row (when fbgemm is installed)
+    pooling what ours pools."""
+    from nextrec_fast.bench import tbe_update
+    result = tbe_update.run(batch=64, repeats=1, warmup=0, config="small")
+    variants = {(r["optimizer"], r["variant"]) for r in result["rows"]}
+    assert {(o, v) for o in tbe_update.OPTIMIZERS for v in ("ours, in backward", "ours, dense gradients")} <= variants
+    assert all(r["ms"] > 0 for r in result["rows"])
+    if result["environment"]["fbgemm"] == "installed":
+        assert result["environment"]["max_abs_forward_difference"] < 1e-6
+        assert ("sgd", "FBGEMM TBE, fused") in variants
+    assert "speed-up over" in tbe_update.format_table(result)

@@ -1,0 +1,159 @@
+"""Pooling forward + backward + table update, side by side with FBGEMM's CPU table-batched
+embedding (TBE) and its fused optimiser, on the bench's default features.
+
+Per optimiser (EXACT_SGD, EXACT_ROWWISE_ADAGRAD), timed interleaved in one process:
+
+- ``FBGEMM TBE, fused``: ``SplitTableBatchedEmbeddingBagsCodegen`` on the host (fbgemm-gpu-cpu),
+  one table per feature, MEAN pooling (a sparse feature's one id: MEAN = SUM), jagged ids with
+  the padding dropped (built outside the timing), its optimiser fused in the backward (the
+  baseline, when fbgemm is installed);
+- ``ours, in backward``: nextrec_fast's pooling op on nextrec's padded ids, the same optimiser
+  inside its backward (``nextrec_fast.optim.apply_optimizer_in_backward``);
+- ``ours, dense gradients``: the op's dense ``[V, D]`` table gradients, then the torch optimiser
+  (``torch.optim.SGD``, or ``RowWiseAdagrad`` over every row): what a plain training loop does.
+
+Each step: the forward, ``backward`` of a fixed random output gradient, the update. Same tables,
+ids and learning rate everywhere.
+
+    python -m nextrec_fast.bench.tbe_update [--batch-size 2048] [--threads 1] [--repeats 9]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+
+from nextrec_fast.bench.common import (CONFIGS, default_features, environment, machine_load, reliability_warnings,
+                                       save_json, spread, time_interleaved)
+from nextrec_fast.bench.pooling import fused_pooling, make_ids, make_tables, to_jagged
+
+OPTIMIZERS = ("sgd", "rowwise_adagrad")
+LR = 0.01
+
+
+def _fbgemm():
+    """FBGEMM's TBE classes, or None (with the reason) when fbgemm-gpu(-cpu) is not importable."""
+    try:
+        from fbgemm_gpu.split_embedding_configs import EmbOptimType
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
+                                                                            SplitTableBatchedEmbeddingBagsCodegen)
+    except Exception as e:  # ImportError, or OSError on a torch it was not built for
+        return None, f"{type(e).__name__}: {str(e)[:120]}"
+    return (SplitTableBatchedEmbeddingBagsCodegen, EmbOptimType, EmbeddingLocation, PoolingMode, ComputeDevice), None
+
+
+def run(batch: int = 2048, repeats: int = 9, warmup: int = 2, config: str = "default") -> dict:
+    from nextrec_fast import optim
+
+    device = torch.device("cpu")
+    env = {**environment(device), "config": config, "repeats": repeats}
+    _, sparse, sequence = default_features(**CONFIGS[config])
+    features = list(sparse) + list(sequence)
+    sparse_ids, seq_ids = make_ids(sparse, sequence, batch, device)
+    width = sum(f.embedding_dim for f in features)
+    grad = torch.randn(batch, width, generator=torch.Generator().manual_seed(2))
+    fbgemm, missing = _fbgemm()
+    env["fbgemm"] = missing or "installed"
+
+    def ours_in_backward(rule):
+        tables = make_tables(sparse, sequence, device)
+        cls = torch.optim.SGD if rule == "sgd" else optim.RowWiseAdagrad
+        optim.apply_optimizer_in_backward(cls, tables, {"lr": LR})
+
+        def step():
+            fused_pooling(tables, sparse, sequence, sparse_ids, seq_ids).backward(grad)
+        return step
+
+    def ours_dense(rule):
+        tables = make_tables(sparse, sequence, device)
+        opt = (torch.optim.SGD if rule == "sgd" else optim.RowWiseAdagrad)(tables, lr=LR)
+
+        def step():
+            opt.zero_grad(set_to_none=False)  # the gradient buffers stay, as in a training loop
+            fused_pooling(tables, sparse, sequence, sparse_ids, seq_ids).backward(grad)
+            opt.step()
+        return step
+
+    def fbgemm_fused(rule):
+        tbe_class, opt_type, location, pooling, compute = fbgemm
+        tbe = tbe_class([(f.vocab_size, f.embedding_dim, location.HOST, compute.CPU) for f in features],
+                        optimizer=opt_type.EXACT_SGD if rule == "sgd" else opt_type.EXACT_ROWWISE_ADAGRAD,
+                        learning_rate=LR, eps=1e-8, pooling_mode=pooling.MEAN)
+        with torch.no_grad():  # the same initial weights as ours (one table per feature, in order)
+            for t, w in zip(tbe.split_embedding_weights(), make_tables(sparse, sequence, device)):
+                t.copy_(w)
+        jagged = to_jagged(sequence, sparse_ids, seq_ids)
+        values = torch.cat([v for v, _ in jagged])
+        lengths = torch.cat([torch.diff(o, append=torch.tensor([len(v)])) for v, o in jagged])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+
+        def step():
+            tbe(values, offsets).backward(grad)
+        step.forward = lambda: tbe(values, offsets)
+        return step
+
+    fns = {}
+    for rule in OPTIMIZERS:
+        if fbgemm is not None:
+            fns[(rule, "FBGEMM TBE, fused")] = fbgemm_fused(rule)
+        fns[(rule, "ours, in backward")] = ours_in_backward(rule)
+        fns[(rule, "ours, dense gradients")] = ours_dense(rule)
+    if fbgemm is not None:  # the same pooling on both sides, before any update
+        with torch.no_grad():
+            ours = fused_pooling(make_tables(sparse, sequence, device), sparse, sequence, sparse_ids, seq_ids)
+            env["max_abs_forward_difference"] = float((fns[(OPTIMIZERS[0], "FBGEMM TBE, fused")].forward() - ours).abs().max())
+    samples = time_interleaved(fns, device, warmup=warmup, repeats=repeats, shuffle_seed=0)
+    rows = []
+    for rule in OPTIMIZERS:
+        base_key = (rule, "FBGEMM TBE, fused") if fbgemm is not None else (rule, "ours, dense gradients")
+        base = statistics.median(samples[base_key])
+        for (r, variant), s in samples.items():
+            if r == rule:
+                rows.append(dict(optimizer=rule, variant=variant, ms=statistics.median(s), samples_ms=s,
+                                 vs_baseline=base / statistics.median(s), baseline=base_key[1]))
+    env["load_at_end"] = round(machine_load()[0], 2)
+    return dict(environment=env, batch=batch, features=len(features), rows=rows,
+                warnings=reliability_warnings(env, [(f"{r['optimizer']} {r['variant']}", r["samples_ms"]) for r in rows]))
+
+
+def format_table(result: dict) -> str:
+    env = result["environment"]
+    baseline = result["rows"][0]["baseline"]
+    lines = [f"pooling forward + backward + table update, {result['features']} features, batch {result['batch']}, "
+             f"{env.get('threads')} thread(s): medians of {env['repeats']} interleaved repeats [min-max]; "
+             f"speed-up over '{baseline}'" + ("" if env["fbgemm"] == "installed" else
+                                              f" (FBGEMM not importable: {env['fbgemm']})"),
+             f"{'optimizer':16s} {'variant':24s} {'ms':>8s} {'[min-max]':>15s} {'speed-up':>9s}"]
+    for r in result["rows"]:
+        lo, hi = spread(r["samples_ms"])
+        lines.append(f"{r['optimizer']:16s} {r['variant']:24s} {r['ms']:8.2f} {f'[{lo:.1f}-{hi:.1f}]':>15s} "
+                     f"{r['vs_baseline']:8.2f}x")
+    if "max_abs_forward_difference" in env:
+        lines.append(f"FBGEMM's and our pooled outputs before training differ by at most {env['max_abs_forward_difference']:.1e}")
+    lines += [f"warning: {w}" for w in result["warnings"]]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved timed rounds (the medians' samples)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--config", default="default", choices=list(CONFIGS), help="feature set (small: seconds)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the issue's figures)")
+    parser.add_argument("--json", default=None, help="write the result here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = run(args.batch_size, args.repeats, args.warmup, args.config)
+    print(format_table(result))
+    if args.json:
+        save_json(result, args.json)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
