@@ -83,7 +83,7 @@ def _demo(args) -> int:
     from nextrec_fast.bench.demo import format_demo, run_demo
     result = run_demo(models=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       variants=args.variants, rounding_runs=args.rounding_runs, sample=args.sample, path=args.data,
-                      seed=args.seed,
+                      seed=args.seed, table_lr=args.table_lr,
                       progress=not args.quiet)
     print(format_demo(result))
     if args.json:
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
                       help="torch threads (default: the cores the machine can give now, as for bench)")
     prof.set_defaults(func=_profile)
 
-    from nextrec_fast.bench.demo import VARIANTS
+    from nextrec_fast.bench.demo import DEFAULT_VARIANTS, VARIANTS
     demo = sub.add_parser("demo", description="Multi-task training on MovieLens-100K: plain nextrec's fit, the same "
                                               "model after accelerate(), the drop-in in a PyTorch loop; seconds per "
                                               "epoch, test AUC / log-loss, and a quality verdict against the "
@@ -184,8 +184,11 @@ def main(argv=None) -> int:
     demo.add_argument("--epochs", type=_at_least(1), default=3, help="epochs per variant (default: 3)")
     demo.add_argument("--batch-size", type=int, default=2048, help="rows per training step (default: 2048, as bench)")
     demo.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
-    demo.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                      help="; ".join(f"{k}: {v}" for k, v in VARIANTS.items()) + " (default: all)")
+    demo.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
+                      help="; ".join(f"{k}: {v}" for k, v in VARIANTS.items())
+                      + f" (default: {' '.join(DEFAULT_VARIANTS)})")
+    demo.add_argument("--table-lr", type=float, default=0.1,
+                      help="accelerated_tables: the row-wise Adagrad learning rate of the tables (default: 0.1)")
     demo.add_argument("--rounding-runs", type=_at_least(0), default=2, metavar="K",
                       help="K more runs of nextrec and of accelerated from the initial weights moved one ulp: the "
                            "yardstick of how far float32 rounding alone moves test AUC; with K >= 2 the verdict is "

@@ -24,13 +24,18 @@ give no row. Then, on the distinct rows ``r`` with summed gradient ``g_r``:
   ``w_r -= lr * sqrt(1 - b2**step) / (1 - b1**step) * m_r / (sqrt(v_r) + eps)``; untouched rows
   keep their moments.
 
+The work is two C++ ops: ``pooled_embedding_backward_coalesced`` (each table's distinct rows
+and their summed gradients, straight from the output gradient, plus a finite flag per table)
+and ``embedding_rows_update_`` (every table's rule in one call, one pass per row).
+
 The returned ``EmbeddingOptimizerInBackward`` is a ``torch.optim.Optimizer``: its
 ``param_groups`` (learning-rate schedulers work on them), ``state_dict()`` /
 ``load_state_dict()`` (save it beside the model's ``state_dict``), while ``step()`` and
 ``zero_grad()`` do nothing (the updates happen in backward). A table registered here that gets
 a gradient some other way (used outside the pooling op, or the C++ op not built) raises.
-Updates accumulate in the table's dtype; state is fp32 for half tables. The summed gradients are
-checked first: a non-finite one leaves every table of the step untouched and raises naming the
+Gradients are summed and the rules computed in fp32 for half tables (their state is fp32 too),
+in the table's dtype otherwise; the new weights are rounded to the table's dtype once. The
+summed gradients are checked first: a non-finite one leaves every table of the step untouched and raises naming the
 table's features.
 """
 from __future__ import annotations

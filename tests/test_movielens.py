@@ -118,6 +118,24 @@ def test_accelerated_fit_reaches_plain_quality_on_movielens(kind):
 
 @pytest.mark.nextrec
 @needs_data
+def test_tables_in_backward_variant_runs_beside_plain():
+    """The opt-in demo variant: accelerate(embedding_optimizer=RowWiseAdagrad) under nextrec's own
+    fit (0.3.1's default table regularisation switched off for it), scored like the others and
+    compared with plain nextrec's AUC in the table."""
+    pytest.importorskip("nextrec")
+    import math
+
+    from nextrec_fast.bench.demo import format_demo, run_demo
+    result = run_demo(models=["mmoe"], epochs=1, batch_size=1024, sample=5000, seed=0, rounding_runs=0,
+                      variants=("nextrec", "accelerated_tables"), progress=False)
+    runs = result["models"]["mmoe"]["runs"]
+    assert set(runs) == {"nextrec", "accelerated_tables"}
+    assert all(math.isfinite(m["auc"]) for m in runs["accelerated_tables"]["final"].values())
+    assert "against plain nextrec's Adam, test AUC difference" in format_demo(result)
+
+
+@pytest.mark.nextrec
+@needs_data
 @pytest.mark.parametrize("kind", ["mmoe", "esmm"])
 def test_demo_scores_what_nextrec_predict_gives(kind, tmp_path, monkeypatch):
     """The demo scores batches of tensors (``compat`` ``probabilities``); nextrec's ``predict`` on the
