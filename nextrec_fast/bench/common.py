@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import random
+import sys
 import time
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from nextrec_fast.features import DenseFeature, SequenceFeature, SparseFeature
 
 __all__ = ["CONFIGS", "default_features", "make_batch", "sync", "time_interleaved", "environment", "save_json",
-           "machine_load", "default_threads", "spread", "reliability_warnings"]
+           "machine_load", "default_threads", "spread", "reliability_warnings", "add_timing_arguments", "report"]
 
 
 CONFIGS = {
@@ -173,3 +174,21 @@ def save_json(result: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(result, fh, indent=2)
+
+
+def add_timing_arguments(parser, repeats: int) -> None:
+    """The options every ``python -m nextrec_fast.bench.<row>`` script shares: ``--batch-size``,
+    ``--repeats``, ``--warmup``, ``--config``, ``--json``."""
+    parser.add_argument("--batch-size", type=int, default=2048, help="rows per step (default: 2048)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="interleaved timed rounds (the medians' samples)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--config", default="default", choices=list(CONFIGS), help="feature set (small: seconds)")
+    parser.add_argument("--json", default=None, help="write the result here")
+
+
+def report(table: str, result: dict, json_path: str | None) -> None:
+    """Print a benchmark's table; write its result to ``json_path`` when given, and say so."""
+    print(table)
+    if json_path:
+        save_json(result, json_path)
+        print(f"wrote {json_path}", file=sys.stderr)

@@ -25,8 +25,8 @@ import sys
 
 import torch
 
-from nextrec_fast.bench.common import (CONFIGS, default_features, environment, machine_load, reliability_warnings,
-                                       save_json, spread, time_interleaved)
+from nextrec_fast.bench.common import (CONFIGS, add_timing_arguments, default_features, environment, machine_load,
+                                       reliability_warnings, report, spread, time_interleaved)
 from nextrec_fast.bench.pooling import fused_pooling, make_ids, make_tables, to_jagged
 
 OPTIMIZERS = ("sgd", "rowwise_adagrad")
@@ -139,19 +139,12 @@ def format_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved timed rounds (the medians' samples)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--config", default="default", choices=list(CONFIGS), help="feature set (small: seconds)")
+    add_timing_arguments(parser, repeats=9)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the issue's figures)")
-    parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = run(args.batch_size, args.repeats, args.warmup, args.config)
-    print(format_table(result))
-    if args.json:
-        save_json(result, args.json)
-        print(f"wrote {args.json}", file=sys.stderr)
+    report(format_table(result), result, args.json)
     return 0
 
 

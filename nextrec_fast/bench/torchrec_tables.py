@@ -27,8 +27,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from nextrec_fast.bench.common import (CONFIGS, default_features, environment, machine_load, make_batch,
-                                       reliability_warnings, save_json, spread, time_interleaved)
+from nextrec_fast.bench.common import (CONFIGS, add_timing_arguments, default_features, environment, machine_load,
+                                       make_batch, reliability_warnings, report, spread, time_interleaved)
 from nextrec_fast.bench.models import default_model_kwargs, installed_nextrec, nextrec_model
 
 BASELINE = "nextrec dense + TorchRec tables"
@@ -122,20 +122,13 @@ def format_table(result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mmoe", choices=["mmoe", "ple", "esmm"])
-    parser.add_argument("--batch-size", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved timed rounds (the medians' samples)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--config", default="default", choices=list(CONFIGS), help="feature set (small: seconds)")
+    add_timing_arguments(parser, repeats=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.model, args.batch_size, args.repeats, args.warmup, args.config)
-    print(format_table(result))
-    if args.json:
-        save_json(result, args.json)
-        print(f"wrote {args.json}", file=sys.stderr)
+    report(format_table(result), result, args.json)
     return 0
 
 
