@@ -4,23 +4,17 @@ gradient-buffer reuse."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distributed_helpers import free_port
 from model_factory import random_features, random_inputs, random_model_kwargs
 from test_model_parity import MODELS, perturb_batchnorm
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, model: str, out_path: str) -> None:
@@ -63,7 +57,7 @@ def test_ddp_gradients_match_reference(model, tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     out_path = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(_free_port(), model, out_path), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), model, out_path), nprocs=WORLD, join=True)
     grads = torch.load(out_path)
     scale = max(g.abs().max().item() for g in grads["ref"].values() if g is not None)
     for name, g_ref in grads["ref"].items():
@@ -159,7 +153,7 @@ def test_regularization_gradient_survives_data_parallel(kind, setup, tmp_path):
     seed = random.randrange(2**31)
     print(f"seed={seed}")
     out_path = str(tmp_path / "grads.pt")
-    mp.spawn(_regularized_worker, args=(_free_port(), kind, setup, seed, out_path), nprocs=WORLD, join=True)
+    mp.spawn(_regularized_worker, args=(free_port(), kind, setup, seed, out_path), nprocs=WORLD, join=True)
     grads = torch.load(out_path)
     from model_pairs import assert_same_results
     assert_same_results((torch.zeros(()), grads["fast"]), (torch.zeros(()), grads["plain"]))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import socket
 
 import pytest
 import torch
@@ -25,6 +24,7 @@ except Exception as e:  # fbgemm raises OSError, not ImportError, on a torch it 
     pytest.skip(f"TorchRec is not installed ({type(e).__name__}: {str(e)[:120]}); .ci/run installs it",
                 allow_module_level=True)
 
+from distributed_helpers import free_port  # noqa: E402
 from nextrec_generation import GENERATION  # noqa: E402
 
 if GENERATION is None:
@@ -315,12 +315,6 @@ SHARDINGS = ["table_wise", "row_wise", "column_wise", "data_parallel", None]  # 
 OWN_TABLE = {"mmoe": True, "ple": False, "esmm": True}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _save_from_all_ranks(results, rank: int, out_path: str) -> None:
     """Every rank's ``results``, as a list by rank, saved by rank 0 for the test process."""
     import torch.distributed as dist
@@ -449,7 +443,7 @@ def test_sharded_training_equals_unsharded(kind, tmp_path):
     seed, steps = SEEDS[0], 3
     _print_seed(kind, seed)
     out_path = str(tmp_path / "sharded.pt")
-    mp.spawn(_dmp_worker, args=(_free_port(), kind, seed, steps, out_path), nprocs=WORLD, join=True)
+    mp.spawn(_dmp_worker, args=(free_port(), kind, seed, steps, out_path), nprocs=WORLD, join=True)
     ranks = torch.load(out_path, weights_only=False)
     checkpoint_model = build_model(kind, seed, weight_seed=seed + 1, own_table=OWN_TABLE[kind])
     checkpoint_model.eval()
@@ -539,7 +533,7 @@ def test_sharded_checkpoint_resumes_resharded(tmp_path):
     seed, steps = SEEDS[1], 3
     _print_seed("mmoe", seed)
     out_path = str(tmp_path / "resume.pt")
-    mp.spawn(_resume_worker, args=(_free_port(), "mmoe", seed, steps, out_path), nprocs=WORLD, join=True)
+    mp.spawn(_resume_worker, args=(free_port(), "mmoe", seed, steps, out_path), nprocs=WORLD, join=True)
     ranks = torch.load(out_path, weights_only=False)
     for rank in range(WORLD):
         torch.testing.assert_close(ranks[rank]["resumed"]["output"], ranks[rank]["saved"]["output"], rtol=1e-5, atol=1e-6)
@@ -582,8 +576,15 @@ def _pipeline_worker(rank: int, port: int, kind: str, seed: int, steps: int, out
                 break
         pipelined = bool(getattr(dmp.module.embedding.ebc, "is_pipelined", False))
         tables = list(dmp.plan.plan["embedding.ebc"])
-        _save_from_all_ranks(dict(outputs=outputs, state=sharding.gathered_state_dict(dmp), pipelined=pipelined,
-                                  tables=tables), rank, out_path)
+        state = sharding.gathered_state_dict(dmp)
+        # shard_model's default table optimiser: FBGEMM's fused row-wise Adagrad, lr 0.01, so the
+        # tables are not among the dense optimiser's parameters.
+        default = sharding.shard_model(build_model(kind, seed + 7, own_table=OWN_TABLE[kind]), sharding="table_wise")
+        default_lrs = sorted({g["lr"] for g in default.fused_optimizer.param_groups})
+        dense_tables = [k for k in sharding.dense_parameters(default) if "ebc" in k]
+        _save_from_all_ranks(dict(outputs=outputs, state=state, pipelined=pipelined, tables=tables,
+                                  default_lrs=default_lrs, dense_tables=dense_tables,
+                                  default_optimizer=type(default.fused_optimizer).__name__), rank, out_path)
     finally:
         dist.destroy_process_group()
 
@@ -591,7 +592,8 @@ def _pipeline_worker(rank: int, port: int, kind: str, seed: int, steps: int, out
 def test_train_pipeline_equals_unsharded(tmp_path):
     """TorchRec's TrainPipelineSparseDist (``train_pipeline``, ``KJTCollate(pipelined=True)``) over
     row-wise tables: the collection is pipelined (its lookup runs a batch ahead), and each rank's
-    outputs over 4 steps and the gathered weights equal the unsharded model's on the same batches."""
+    outputs over 4 steps and the gathered weights equal the unsharded model's on the same batches.
+    Also shard_model's default table optimiser (fused row-wise Adagrad, lr 0.01)."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
     if not dist.is_available() or not dist.is_gloo_available():
@@ -600,9 +602,11 @@ def test_train_pipeline_equals_unsharded(tmp_path):
     kind = random.Random(seed).choice(["mmoe", "ple", "esmm"])
     _print_seed(kind, seed)
     out_path = str(tmp_path / "pipeline.pt")
-    mp.spawn(_pipeline_worker, args=(_free_port(), kind, seed, steps, out_path), nprocs=WORLD, join=True)
+    mp.spawn(_pipeline_worker, args=(free_port(), kind, seed, steps, out_path), nprocs=WORLD, join=True)
     ranks = torch.load(out_path, weights_only=False)
     assert all(r["pipelined"] for r in ranks), "TorchRec's pipeline did not pipeline the collection"
+    assert ranks[0]["default_lrs"] == [pytest.approx(0.01)] and ranks[0]["dense_tables"] == [], {
+        k: ranks[0][k] for k in ("default_lrs", "dense_tables", "default_optimizer")}
     assert all(len(r["outputs"]) == steps for r in ranks), [len(r["outputs"]) for r in ranks]
     model, outputs = _reference_training(kind, seed, steps, fused=True, blocks=dict.fromkeys(ranks[0]["tables"]))
     for step in range(steps):

@@ -27,16 +27,39 @@ def _import_torchrec():
     return torchrec
 
 
+def _slot_problem(slot: PooledFeatureSpec) -> str | None:
+    """Why TorchRec cannot pool this feature (None: it can)."""
+    if slot.combiner not in TORCHREC_COMBINERS or slot.pooling_module is not None:
+        return (f"feature {slot.name!r}: TorchRec's pooled tables compute sum and mean, not combiner "
+                f"{slot.combiner!r}; use sum or mean for it, or keep this model's tables on nextrec_fast's "
+                "own pooling (no TorchRec)")
+    return None
+
+
+def _table_problem(table: str, readers: list[PooledFeatureSpec]) -> str | None:
+    """Why one TorchRec table cannot serve all these readers (None: it can): one pooling mode per
+    table, and a sparse feature's one id pools the same under either."""
+    sequence = [s for s in readers if s.kind != SPARSE]
+    if len({s.combiner for s in sequence}) > 1:
+        return (f"table {table!r} is read by sequence features with different combiners "
+                f"({', '.join(f'{s.name!r}: {s.combiner}' for s in sequence)}); a TorchRec "
+                "table has one pooling mode: give them one combiner or separate tables (embedding_name)")
+    return None
+
+
+def _readers(slots) -> dict[str, list[PooledFeatureSpec]]:
+    readers: dict[str, list[PooledFeatureSpec]] = {}
+    for slot in slots:
+        readers.setdefault(slot.table_name, []).append(slot)
+    return readers
+
+
 def torchrec_poolable_tables(slots: tuple[PooledFeatureSpec, ...]) -> list[str]:
     """The tables (in first-read order) whose every reader TorchRec can pool: combiner sum or mean
     without a pooling module of its own, and one pooling mode over the sequence features reading
     it. The others stay on nextrec_fast's own pooling op."""
-    readers: dict[str, list[PooledFeatureSpec]] = {}
-    for slot in slots:
-        readers.setdefault(slot.table_name, []).append(slot)
-    return [table for table, rs in readers.items()
-            if all(s.combiner in TORCHREC_COMBINERS and s.pooling_module is None for s in rs)
-            and len({s.combiner for s in rs if s.kind != SPARSE}) <= 1]
+    return [table for table, rs in _readers(slots).items()
+            if not any(_slot_problem(s) for s in rs) and _table_problem(table, rs) is None]
 
 
 def table_configs(slots: tuple[PooledFeatureSpec, ...], num_embeddings: dict[str, int]) -> list:
@@ -58,22 +81,16 @@ def table_configs(slots: tuple[PooledFeatureSpec, ...], num_embeddings: dict[str
     torchrec = _import_torchrec()
     from torchrec.modules.embedding_configs import PoolingType
 
-    features: dict[str, list[PooledFeatureSpec]] = {}
     for slot in slots:
-        if slot.combiner not in TORCHREC_COMBINERS or slot.pooling_module is not None:
-            raise UnsupportedModelError(
-                f"feature {slot.name!r}: TorchRec's pooled tables compute sum and mean, not combiner "
-                f"{slot.combiner!r}; use sum or mean for it, or keep this model's tables on nextrec_fast's "
-                "own pooling (no TorchRec)")
-        features.setdefault(slot.table_name, []).append(slot)
+        problem = _slot_problem(slot)
+        if problem:
+            raise UnsupportedModelError(problem)
     configs = []
-    for table, readers in features.items():
+    for table, readers in _readers(slots).items():
+        problem = _table_problem(table, readers)
+        if problem:
+            raise UnsupportedModelError(problem)
         combiners = {s.combiner for s in readers if s.kind != SPARSE}
-        if len(combiners) > 1:
-            raise UnsupportedModelError(
-                f"table {table!r} is read by sequence features with different combiners "
-                f"({', '.join(f'{s.name!r}: {s.combiner}' for s in readers if s.kind != SPARSE)}); a TorchRec "
-                "table has one pooling mode: give them one combiner or separate tables (embedding_name)")
         pooling = PoolingType.MEAN if combiners == {"mean"} else PoolingType.SUM
         dims = {s.embedding_dim for s in readers}
         if len(dims) > 1:

@@ -10,13 +10,17 @@ import torch.nn as nn
 from nextrec_fast.sharding.embedding import TorchRecEmbedding, use_torchrec_tables
 from nextrec_fast.sharding.tables import _import_torchrec
 
-__all__ = ["shard_model", "SHARDING_TYPES"]
+__all__ = ["shard_model", "SHARDING_TYPES", "DEFAULT_TABLE_OPTIMIZER"]
 
 # TorchRec's sharding types by their names (torchrec.distributed.types.ShardingType values).
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+# shard_model's table optimiser unless told otherwise: FBGEMM's fused row-wise Adagrad with
+# TorchRec's defaults (lr 0.01, eps 1e-10), which its CPU kernels implement.
+DEFAULT_TABLE_OPTIMIZER = "rowwise_adagrad"
 
 
-def shard_model(model: nn.Module, *, sharding: str | dict[str, str] | None = None, table_optimizer=None,
+def shard_model(model: nn.Module, *, sharding: str | dict[str, str] | None = None,
+                table_optimizer=DEFAULT_TABLE_OPTIMIZER,
                 compute_kernel: str | None = None, device: torch.device | None = None, process_group=None):
     """Shard ``model``'s tables over the ranks of the default process group.
 
@@ -28,10 +32,12 @@ def shard_model(model: nn.Module, *, sharding: str | dict[str, str] | None = Non
             device (on CPU: table-, column-wise, data-parallel). Table-wise places tables round
             robin; column-wise splits every table's columns over all ranks; data-parallel keeps a
             replica per rank (dense kernel only: the table then trains with the dense optimiser).
-        table_optimizer ((optimizer_class, kwargs), optional): applied to the tables inside the
+        table_optimizer ((optimizer_class, kwargs) or None): applied to the tables inside the
             backward (TorchRec's ``apply_optimizer_in_backward``; FBGEMM's fused kernels when
-            sharded), e.g. ``(torchrec.optim.RowWiseAdagrad, {"lr": 0.05})``. None: the tables
-            get gradients like the dense part.
+            sharded), e.g. ``(torchrec.optim.RowWiseAdagrad, {"lr": 0.05})``. Default:
+            ``torchrec.optim.RowWiseAdagrad`` with TorchRec's defaults (lr 0.01), except when a
+            table is data-parallel (that kernel is dense only: then None). None: the tables get
+            gradients like the dense part (TorchRec's dense kernel).
         compute_kernel (str, optional): TorchRec's kernel name ("fused", "dense"); default "fused"
             with a table optimiser, else "dense".
         device (torch.device, optional): default: CPU, or this rank's CUDA device when CUDA is up.
@@ -57,6 +63,10 @@ def shard_model(model: nn.Module, *, sharding: str | dict[str, str] | None = Non
     from torchrec.distributed.types import ShardingPlan
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+    data_parallel = sharding == "data_parallel" or (isinstance(sharding, dict) and "data_parallel" in sharding.values())
+    if isinstance(table_optimizer, str) and table_optimizer == DEFAULT_TABLE_OPTIMIZER:
+        from torchrec.optim import RowWiseAdagrad
+        table_optimizer = None if data_parallel else (RowWiseAdagrad, {})
     if table_optimizer is not None:
         try:
             optimizer_class, optimizer_kwargs = table_optimizer
