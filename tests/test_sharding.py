@@ -282,12 +282,24 @@ def test_clear_errors():
         model({**x, name: x[name].float()})
     with pytest.raises(KeyError, match=f"feature '{name}' is missing"):
         model({k: v for k, v in x.items() if k != name})
-    with pytest.raises(TypeError, match="use_torchrec_tables"):
-        sharding.KJTCollate(torch.nn.Linear(2, 2))
     with pytest.raises(RuntimeError, match="torch.distributed initialised"):
         sharding.shard_model(model)
     with pytest.raises(TypeError, match=r"\(optimizer_class, kwargs\)"):
         sharding.shard_model(model, table_optimizer=torchrec.optim.RowWiseAdagrad)
+    # The pipeline's mistakes, each with its fix named.
+    from nextrec_fast.sharding.pipeline import _Checked
+    with pytest.raises(TypeError, match="shard_model\\(model\\) returns, got MMOE"):
+        sharding.ShardedTrainStep(model, lambda out, dense: out.sum())
+    pipelined = sharding.KJTCollate(model, collate=None, pipelined=True)(x)
+    assert isinstance(pipelined, sharding.KJTBatch)
+    with pytest.raises(TypeError, match="is for train_pipeline"):
+        model(pipelined)
+    with pytest.raises(TypeError, match=r"KJTCollate\(model, pipelined=True\)\)\), got dict"):
+        next(_Checked(iter([x])))
+    with pytest.raises(TypeError, match=r"iter\(loader\)"):
+        _Checked(torch.utils.data.DataLoader([x]))
+    with pytest.raises(TypeError, match="shard_model.*got Linear"):
+        sharding.KJTCollate(torch.nn.Linear(2, 2))
 
 
 def test_table_optimizer_taken_off_again():

@@ -179,10 +179,10 @@ def save_json(result: dict, path: str) -> None:
 def add_timing_arguments(parser, repeats: int) -> None:
     """The options every ``python -m nextrec_fast.bench.<row>`` script shares: ``--batch-size``,
     ``--repeats``, ``--warmup``, ``--config``, ``--json``."""
-    parser.add_argument("--batch-size", type=int, default=2048, help="rows per step (default: 2048)")
+    parser.add_argument("--batch-size", type=int, default=2048, help="rows per step")
     parser.add_argument("--repeats", type=int, default=repeats, help="interleaved timed rounds (the medians' samples)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--config", default="default", choices=list(CONFIGS), help="feature set (small: seconds)")
+    parser.add_argument("--config", default="default", choices=list(CONFIGS), help="feature set: default (the realistic 26 sparse + 3 sequence + 13 dense features) or small (a seconds-long smoke run)")
     parser.add_argument("--json", default=None, help="write the result here")
 
 

@@ -61,7 +61,7 @@ class TorchRecEmbedding(nn.Module):
         super().__init__()
         if not hasattr(layer, "slots") or not hasattr(layer, "embed_dict"):
             raise TypeError("TorchRecEmbedding takes a fast embedding layer: the embedding of a nextrec_fast model "
-                            "or of an accelerate()d nextrec model")
+                            "or of a nextrec model after nextrec_fast.accelerate(model) (call that first)")
         torchrec = _import_torchrec()
         from nextrec_fast.ops.pooled_embedding import IN_BACKWARD_ATTR
         weights = {name: table.weight for name, table in layer.embed_dict.items()}
@@ -114,9 +114,13 @@ class TorchRecEmbedding(nn.Module):
                 features is not None and [f.name for f in features] != [f.name for f in self.features]):
             raise NotImplementedError("TorchRecEmbedding computes the multi-task models' layout only (all features, "
                                       "pooled, squeeze_dim=True)")
-        pooled = x.get(POOLED_KEY) if isinstance(x, dict) else None
+        if not isinstance(x, dict):
+            raise TypeError(f"the model takes a batch dict (KJTCollate(model)), got {type(x).__name__}"
+                            + ("; a KJTBatch (KJTCollate(model, pipelined=True)) is for train_pipeline / ShardedTrainStep"
+                               if type(x).__name__ == "KJTBatch" else ""))
+        pooled = x.get(POOLED_KEY)
         if pooled is None:
-            kjt = x.get(KJT_KEY) if isinstance(x, dict) else None
+            kjt = x.get(KJT_KEY)
             if kjt is None:
                 kjt = padded_to_kjt(x, self.slots, self.kjt_keys)
             pooled = self.ebc(kjt)
@@ -178,6 +182,6 @@ def use_torchrec_tables(model: nn.Module) -> nn.Module:
         return model
     if layer is None:
         raise TypeError(f"{type(model).__name__} has no .embedding layer: use_torchrec_tables takes a nextrec_fast "
-                        "model or an accelerate()d nextrec model")
+                        "model or a nextrec model after nextrec_fast.accelerate(model)")
     model.embedding = TorchRecEmbedding(layer)
     return model

@@ -81,7 +81,8 @@ class KJTCollate:
     ``batch["kjt"]``; dense columns and labels pass through unchanged.
 
     Args:
-        model_or_layer (nn.Module): a model after ``use_torchrec_tables`` (or its embedding).
+        model_or_layer (nn.Module): a model after ``shard_model`` / ``use_torchrec_tables``, the
+            ``DistributedModelParallel`` around it, or its embedding layer.
         collate (callable, optional): the collate to run first (default
             ``torch.utils.data.default_collate``); pass None to call it on already-batched dicts.
         pipelined (bool): return a ``KJTBatch`` (``nextrec_fast.sharding.pipeline``), the batch
@@ -91,9 +92,11 @@ class KJTCollate:
     _DEFAULT = object()
 
     def __init__(self, model_or_layer, collate=_DEFAULT, pipelined: bool = False):
-        layer = getattr(model_or_layer, "embedding", model_or_layer)
+        model = getattr(model_or_layer, "module", model_or_layer)  # a DistributedModelParallel: its model
+        layer = getattr(model, "embedding", model)
         if not hasattr(layer, "kjt_keys"):
-            raise TypeError("KJTCollate needs a model after nextrec_fast.sharding.use_torchrec_tables(model)")
+            raise TypeError(f"KJTCollate takes a model on TorchRec tables (after nextrec_fast.sharding.shard_model(model) "
+                            f"or use_torchrec_tables(model)), or shard_model's result; got {type(model_or_layer).__name__}")
         self.slots, self.keys = layer.slots, layer.kjt_keys
         if collate is KJTCollate._DEFAULT:
             from torch.utils.data import default_collate

@@ -96,15 +96,51 @@ class ShardedTrainStep(nn.Module):
         super().__init__()
         from nextrec_fast.sharding.embedding import TorchRecEmbedding
         if not isinstance(getattr(getattr(dmp, "module", None), "embedding", None), TorchRecEmbedding):
-            raise TypeError("ShardedTrainStep takes the DistributedModelParallel that shard_model(model) returns")
+            raise TypeError("train_pipeline / ShardedTrainStep take the DistributedModelParallel that "
+                            f"nextrec_fast.sharding.shard_model(model) returns, got {type(dmp).__name__}")
         self.model = dmp
         self.loss = _Loss(loss_fn)
 
     def forward(self, batch: KJTBatch):
+        if not isinstance(batch, torch.fx.Proxy):  # the pipeline fx-traces this forward once
+            _check_batch(batch)
         # The lookup on a plain attribute of the batch: what the pipeline can run a batch ahead.
         pooled = self.model.module.embedding.ebc(batch.sparse_features)
         outputs = self.model(batch.model_input(pooled))
         return self.loss(outputs, batch.dense), outputs
+
+
+def _check_batch(batch) -> None:
+    if not isinstance(batch, KJTBatch):
+        raise TypeError(f"train_pipeline's batches are KJTBatch (DataLoader(..., collate_fn=KJTCollate(model, "
+                        f"pipelined=True))), got {type(batch).__name__}")
+
+
+class _CheckedPipeline(TrainPipelineSparseDist):
+    """TorchRec's pipeline, with the batches checked as they come out of the iterator (TorchRec's
+    own check fails later, deep inside, without naming the fix)."""
+
+    def progress(self, dataloader_iter):
+        return super().progress(_Checked(dataloader_iter))
+
+
+class _Checked:
+    """The user's iterator, each batch checked. An iterable that is not an iterator (a DataLoader)
+    is refused: wrapped anew every step it would restart at its first batch."""
+
+    def __init__(self, iterator):
+        if iter(iterator) is not iterator:
+            raise TypeError(f"pipeline.progress takes an iterator over the batches (it = iter(loader), then "
+                            f"progress(it) every step), got a {type(iterator).__name__}")
+        self.iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.iterator)
+        _check_batch(batch)
+        return batch
 
 
 def train_pipeline(dmp: nn.Module, loss_fn, dense_optimizer: torch.optim.Optimizer, *,
@@ -128,5 +164,5 @@ def train_pipeline(dmp: nn.Module, loss_fn, dense_optimizer: torch.optim.Optimiz
     backward, optimiser step): the pipeline moves only ids ahead, never weights.
     """
     step = ShardedTrainStep(dmp, loss_fn)
-    return TrainPipelineSparseDist(step, dense_optimizer, device if device is not None else dmp.device,
+    return _CheckedPipeline(step, dense_optimizer, device if device is not None else dmp.device,
                                    execute_all_batches=execute_all_batches)
