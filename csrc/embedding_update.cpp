@@ -16,6 +16,9 @@ namespace {
 
 enum Rule : int64_t { kSgd = 0, kAdagrad = 1, kRowwiseAdagrad = 2, kSparseAdam = 3 };
 
+// Rows fetched ahead of the one being updated (its table row is a cache miss in a large table).
+constexpr int64_t kPrefetch = 16;
+
 // scalar_t: the table's dtype; acc_t: the gradient's and the state's (float32 for half tables).
 template <typename scalar_t, typename acc_t>
 void update_rows(scalar_t* table, const std::vector<acc_t*>& state, const int64_t* rows, const acc_t* grad,
@@ -24,10 +27,11 @@ void update_rows(scalar_t* table, const std::vector<acc_t*>& state, const int64_
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = rows[i];
       // Distinct rows of a large table are cache misses: fetch a few rows ahead.
-      if (i + 8 < i1) {
-        __builtin_prefetch(table + rows[i + 8] * D, 1);
-        if (rule == kRowwiseAdagrad) __builtin_prefetch(state[0] + rows[i + 8], 1);
-        for (size_t k = 0; rule != kRowwiseAdagrad && k < state.size(); ++k) __builtin_prefetch(state[k] + rows[i + 8] * D, 1);
+      if (i + kPrefetch < i1) {
+        const int64_t ahead = rows[i + kPrefetch];
+        __builtin_prefetch(table + ahead * D, 1);
+        if (rule == kRowwiseAdagrad) __builtin_prefetch(state[0] + ahead, 1);
+        for (size_t k = 0; rule != kRowwiseAdagrad && k < state.size(); ++k) __builtin_prefetch(state[k] + ahead * D, 1);
       }
       scalar_t* w = table + r * D;
       const acc_t* g = grad + i * D;

@@ -1194,7 +1194,7 @@ void accumulate_feature(const FeatureMeta& f, const scalar_t* grad_out, int64_t 
       const int64_t id = static_cast<int64_t>(ids[p]);
       if (!receives_grad(f, id)) continue;
       // The rows entries add into are scattered: fetch a few entries ahead.
-      if (k + 8 < entries) __builtin_prefetch(acc + static_cast<int64_t>(entry_slot[k + 8]) * D, 1);
+      if (k + 16 < entries) __builtin_prefetch(acc + static_cast<int64_t>(entry_slot[k + 16]) * D, 1);
       const int32_t slot = entry_slot[k++];
       acc_t* dst = acc + static_cast<int64_t>(slot) * D;
       const acc_t* v = bag_grad.data();
