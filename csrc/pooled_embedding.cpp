@@ -1146,8 +1146,8 @@ class RowSlots {
   int shift_ = 0;
 };
 
-// Calls visit(bag, position, id) for every kept position of `f` whose id receives gradient, in
-// bag then position order: the order of backward_sparse's entries.
+// Calls visit(id) for every kept position of `f` whose id receives gradient, in bag then
+// position order: the order of backward_sparse's entries.
 template <typename index_t, typename Visit>
 void for_each_grad_entry(const FeatureMeta& f, int64_t batch, Visit&& visit) {
   const index_t* ids = static_cast<const index_t*>(f.ids);
@@ -1157,7 +1157,7 @@ void for_each_grad_entry(const FeatureMeta& f, int64_t batch, Visit&& visit) {
     begin = kept_begin(begin, end, f.max_len);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t id = static_cast<int64_t>(ids[p]);
-      if (receives_grad(f, id)) visit(b, begin, p, id);
+      if (receives_grad(f, id)) visit(id);
     }
   }
 }
@@ -1233,7 +1233,7 @@ void coalesce_table(const PoolingPlan& plan, const scalar_t* grad_out, int64_t t
   entry_slot.reserve(bound);
   for (const FeatureMeta& f : plan.features) {
     if (f.table_index != table) continue;
-    auto visit = [&](int64_t, int64_t, int64_t, int64_t id) { entry_slot.push_back(map.slot(id)); };
+    auto visit = [&](int64_t id) { entry_slot.push_back(map.slot(id)); };
     if (f.ids_int64) for_each_grad_entry<int64_t>(f, batch, visit);
     else for_each_grad_entry<int32_t>(f, batch, visit);
   }

@@ -102,15 +102,17 @@ class KJTCollate:
             from torch.utils.data import default_collate
             collate = default_collate
         self.collate = collate
-        self.pipelined = pipelined
+        self.batch_class = None
+        if pipelined:  # resolved once here, not per batch in the data path
+            from nextrec_fast.sharding.pipeline import KJTBatch
+            self.batch_class = KJTBatch
 
     def __call__(self, samples):
         batch = self.collate(samples) if self.collate is not None else samples
         pooled = set(self.keys)
         out = {k: v for k, v in batch.items() if k not in pooled}
         kjt = padded_to_kjt(batch, self.slots, self.keys)
-        if self.pipelined:
-            from nextrec_fast.sharding.pipeline import KJTBatch
-            return KJTBatch(kjt, out)
+        if self.batch_class is not None:
+            return self.batch_class(kjt, out)
         out[KJT_KEY] = kjt
         return out
