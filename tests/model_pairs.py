@@ -1,8 +1,10 @@
 """A fast model beside the per-module model it must behave like, with the same weights.
 
-Two flavours, so every nn.Module-contract test runs on both things users get:
+Three flavours, so every nn.Module-contract test runs on all the things users get:
 - ``standalone``: ``nextrec_fast.models.standalone`` (plain nn.Module) beside ``reference``
   (nextrec 0.3.1's computation, module for module);
+- ``standalone_v06``: ``nextrec_fast.models.standalone_v06`` beside ``reference.v06`` (nextrec
+  0.6's API and computation; no nextrec needed);
 - ``accelerated``: the installed nextrec's own class after ``nextrec_fast.accelerate`` beside a
   deep copy left alone (skipped without nextrec).
 """
@@ -23,7 +25,7 @@ from nextrec_generation import GENERATION, nextrec_float64, random_v06_inputs, r
 from test_model_parity import build_pair, perturb_batchnorm
 
 # The accelerated flavour is marked `nextrec`, so the 0.6 CI environment (pytest -m nextrec) runs it.
-FLAVOURS = ["standalone", pytest.param("accelerated", marks=pytest.mark.nextrec)]
+FLAVOURS = ["standalone", "standalone_v06", pytest.param("accelerated", marks=pytest.mark.nextrec)]
 KINDS = ["esmm", "mmoe", "ple"]
 
 
@@ -55,6 +57,13 @@ def model_pair(flavour: str, kind: str, seed: int):
     print(f"{flavour} {kind} seed={seed}")
     if flavour == "standalone":
         plain, fast, x = build_pair(kind, seed, dtype=torch.float64)
+    elif flavour == "standalone_v06":
+        plain_ctor, fast_ctor, inputs = constructors(flavour, kind, seed)
+        plain = plain_ctor().double()
+        perturb_batchnorm(plain)
+        fast = fast_ctor().double()
+        fast.load_state_dict(plain.state_dict(), strict=True)
+        x = {k: v.double() if v.is_floating_point() else v for k, v in inputs(plain).items()}
     else:
         plain, x = nextrec_model(kind, seed)
         plain.double()
@@ -141,6 +150,21 @@ def constructors(flavour: str, kind: str, seed: int):
     of the fast one for one random configuration, to call inside a device or dtype context, and a
     function giving an input batch for a model."""
     rng = random.Random(seed)
+    if flavour == "standalone_v06":
+        from nextrec_fast.features import v06 as features_v06
+        from nextrec_fast.models import standalone_v06
+        from nextrec_fast.reference import v06 as reference_v06
+        norm_type = rng.choice(["batch_norm", "layer_norm", "none"])
+        holder = {}
+
+        def build_v06(cls):
+            torch.manual_seed(seed ^ 0x5EED)  # pretrained tables
+            model, holder["feats"] = random_v06_model(kind, seed, norm_type=norm_type, classes={kind: cls},
+                                                      feature_module=features_v06)
+            return model
+        return (lambda: build_v06(getattr(reference_v06, kind.upper())),
+                lambda: build_v06(getattr(standalone_v06, kind.upper())),
+                lambda model: random_v06_inputs(holder["feats"], batch=4, generator=torch.Generator().manual_seed(seed)))
     if flavour == "standalone":
         from nextrec_fast import reference
         from nextrec_fast.models import standalone

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nextrec_fast.models import standalone
-from nextrec_fast import DenseFeature, MissingFeatureError, SequenceFeature, SparseFeature
+from nextrec_fast import MissingFeatureError
+from nextrec_fast.features import DenseFeature, SequenceFeature, SparseFeature
 
 
 def _model(**overrides):

@@ -342,7 +342,13 @@ def test_drop_ins_are_nextrecs_classes_accelerated():
 
 
 def test_default_drop_ins_without_nextrec(monkeypatch):
-    """Without nextrec, ``nextrec_fast.MMOE`` is the plain-module drop-in (0.3.1's API)."""
+    """Without nextrec, ``nextrec_fast.MMOE`` is the newest generation's plain-module drop-in (0.6's
+    API); 0.3.1's stays at its pinned paths (``nextrec_fast.models.standalone``, and ``v03``
+    without nextrec)."""
     from nextrec_fast import models
+    from nextrec_fast.models import standalone_v06
     monkeypatch.setattr(models, "_has_module", lambda name: False)
-    assert nextrec_fast.MMOE is standalone.MMOE and nextrec_fast.PLE is standalone.PLE
+    assert nextrec_fast.MMOE is standalone_v06.MMOE and nextrec_fast.PLE is standalone_v06.PLE
+    import inspect
+    assert "expert_params" in inspect.signature(standalone.MMOE).parameters  # 0.3.1's names
+    assert "expert_mlp_params" in inspect.signature(standalone_v06.MMOE).parameters  # 0.6's

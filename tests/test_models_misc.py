@@ -146,7 +146,7 @@ def test_bad_backend_env(monkeypatch):
 
 
 def test_training_arguments_kept():
-    model = standalone.MMOE([], [nextrec_fast.SparseFeature("u", 5)], [], expert_params={"dims": [3]},
+    model = standalone.MMOE([], [nextrec_fast.features.SparseFeature("u", 5)], [], expert_params={"dims": [3]},
                               num_experts=2, tower_params_list=[{}], target=["y"], optimizer="sgd",
                               optimizer_params={"lr": 0.1}, loss="mse", dense_l2_reg=0.5)
     assert (model.optimizer, model.optimizer_params, model.loss, model.dense_l2_reg) == ("sgd", {"lr": 0.1}, "mse", 0.5)

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import nextrec_fast
-from nextrec_generation import (assert_regularized_grads_match, nextrec_float64, predict_proba, random_v06_inputs,
-                                random_v06_model, require)
+from nextrec_generation import (assert_as_accurate, assert_regularized_grads_match, nextrec_float64, predict_proba,
+                                random_v06_inputs, random_v06_model, require)
 
 require("0.6")
 from nextrec.basic.layers import EmbeddingLayer  # noqa: E402
@@ -50,15 +50,6 @@ def _grads(model, x):
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-def _as_accurate(name, fast, nr, truth, scale):
-    """The fast float32 result is as close to float64 nextrec as nextrec's own float32 result
-    (train-mode BatchNorm over small batches amplifies rounding alike), with a floor of float32
-    noise relative to the whole set's magnitude ``scale``."""
-    err_fast = (fast.double() - truth).abs().max().item()
-    err_nr = (nr.double() - truth).abs().max().item()
-    assert err_fast <= 10 * err_nr + 1e-5 * scale, f"{name}: fast error {err_fast:.3g}, nextrec error {err_nr:.3g}"
-
-
 @pytest.mark.parametrize("norm_type", ["none", "batch_norm", "layer_norm", None])
 @pytest.mark.parametrize("kind", list(CLASSES))
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -81,14 +72,11 @@ def test_accelerate_matches_float64_nextrec(kind, norm_type, mode):
     with nextrec_float64():
         out_truth, g_truth = _grads(truth, {k: v.double() if v.is_floating_point() else v for k, v in x.items()})
     torch.testing.assert_close(out_fast, out_nr, rtol=1e-3, atol=1e-3)
-    _as_accurate("output", out_fast, out_nr, out_truth, out_truth.abs().max().item())
-    scale = max((g.abs().max().item() for g in g_truth.values() if g is not None), default=0.0)
+    assert_as_accurate({"output": out_fast}, {"output": out_nr}, {"output": out_truth}, what="output")
     for name, g in g_nr.items():
         if g is None:
             assert g_fast[name] is None or not g_fast[name].any(), name
-        else:
-            assert g_fast[name] is not None, f"{name}: no gradient"
-            _as_accurate(name, g_fast[name], g, g_truth[name], scale)
+    assert_as_accurate(g_fast, g_nr, g_truth)  # as close to float64 nextrec as nextrec's float32 result
     for (name, b_nr), b_fast in zip(plain.state_dict().items(), model.state_dict().values()):
         if b_nr.is_floating_point():
             torch.testing.assert_close(b_fast, b_nr, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -1,12 +1,12 @@
 """Fast ESMM, MMOE and PLE.
 
 - ``forwards``: the fast forward passes (mixins over nextrec's module layout).
-- ``standalone``: plain ``nn.Module`` drop-ins with nextrec 0.3.1's API; no nextrec needed.
+- ``standalone`` / ``standalone_v06``: plain ``nn.Module`` drop-ins with nextrec 0.3.1's / 0.6's
+  API (over ``nextrec_fast.reference.v03`` / ``v06``); no nextrec needed, no ``fit``.
 - ``v03`` / ``v06``: version-pinned drop-ins: nextrec's own classes of that generation,
-  accelerated when built (``v03`` falls back to ``standalone`` without nextrec).
+  accelerated when built (without any nextrec: ``standalone`` / ``standalone_v06``).
 - ``default_drop_ins()``: what ``from nextrec_fast import MMOE`` gives: the installed nextrec's
-  generation (``v06`` or ``v03``), else ``standalone`` (0.3.1's API; a plain-module 0.6 drop-in
-  is not written yet).
+  generation (``v06`` or ``v03``), else the newest generation's plain modules (``standalone_v06``).
 """
 from __future__ import annotations
 
@@ -25,12 +25,13 @@ def _has_module(name: str) -> bool:
 
 
 def default_drop_ins():
-    """The module whose ESMM / MMOE / PLE ``nextrec_fast.ESMM`` / ``MMOE`` / ``PLE`` are."""
+    """The module whose ESMM / MMOE / PLE ``nextrec_fast.ESMM`` / ``MMOE`` / ``PLE`` are: the
+    installed nextrec's generation, the newest (0.6's API) when none is installed."""
     if _has_module("nextrec.models.multitask"):
         from nextrec_fast.models import v06
         return v06
     if _has_module("nextrec.models.multi_task"):
         from nextrec_fast.models import v03
         return v03
-    from nextrec_fast.models import standalone
-    return standalone
+    from nextrec_fast.models import standalone_v06
+    return standalone_v06

@@ -16,7 +16,7 @@ from nextrec_fast import reference
 from nextrec_fast.layers.embedding import FastEmbeddingMixin
 from nextrec_fast.models.forwards import FastESMMForward, FastMMOEForward, FastPLEForward
 
-__all__ = ["ESMM", "MMOE", "PLE", "FastEmbeddingLayer"]
+__all__ = ["ESMM", "MMOE", "PLE", "FastEmbeddingLayer", "fast_after_init"]
 
 
 class FastEmbeddingLayer(FastEmbeddingMixin, reference.EmbeddingLayer):
@@ -27,19 +27,15 @@ class FastEmbeddingLayer(FastEmbeddingMixin, reference.EmbeddingLayer):
         self._prepare_fast_path()
 
 
-def _use_fast_embedding(model) -> None:
-    # Same parameters, same state_dict keys: only the class (and so the forward) changes.
-    model.embedding.__class__ = FastEmbeddingLayer
-    model.embedding._prepare_fast_path()
-
-
-def _fast_after_init(init):
+def fast_after_init(init, layer_class):
     """``__init__`` of a drop-in: the reference's own (real signature, via ``__wrapped__``), then
-    the fast embedding layer over the same parameters."""
+    ``layer_class`` (a fast embedding layer) over the same parameters: only the embedding layer's
+    class, and so its forward, changes; parameters and ``state_dict`` keys stay."""
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        _use_fast_embedding(self)
+        self.embedding.__class__ = layer_class
+        self.embedding._prepare_fast_path()
     return __init__
 
 
@@ -77,7 +73,7 @@ Example:
     ...              cvr_params={"dims": [16]}).eval()
     >>> assert model({"user": torch.tensor([1, 2, 3])}).shape == (3, 2)
 """
-    __init__ = _fast_after_init(reference.ESMM.__init__)
+    __init__ = fast_after_init(reference.ESMM.__init__, FastEmbeddingLayer)
 
 
 class MMOE(FastMMOEForward, reference.MMOE):
@@ -97,7 +93,7 @@ Example:
     ...              num_experts=4, tower_params_list=[{"dims": [8]}] * 2, target=["click", "buy"]).eval()
     >>> assert model({"user": torch.tensor([1, 2, 3])}).shape == (3, 2)
 """
-    __init__ = _fast_after_init(reference.MMOE.__init__)
+    __init__ = fast_after_init(reference.MMOE.__init__, FastEmbeddingLayer)
 
 
 class PLE(FastPLEForward, reference.PLE):
@@ -120,4 +116,4 @@ Example:
     ...             num_levels=2, tower_params_list=[{"dims": [8]}] * 2, target=["click", "buy"]).eval()
     >>> assert model({"user": torch.tensor([1, 2, 3])}).shape == (3, 2)
 """
-    __init__ = _fast_after_init(reference.PLE.__init__)
+    __init__ = fast_after_init(reference.PLE.__init__, FastEmbeddingLayer)
