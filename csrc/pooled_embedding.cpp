@@ -192,7 +192,9 @@ void raise_kernel_error(const PoolingPlan& plan, const std::vector<std::string>&
   switch (kind) {
     case kIdOutOfRange:
       TORCH_CHECK_VALUE(false, "pooled_embedding: feature '", name, "': id ", value, " in row ", row,
-                        " is out of range for its table (num_embeddings=", f.vocab, ")");
+                        " is out of range for its table (num_embeddings=", f.vocab, "): ids must lie in [0, ",
+                        f.vocab, "); raise the feature's vocab_size or map the id (e.g. unknown ids to the "
+                        "padding id)");
     case kOffsetsNotMonotone:
       TORCH_CHECK_VALUE(false, "pooled_embedding: feature '", name, "': offsets must be non-decreasing; offsets[",
                         row + 1, "]=", value, " is below offsets[", row, "]");

@@ -45,6 +45,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'nextrec_fast' has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
 def _default_features():
     """The feature module that goes with ``default_drop_ins()``."""
     from nextrec_fast.models import default_drop_ins, standalone_v06

@@ -62,7 +62,8 @@ def check_batch_inputs(x, features, device: torch.device, check_ranges: bool = T
             if low < 0 or high >= vocab:
                 bad = low if low < 0 else high
                 raise ValueError(f"{kind} feature {name!r}: id {bad} is out of range [0, {vocab}) "
-                                 f"(ids span [{low}, {high}])")
+                                 f"(ids span [{low}, {high}]); raise the feature's vocab_size or map the id "
+                                 "(e.g. unknown ids to the padding id)")
     if batch is None:
         raise ValueError("the model has no input features")
     if batch == 0:

@@ -19,6 +19,22 @@ import torch
 
 from nextrec_fast.features import DENSE, SEQUENCE, SPARSE, BaseFeature, feature_kind, get_auto_embedding_dim
 
+# nextrec 0.3.1's feature arguments that 0.6 dropped or renamed: what a 0.3 caller is told.
+_LEGACY = {
+    "l1_reg": "0.6 has no per-feature regularisation: give the model embedding_l1_reg",
+    "l2_reg": "0.6 has no per-feature regularisation: give the model embedding_l2_reg",
+    "freeze_pretrained": "0.6 freezes a pretrained table with trainable=False",
+    "embedding_dim": "0.6's DenseFeature projects to proj_dim (proj_dim > 1 turns the projection on)",
+    "use_embedding": "0.6 calls it use_projection (with proj_dim)",
+}
+
+
+def _refuse_legacy(cls: str, name: str, legacy: dict) -> None:
+    if legacy:
+        key = next(iter(legacy))
+        hint = f": {_LEGACY[key]}" if key in _LEGACY else ""
+        raise TypeError(f"{cls} {name!r}: unexpected keyword argument {key!r} (nextrec 0.6's API){hint}")
+
 __all__ = ["EmbeddingFeature", "SparseFeature", "SequenceFeature", "DenseFeature", "feature_kind",
            "get_auto_embedding_dim", "DENSE", "SPARSE", "SEQUENCE"]
 
@@ -28,11 +44,13 @@ class EmbeddingFeature(BaseFeature):
     ``embedding_dim``; ``embedding_dim=None``: ``get_auto_embedding_dim(vocab_size)``), its padding
     row, initialiser (``init_type`` "normal" with std 1e-4 by default, see ``get_initializer``),
     and an optional ``pretrained_weight`` (``[vocab_size, embedding_dim]``; frozen when
-    ``trainable=False``)."""
+    ``trainable=False``). 0.3.1's ``l1_reg`` / ``l2_reg`` / ``freeze_pretrained`` raise a TypeError
+    saying what 0.6 does instead."""
 
     def __init__(self, name: str, vocab_size: int, embedding_name: str = "", embedding_dim: int | None = None,
                  padding_idx: int = 0, init_type: str = "normal", init_params: dict | None = None,
-                 trainable: bool = True, pretrained_weight: torch.Tensor | None = None):
+                 trainable: bool = True, pretrained_weight: torch.Tensor | None = None, **legacy):
+        _refuse_legacy(type(self).__name__, name, legacy)  # 0.3.1's l1_reg / l2_reg / freeze_pretrained
         self.name = name
         self.vocab_size = vocab_size
         self.embedding_name = embedding_name or name
@@ -52,10 +70,10 @@ class SequenceFeature(EmbeddingFeature):
     def __init__(self, name: str, vocab_size: int, max_len: int = 50, embedding_name: str = "",
                  embedding_dim: int | None = None, combiner: str = "mean", padding_idx: int = 0,
                  init_type: str = "normal", init_params: dict | None = None, trainable: bool = True,
-                 pretrained_weight: torch.Tensor | None = None):
+                 pretrained_weight: torch.Tensor | None = None, **legacy):
         super().__init__(name=name, vocab_size=vocab_size, embedding_name=embedding_name,
                          embedding_dim=embedding_dim, padding_idx=padding_idx, init_type=init_type,
-                         init_params=init_params, trainable=trainable, pretrained_weight=pretrained_weight)
+                         init_params=init_params, trainable=trainable, pretrained_weight=pretrained_weight, **legacy)
         self.max_len = max_len
         self.combiner = combiner
 
@@ -71,6 +89,7 @@ class DenseFeature(BaseFeature):
     on, as in nextrec; ``embedding_dim`` is the width the feature adds to the model's input.
 
     Raises:
+        TypeError: 0.3.1's ``embedding_dim`` / ``use_embedding`` (the message gives 0.6's names).
         ValueError: ``use_projection=True`` with ``proj_dim=0``; an unknown ``projection_type``;
             ``projection_type="mlp"`` without ``proj_dim``; non-positive ``mlp_hidden_dims``.
     """
@@ -78,7 +97,8 @@ class DenseFeature(BaseFeature):
     def __init__(self, name: str, input_dim: int = 1, proj_dim: int | None = 0, use_projection: bool = False,
                  projection_type: Literal["linear", "mlp"] = "linear", mlp_hidden_dims: list[int] | None = None,
                  mlp_activation: str = "relu", mlp_dropout: float = 0.0, trainable: bool = True,
-                 pretrained_weight: torch.Tensor | None = None):
+                 pretrained_weight: torch.Tensor | None = None, **legacy):
+        _refuse_legacy("DenseFeature", name, legacy)  # 0.3.1's embedding_dim / use_embedding
         self.name = name
         self.input_dim = max(int(input_dim), 1)
         self.proj_dim = self.input_dim if proj_dim is None else proj_dim

@@ -63,7 +63,9 @@ Args:
         (each then a Linear to 1).
 """ + _COMMON_ARGS + """
 Returns:
-    Tensor ``[B, 2]``: (ctr, cvr) logits; ``training_adapter.forward(model, x)``: (CTR, CTCVR).
+    Tensor ``[B, 2]``: (ctr, cvr) tower logits; ``call_model(x)``: ``sigmoid(logits +
+    head.prediction.bias)`` (the head's bias is a trainable parameter, as in nextrec 0.6);
+    ``training_adapter.forward(model, x)``: (CTR, CTCVR = CTR * CVR), what nextrec trains on.
 
 Example:
     >>> from nextrec_fast.features.v06 import SparseFeature
@@ -86,7 +88,9 @@ Args:
         ``output_activation`` optional).
 """ + _COMMON_ARGS + """
 Returns:
-    Tensor ``[B, T]``: logits; ``call_model(x)``: probabilities for "binary" tasks.
+    Tensor ``[B, T]``: tower logits; ``call_model(x)``: ``sigmoid(logits + head.prediction.bias)``
+    for "binary" tasks (the head's bias is a trainable parameter, as in nextrec 0.6: train on
+    ``call_model``'s output, as nextrec's fit does, or on ``model.head(model(x))``).
 
 Example:
     >>> from nextrec_fast.features.v06 import SparseFeature
@@ -109,7 +113,9 @@ Args:
     tower_mlp_params_list (list[dict]): one tower MLP per task.
 """ + _COMMON_ARGS + """
 Returns:
-    Tensor ``[B, T]``: logits; ``call_model(x)``: probabilities for "binary" tasks.
+    Tensor ``[B, T]``: tower logits; ``call_model(x)``: ``sigmoid(logits + head.prediction.bias)``
+    for "binary" tasks (the head's bias is a trainable parameter, as in nextrec 0.6: train on
+    ``call_model``'s output, as nextrec's fit does, or on ``model.head(model(x))``).
 
 Example:
     >>> from nextrec_fast.features.v06 import SparseFeature

@@ -273,11 +273,13 @@ def _check_v06_feature(feature) -> str:
     needed = {DENSE: ("use_projection", "projection_type"), SPARSE: ("pretrained_weight", "trainable"),
               SEQUENCE: ("pretrained_weight", "trainable", "combiner", "max_len")}[kind]
     missing = [a for a in needed if not hasattr(feature, a)]
-    if missing:
+    legacy = [a for a in ("l1_reg", "l2_reg", "use_embedding", "freeze_pretrained") if hasattr(feature, a)]
+    if missing or legacy:
+        what = f"has no {', '.join(missing)}" if missing else f"has {', '.join(legacy)}"
         raise TypeError(
-            f"feature {getattr(feature, 'name', '?')!r} ({type(feature).__name__}) has no {', '.join(missing)}: it is a "
-            "nextrec 0.3-style feature. The 0.6 API takes nextrec 0.6's features or nextrec_fast.features.v06's; "
-            "for 0.3.1's API use nextrec_fast.models.standalone with nextrec_fast.features")
+            f"feature {getattr(feature, 'name', '?')!r} ({type(feature).__name__}) {what}: it is a nextrec 0.3-style "
+            "feature. The 0.6 API takes nextrec 0.6's features or nextrec_fast.features.v06's; for 0.3.1's API use "
+            "nextrec_fast.models.standalone with nextrec_fast.features")
     return kind
 
 
@@ -363,7 +365,8 @@ class EmbeddingLayer(nn.Module):
                 raise ValueError(f"sequence feature {feature.name!r}: self_attention requires embedding_dim divisible "
                                  f"by 4, got {feature.embedding_dim}.")
             return SelfAttentionPooling(feature.embedding_dim, num_heads=4, dropout=0.0)
-        raise ValueError(f"Unknown combiner for {feature.name}: {feature.combiner}")
+        raise ValueError(f"Unknown combiner for {feature.name}: {feature.combiner!r}; nextrec 0.6 has mean, sum, "
+                         "concat, dot_attention, self_attention")
 
     def forward(self, x: dict, features: list, squeeze_dim: bool = False, sequence_output: str = "pooled"):
         sparse_embeds, dense_embeds = [], []
@@ -480,7 +483,7 @@ class MLP(nn.Module):
             elif norm_type == "layer_norm":
                 layers.append(nn.LayerNorm(dim))
             elif norm_type != "none":
-                raise ValueError(f"Unsupported norm_type: {norm_type}")
+                raise ValueError(f"Unsupported norm_type: {norm_type!r}; expected 'none', 'batch_norm' or 'layer_norm'")
             layers += [activation_layer(activation), nn.Dropout(p=dropout)]
             current = dim
         if output_dim is not None:
@@ -528,10 +531,31 @@ _RENAMED = {"expert_params": "expert_mlp_params", "tower_params_list": "tower_ml
             "optimizer": "nextrec 0.6's compile(optimizer=...)", "loss": "nextrec 0.6's compile(loss=...)"}
 
 
+_MLP_KEYS = ("hidden_dims", "output_dim", "dropout", "activation", "norm_type", "output_activation")
+
+
 def _check_mlp_params(owner: str, name: str, params) -> None:
     for p in params if isinstance(params, list) else [params]:
-        if isinstance(p, dict) and "dims" in p:
+        if not isinstance(p, dict):
+            raise TypeError(f"{owner}: {name} must be a dict (or a list of dicts) of MLP arguments, got {type(p).__name__}")
+        if "dims" in p:
             raise TypeError(f"{owner}: {name} uses 'dims' (nextrec 0.3.1's MLP key); nextrec 0.6 calls it 'hidden_dims'")
+        unknown = [k for k in p if k not in _MLP_KEYS]
+        if unknown:
+            raise TypeError(f"{owner}: {name} has unknown MLP argument(s) {unknown}; nextrec 0.6's MLP takes "
+                            f"{', '.join(_MLP_KEYS)}")
+
+
+_BASE_ARGS = ("key_columns", "training_mode", "sampling_mode", "embedding_l1_reg", "dense_l1_reg", "embedding_l2_reg",
+              "dense_l2_reg", "device", "session_id", "semantic_id_features")
+
+
+def _check_kwargs(owner: str, kwargs: dict) -> None:
+    """Before anything else, so a 0.3.1 caller hears the 0.6 name of what it passed."""
+    for name in kwargs:
+        if name not in _BASE_ARGS:
+            hint = f"; nextrec 0.6 calls it {_RENAMED[name]}" if name in _RENAMED else ""
+            raise TypeError(f"{owner}.__init__() got an unexpected keyword argument {name!r}{hint}")
 
 
 class MultitaskModel(nn.Module):
@@ -554,10 +578,7 @@ class MultitaskModel(nn.Module):
                    key_columns=None, training_mode=None, sampling_mode="explicit", embedding_l1_reg=0.0,
                    dense_l1_reg=0.0, embedding_l2_reg=0.0, dense_l2_reg=0.0, device="cpu", session_id=None,
                    semantic_id_features=None, **unknown):
-        if unknown:
-            name = next(iter(unknown))
-            hint = f"; nextrec 0.6 calls it {_RENAMED[name]}" if name in _RENAMED else ""
-            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword argument {name!r}{hint}")
+        _check_kwargs(type(self).__name__, unknown)
         if semantic_id_features:
             raise ValueError(f"{type(self).__name__}: semantic_id_features are not used by the multi-task models")
         self.dense_features = list(dense_features or [])
@@ -657,8 +678,13 @@ class ESMM(MultitaskModel):
     def default_task(self):
         return ["binary", "binary"]
 
-    def __init__(self, dense_features, sparse_features, sequence_features, ctr_mlp_params: dict,
-                 cvr_mlp_params: dict, task: list[str] | None = None, target: list[str] | None = None, **kwargs):
+    def __init__(self, dense_features, sparse_features, sequence_features, ctr_mlp_params: dict | None = None,
+                 cvr_mlp_params: dict | None = None, task: list[str] | None = None, target: list[str] | None = None,
+                 **kwargs):
+        _check_kwargs("ESMM", kwargs)
+        for name, value in (("ctr_mlp_params", ctr_mlp_params), ("cvr_mlp_params", cvr_mlp_params)):
+            if value is None:  # required in nextrec 0.6; optional here only to say this
+                raise TypeError(f"ESMM needs {name} (the tower's MLP, e.g. {{'hidden_dims': [64]}})")
         target = target or ["ctr", "ctcvr"]
         if len(target) != 2:
             raise ValueError(f"ESMM requires exactly 2 targets (ctr and ctcvr), got {len(target)}")
@@ -694,6 +720,9 @@ class MMOE(MultitaskModel):
                  expert_mlp_params: dict | None = None, num_experts: int = 3,
                  tower_mlp_params_list: list[dict] | None = None, target: list[str] | str | None = None,
                  task=None, **kwargs):
+        _check_kwargs("MMOE", kwargs)
+        if not target:
+            raise ValueError("MMOE needs target: one name per task (and one tower in tower_mlp_params_list each)")
         expert_mlp_params = dict(expert_mlp_params or {})
         tower_mlp_params_list = tower_mlp_params_list or []
         _check_mlp_params("MMOE", "expert_mlp_params", expert_mlp_params)
@@ -794,6 +823,7 @@ class PLE(MultitaskModel):
                  num_shared_experts: int = 2, num_specific_experts: int = 2, num_levels: int = 2,
                  tower_mlp_params_list: list[dict] | None = None, target: list[str] | None = None, task=None,
                  **kwargs):
+        _check_kwargs("PLE", kwargs)
         if specific_expert_mlp_params is None:
             raise ValueError("specific_expert_mlp_params must be a list of dicts, one per task.")
         if target is None:
