@@ -226,3 +226,19 @@ def test_default_drop_ins_without_nextrec_are_0_6(monkeypatch):
                               expert_mlp_params={"hidden_dims": [8]}, tower_mlp_params_list=[{}] * 2, target=["a", "b"])
     x = {"d": torch.randn(5, 2), "u": torch.randint(0, 10, (5,)), "h": torch.randint(0, 10, (5, 3))}
     assert model.eval().call_model(x).shape == (5, 2)
+
+
+@pytest.mark.nextrec
+def test_top_level_features_go_with_the_top_level_models():
+    """``nextrec_fast.SparseFeature`` is what ``nextrec_fast.MMOE`` takes, whichever nextrec is
+    installed: nextrec 0.6's own (its EmbeddingLayer checks the class), our 0.3.1 copies, or 0.6's
+    copies without nextrec."""
+    if GENERATION == "0.6":
+        from nextrec.basic import features as expected
+    elif GENERATION == "0.3":
+        expected = nextrec_fast.features
+    else:
+        expected = features_v06
+    for name in ("SparseFeature", "SequenceFeature", "DenseFeature"):
+        assert getattr(nextrec_fast, name) is getattr(expected, name), name
+    assert {"MMOE", "PLE", "ESMM", "SparseFeature"} <= set(dir(nextrec_fast))
