@@ -12,7 +12,7 @@ import torch
 import nextrec_fast
 from nextrec_fast.models import standalone
 from model_factory import random_features, random_inputs, random_model_kwargs
-from nextrec_generation import assert_regularized_grads_match, require
+from nextrec_generation import assert_regularized_grads_match, flip_rows, require
 
 require("0.3")
 from nextrec.basic import features as nr_features  # noqa: E402
@@ -40,9 +40,9 @@ def _random_model(kind, seed, **extra):
     return model, x
 
 
-def _grads(model, x):
+def _grads(model, x, flipped: bool = False):
     model.zero_grad(set_to_none=True)
-    out = model(x)
+    out = model(flip_rows(x)).flip(0) if flipped else model(x)  # flipped: the same loss, summed in another order
     (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -56,7 +56,7 @@ def test_accelerate_in_place_same_results(kind, mode):
     seed = random.randrange(2**31)
     print(f"{kind} {mode} seed={seed}")
     model, x = _random_model(kind, seed)
-    plain = copy.deepcopy(model)
+    plain, plain_flipped = copy.deepcopy(model), copy.deepcopy(model)
     plain_state = copy.deepcopy(plain.state_dict())
     _seeds[id(plain)] = seed
     params_before = [id(p) for p in model.parameters()]
@@ -65,19 +65,25 @@ def test_accelerate_in_place_same_results(kind, mode):
     assert isinstance(model, MODELS[kind]) and nextrec_fast.is_accelerated(model)
     assert [id(p) for p in model.parameters()] == params_before
     assert list(model.state_dict()) == keys_before
-    model.train(mode == "train")
-    plain.train(mode == "train")
+    for m in (model, plain, plain_flipped):
+        m.train(mode == "train")
     out_plain, g_plain = _grads(plain, x)
+    _, g_flipped = _grads(plain_flipped, x, flipped=True)
     out_fast, g_fast = _grads(model, x)
     torch.testing.assert_close(out_fast, out_plain, rtol=1e-3, atol=1e-3)
     # fp32 against nextrec: loose here (train-mode BatchNorm over 8 rows amplifies rounding, of
-    # nextrec's float32 statistics more than of ours, summed in double);
-    # test_nextrec_compat judges the same computation against float64 truth. The accelerated
-    # model must be exactly our drop-in fast model, though: same code, same weights.
+    # nextrec's float32 statistics more than of ours, summed in double), and widened by nextrec's
+    # own spread: its gradients with the batch's rows reversed (same math, another order). A seed
+    # (1021933858, PLE) differed by 0.87 in one embedding gradient where 0.79 was allowed, in a
+    # draw whose gradients reach 790. test_nextrec_compat judges the same computation against
+    # float64 truth. The accelerated model must be exactly our drop-in fast model, though: same
+    # code, same weights.
     scale = max(g.abs().max().item() for g in g_plain.values() if g is not None)
     for name, g in g_plain.items():
         if g is not None:
-            torch.testing.assert_close(g_fast[name], g, rtol=1e-2, atol=1e-3 * scale, msg=lambda m: f"{name}: {m}")
+            spread = (g - g_flipped[name]).abs().max().item()
+            torch.testing.assert_close(g_fast[name], g, rtol=1e-2, atol=1e-3 * scale + 10 * spread,
+                                       msg=lambda m: f"{name}: {m} (nextrec's own spread {spread:.3g})")
     drop_in = DROP_IN[kind](plain.dense_features, plain.sparse_features, plain.sequence_features,
                             **random_model_kwargs(kind, random.Random(_seeds[id(plain)] + 1)))
     drop_in.load_state_dict(plain_state, strict=True)
