@@ -22,10 +22,10 @@ __all__ = ["NextrecV06", "V06"]
 _OP_COMBINERS = ("sum", "mean", "concat")
 
 
-# 0.3's argument names -> 0.6's (model_arguments).
-_V06_PARAMS = {"expert_params": "expert_mlp_params", "tower_params_list": "tower_mlp_params_list",
-               "shared_expert_params": "shared_expert_mlp_params", "ctr_params": "ctr_mlp_params",
-               "cvr_params": "cvr_mlp_params"}
+# 0.3's argument names -> 0.6's (model_arguments; reference.v06's errors name them too).
+V06_ARGUMENT_NAMES = {"expert_params": "expert_mlp_params", "tower_params_list": "tower_mlp_params_list",
+                      "shared_expert_params": "shared_expert_mlp_params", "ctr_params": "ctr_mlp_params",
+                      "cvr_params": "cvr_mlp_params"}
 
 
 def _v06_mlp(params):
@@ -118,7 +118,7 @@ class NextrecV06(NextrecGeneration):
         return adapter.forward(model, batch) if adapter is not None else model.call_model(batch)
 
     def model_arguments(self, kind, kwargs):
-        out = {_V06_PARAMS.get(k, k): _v06_mlp(v) if k in _V06_PARAMS else v for k, v in kwargs.items()}
+        out = {V06_ARGUMENT_NAMES.get(k, k): _v06_mlp(v) if k in V06_ARGUMENT_NAMES else v for k, v in kwargs.items()}
         if "specific_expert_params" in out:  # 0.6: one MLP description per task
             out["specific_expert_mlp_params"] = [_v06_mlp(out.pop("specific_expert_params"))] * len(out["target"])
         out.pop("task", None)  # 0.6 infers the task types from the head

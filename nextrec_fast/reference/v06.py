@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from nextrec_fast.activations import activation_layer
+from nextrec_fast.compat.nextrec_v06 import V06_ARGUMENT_NAMES
 from nextrec_fast.features import DENSE, SEQUENCE, SPARSE, feature_kind
 
 __all__ = [
@@ -525,10 +526,9 @@ def _as_list(value) -> list:
 
 
 # nextrec 0.3.1's argument names -> 0.6's, for the error a 0.3 caller gets.
-_RENAMED = {"expert_params": "expert_mlp_params", "tower_params_list": "tower_mlp_params_list",
-            "shared_expert_params": "shared_expert_mlp_params", "specific_expert_params": "specific_expert_mlp_params",
-            "ctr_params": "ctr_mlp_params", "cvr_params": "cvr_mlp_params", "num_tasks": "target (one per task)",
-            "optimizer": "nextrec 0.6's compile(optimizer=...)", "loss": "nextrec 0.6's compile(loss=...)"}
+_RENAMED = {**V06_ARGUMENT_NAMES, "specific_expert_params": "specific_expert_mlp_params",
+            "num_tasks": "target (one per task)", "optimizer": "nextrec 0.6's compile(optimizer=...)",
+            "loss": "nextrec 0.6's compile(loss=...)"}
 
 
 _MLP_KEYS = ("hidden_dims", "output_dim", "dropout", "activation", "norm_type", "output_activation")
@@ -577,8 +577,7 @@ class MultitaskModel(nn.Module):
     def _init_base(self, dense_features=None, sparse_features=None, sequence_features=None, target=None, task=None,
                    key_columns=None, training_mode=None, sampling_mode="explicit", embedding_l1_reg=0.0,
                    dense_l1_reg=0.0, embedding_l2_reg=0.0, dense_l2_reg=0.0, device="cpu", session_id=None,
-                   semantic_id_features=None, **unknown):
-        _check_kwargs(type(self).__name__, unknown)
+                   semantic_id_features=None):
         if semantic_id_features:
             raise ValueError(f"{type(self).__name__}: semantic_id_features are not used by the multi-task models")
         self.dense_features = list(dense_features or [])
