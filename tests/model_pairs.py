@@ -158,9 +158,8 @@ def constructors(flavour: str, kind: str, seed: int):
         holder = {}
 
         def build_v06(cls):
-            torch.manual_seed(seed ^ 0x5EED)  # pretrained tables
             model, holder["feats"] = random_v06_model(kind, seed, norm_type=norm_type, classes={kind: cls},
-                                                      feature_module=features_v06)
+                                                      feature_module=features_v06, same_tables=True)
             return model
         return (lambda: build_v06(getattr(reference_v06, kind.upper())),
                 lambda: build_v06(getattr(standalone_v06, kind.upper())),

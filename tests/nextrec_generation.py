@@ -164,11 +164,14 @@ def random_v06_mlp(rng: random.Random, norm_type: str | None = None, tower: bool
 
 
 def random_v06_model(kind: str, seed: int, norm_type: str | None = None, classes: dict | None = None,
-                     feature_module=None, **extra):
+                     feature_module=None, same_tables: bool = False, **extra):
     """A random 0.6 ESMM / MMOE / PLE (built under ``torch.manual_seed(seed)``, pretrained tables
-    drawn before that from torch's global generator) and its features; ``classes`` ({kind:
-    class}) builds the same configuration with another class, ``feature_module`` with other
-    feature classes (both: without nextrec)."""
+    drawn before that from torch's global generator, seeded from ``seed`` too with
+    ``same_tables``, so two builds are identical) and its features; ``classes`` ({kind: class})
+    builds the same configuration with another class, ``feature_module`` with other feature
+    classes (both: without nextrec)."""
+    if same_tables:
+        torch.manual_seed(seed ^ 0x5EED)
     classes = classes or {}
     if kind not in classes:
         from nextrec.models.multitask.esmm import ESMM

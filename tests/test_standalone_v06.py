@@ -46,9 +46,8 @@ def _seed(*parts) -> int:
 
 
 def _build(kind, seed, cls, feature_module=None, norm_type=None):
-    torch.manual_seed(seed ^ 0x5EED)  # the pretrained tables, drawn before the model's seed is set
     return random_v06_model(kind, seed, norm_type=norm_type, classes={kind: cls} if cls else None,
-                            feature_module=feature_module)
+                            feature_module=feature_module, same_tables=True)
 
 
 def _outputs_and_grads(model, x, flipped: bool = False):
