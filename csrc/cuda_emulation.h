@@ -1,7 +1,7 @@
-// Host stand-ins that let pooled_embedding_cuda.cu compile as plain C++ and run on the CPU
-// (NEXTREC_FAST_CUDA_EMULATION; tests/test_pooled_embedding_cuda_emulated.py builds it).
+// Host stand-ins that let the .cu files compile as plain C++ and run on the CPU
+// (NEXTREC_FAST_CUDA_EMULATION; tests/test_pooled_embedding_cuda_emulated.py builds them).
 //
-// The pooling kernels keep every thread independent (no shared memory, no barriers, no warp
+// The kernels keep every thread independent (no shared memory, no barriers, no warp
 // shuffles; atomics only), so running each (block, thread) in turn executes exactly the code
 // the GPU runs: index math, lane loops, range checks and error reports, the deterministic
 // sort-and-reduce backward, and the host code around the launches (plans, buffers, sorting).

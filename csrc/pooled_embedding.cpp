@@ -1383,7 +1383,7 @@ NEXTREC_FAST_LIBRARY_FRAGMENT(NEXTREC_FAST_OP_NAMESPACE, m) {
       "Tensor[] per_id_weights, int[] weighted_features, int[] table_index, int[] combiners, int[] mask_ids, int[] max_lens, "
       "str[] feature_names, int[] grad_padding_idx, int[] table_needs_grad) -> Tensor[]");
   // Coalesced sparse gradients: per table that needs a gradient, its distinct int64 rows [U]
-  // (first-appearance order) then their summed gradients [U, D] (float32 for half tables); last,
+  // (first-appearance order on the CPU, ascending on CUDA; the sums are the same) then their summed gradients [U, D] (float32 for half tables); last,
   // a bool tensor: per such table, whether its sums are all finite.
   m.def(
       "pooled_embedding_backward_coalesced(Tensor grad_out, Tensor[] tables, Tensor[] ids, Tensor?[] offsets, "

@@ -5,7 +5,8 @@
 // largest dim, at most a warp) pools one (feature, row) bag, accumulating in fp32.
 // Backward: deterministic mode emits (global row, entry) pairs, stable-sorts them by row and
 // reduces each run in a fixed order with a single writer per row; otherwise atomics (fp32/fp64
-// tables only: fp16/bf16 always sort, to accumulate in fp32).
+// tables only: fp16/bf16 always sort, to accumulate in fp32). The coalesced backward (the
+// in-backward optimisers) reduces the same sorted runs into one row per distinct id.
 #include "pooled_embedding.h"
 
 #include <ATen/OpMathType.h>
@@ -13,29 +14,7 @@
 
 #include <cstring>
 
-#ifdef NEXTREC_FAST_CUDA_EMULATION
-#include "cuda_emulation.h"  // plain C++ on the CPU, for the tests
-#else
-#include <ATen/cuda/Atomic.cuh>
-// ATen/cuda/CUDAContext.h is avoided on purpose: it pulls in cuSPARSE/cuBLAS headers that a
-// bare CUDA toolkit (nvcc + runtime only) does not ship.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-namespace nextrec_fast {
-constexpr bool kCudaEmulation = false;
-using DeviceGuard = c10::cuda::CUDAGuard;
-inline c10::cuda::CUDAStream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
-}  // namespace nextrec_fast
-
-#define NEXTREC_FAST_LAUNCH(kernel, blocks, threads, stream, ...) \
-  do {                                                             \
-    kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__);           \
-    C10_CUDA_KERNEL_LAUNCH_CHECK();                                \
-  } while (0)
-#define NEXTREC_FAST_CUDA_DISPATCH_KEY CUDA
-#endif
+#include "cuda_launch.h"
 
 namespace nextrec_fast {
 namespace {
@@ -202,7 +181,9 @@ __global__ void emit_kernel(const FeatureMeta* __restrict__ feats, int64_t num_b
   if (bag >= num_bags) return;
   const int64_t fi = bag / batch;
   const FeatureMeta& f = feats[fi];
-  if (f.grad == nullptr) return;
+  // A feature whose table takes no gradient has no buffer to add into (atomics) or no entry
+  // slots (entry_base -1: the sorted paths).
+  if (entry_key == nullptr ? f.grad == nullptr : entry_base[fi] < 0) return;
   const int64_t b = bag % batch;
   int64_t begin, end;
   bag_bounds(f, b, &begin, &end);
@@ -236,6 +217,26 @@ __global__ void emit_kernel(const FeatureMeta* __restrict__ feats, int64_t num_b
   }
 }
 
+// The gradient of one run of equal keys (sorted entries i, i+1, ... with key `key`) in column
+// d: its entries' contributions summed in sorted (= stable, emission) order, in acc_t.
+template <typename scalar_t>
+__device__ at::opmath_type<scalar_t> run_sum(const FeatureMeta* feats, int64_t i, int64_t num_entries, int64_t key,
+                                             int64_t d, const scalar_t* grad_out, const int64_t* sorted_key,
+                                             const int64_t* order, const int64_t* entry_src,
+                                             const at::opmath_type<scalar_t>* entry_denom,
+                                             const at::opmath_type<scalar_t>* entry_weight,
+                                             const int32_t* entry_feature) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t acc = 0;
+  for (int64_t j = i; j < num_entries && sorted_key[j] == key; ++j) {
+    const int64_t e = order[j];
+    acc_t v = static_cast<acc_t>(grad_out[entry_src[e] + d]);
+    if (feats[entry_feature[e]].combiner == kMean) v /= entry_denom[e];
+    acc += v * entry_weight[e];
+  }
+  return acc;
+}
+
 // One group per sorted entry; the group that starts a run of equal rows reduces the run in
 // sorted (= stable, emission) order and writes the row once: deterministic.
 template <typename scalar_t>
@@ -257,15 +258,94 @@ __global__ void reduce_sorted_kernel(const FeatureMeta* __restrict__ feats, int6
   const int64_t D = head.dim;
   scalar_t* grad_row = static_cast<scalar_t*>(head.grad) + (key - head.row_base) * D;
   for (int64_t d = lane; d < D; d += lanes) {
-    acc_t acc = 0;
-    for (int64_t j = i; j < num_entries && sorted_key[j] == key; ++j) {
-      const int64_t e = order[j];
-      acc_t v = static_cast<acc_t>(grad_out[entry_src[e] + d]);
-      if (feats[entry_feature[e]].combiner == kMean) v /= entry_denom[e];
-      acc += v * entry_weight[e];
-    }
+    const acc_t acc = run_sum(feats, i, num_entries, key, d, grad_out, sorted_key, order, entry_src, entry_denom,
+                              entry_weight, entry_feature);
     grad_row[d] = static_cast<scalar_t>(static_cast<acc_t>(grad_row[d]) + acc);
   }
+}
+
+// The coalesced backward's reduction: the group that starts run u (of table t) writes the run's
+// summed gradient, in acc_t, to row u - first_run[t] of table t's block of `out` (at out_base[t]).
+template <typename scalar_t>
+__global__ void reduce_runs_kernel(const FeatureMeta* __restrict__ feats, int64_t num_entries, int64_t sentinel,
+                                   const scalar_t* __restrict__ grad_out, int lanes,
+                                   const int64_t* __restrict__ sorted_key, const int64_t* __restrict__ order,
+                                   const int64_t* __restrict__ entry_src,
+                                   const at::opmath_type<scalar_t>* __restrict__ entry_denom,
+                                   const at::opmath_type<scalar_t>* __restrict__ entry_weight,
+                                   const int32_t* __restrict__ entry_feature, const int64_t* __restrict__ run_index,
+                                   const int64_t* __restrict__ out_base, const int64_t* __restrict__ first_run,
+                                   at::opmath_type<scalar_t>* __restrict__ out) {
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t i = thread / lanes;
+  const int lane = static_cast<int>(thread % lanes);
+  if (i >= num_entries) return;
+  const int64_t key = sorted_key[i];
+  if (key == sentinel || (i > 0 && sorted_key[i - 1] == key)) return;
+  const FeatureMeta& head = feats[entry_feature[order[i]]];
+  const int64_t D = head.dim, t = head.table_index;
+  at::opmath_type<scalar_t>* dst = out + out_base[t] + (run_index[i] - first_run[t]) * D;
+  for (int64_t d = lane; d < D; d += lanes)
+    dst[d] = run_sum(feats, i, num_entries, key, d, grad_out, sorted_key, order, entry_src, entry_denom, entry_weight,
+                     entry_feature);
+}
+
+// The sorted paths' entries: one slot per position of every feature whose table is wanted
+// (wanted[t] != 0), holding (global row key, grad_out offset, mean denominator, per-id weight,
+// feature) where the position sends gradient, else the sentinel key; stable-sorted by key. Global
+// rows number the wanted tables' rows one table after another, in table order.
+struct SortedEntries {
+  at::Tensor meta;  // the plan's FeatureMeta on the device, row_base set
+  at::Tensor keys, order, src, denom, weight, feature;  // keys sorted; order: the entry of each sorted key
+  int64_t count = 0;     // slots (sentinel ones included)
+  int64_t sentinel = 0;  // = the number of global rows: sorts after every real key
+  std::vector<int64_t> row_base;  // per table: its first global row
+};
+
+SortedEntries sort_entries(PoolingPlan& plan, at::IntArrayRef wanted, const at::Tensor& g) {
+  SortedEntries s;
+  s.row_base.assign(plan.tables.size(), 0);
+  for (size_t t = 0; t < plan.tables.size(); ++t) {
+    s.row_base[t] = s.sentinel;
+    if (wanted[t]) s.sentinel += plan.tables[t].size(0);
+  }
+  std::vector<int64_t> entry_base(plan.features.size(), -1);
+  for (size_t i = 0; i < plan.features.size(); ++i) {
+    FeatureMeta& f = plan.features[i];
+    f.row_base = s.row_base[f.table_index];
+    if (!wanted[f.table_index]) continue;
+    entry_base[i] = s.count;
+    s.count += num_positions(f, plan.batch);
+  }
+  s.meta = upload_meta(plan);
+  const auto long_opts = g.options().dtype(at::kLong);
+  const int64_t num_bags = static_cast<int64_t>(plan.features.size()) * plan.batch;
+  if (num_bags == 0 || s.count == 0) {
+    s.count = 0;
+    s.keys = s.order = at::empty({0}, long_opts);
+    return s;
+  }
+  at::Tensor base_dev = at::tensor(entry_base, at::TensorOptions().dtype(at::kLong)).to(plan.device, true);
+  // Slots of positions that send no gradient keep the sentinel key and sort last.
+  at::Tensor keys = at::full({s.count}, s.sentinel, long_opts);
+  s.src = at::empty({s.count}, long_opts);
+  // Scales in the accumulation type (double for float64 tables: float would round their weights).
+  const auto scale_opts = g.options().dtype(plan.dtype == at::kDouble ? at::kDouble : at::kFloat);
+  s.denom = at::empty({s.count}, scale_opts);
+  s.weight = at::empty({s.count}, scale_opts);
+  s.feature = at::empty({s.count}, g.options().dtype(at::kInt));
+  const int lanes = lanes_per_bag(plan);
+  const int64_t blocks = (num_bags * lanes + kThreads - 1) / kThreads;
+  const FeatureMeta* feats = reinterpret_cast<const FeatureMeta*>(s.meta.data_ptr());
+  NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_backward_cuda", [&] {
+    NEXTREC_FAST_LAUNCH(emit_kernel<scalar_t>, blocks, kThreads, current_stream(), feats, num_bags, plan.batch,
+                        g.data_ptr<scalar_t>(), plan.total_dim, lanes, base_dev.data_ptr<int64_t>(),
+                        keys.data_ptr<int64_t>(), s.src.data_ptr<int64_t>(),
+                        s.denom.data_ptr<at::opmath_type<scalar_t>>(), s.weight.data_ptr<at::opmath_type<scalar_t>>(),
+                        s.feature.data_ptr<int32_t>());
+  });
+  std::tie(s.keys, s.order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  return s;
 }
 
 void backward_into_dirty_cuda(const at::Tensor& grad_out, const TensorList& grads, const TensorList& tables,
@@ -287,66 +367,35 @@ void backward_into_dirty_cuda(const at::Tensor& grad_out, const TensorList& grad
     else
       grads[i].zero_();
   }
-  // Global row space over the tables that need a gradient (sort keys of the deterministic path).
-  std::vector<int64_t> row_base(plan.tables.size(), 0);
-  int64_t total_rows = 0;
-  for (size_t t = 0; t < plan.tables.size(); ++t) {
-    row_base[t] = total_rows;
-    if (table_needs_grad[t]) total_rows += plan.tables[t].size(0);
-  }
-  std::vector<int64_t> entry_base(plan.features.size(), 0);
-  int64_t num_entries = 0;
-  for (size_t i = 0; i < plan.features.size(); ++i) {
-    FeatureMeta& f = plan.features[i];
-    f.row_base = row_base[f.table_index];
-    entry_base[i] = num_entries;
-    if (f.grad != nullptr) num_entries += num_positions(f, plan.batch);
-  }
-  const int64_t num_bags = static_cast<int64_t>(plan.features.size()) * plan.batch;
-  if (num_bags == 0 || num_entries == 0) return;
-
+  if (plan.batch == 0 || plan.features.empty()) return;
   at::Tensor g = grad_out.contiguous();
-  at::Tensor meta = upload_meta(plan);
-  const auto long_opts = g.options().dtype(at::kLong);
   const int lanes = lanes_per_bag(plan);
-  const int64_t blocks = (num_bags * lanes + kThreads - 1) / kThreads;
   auto stream = current_stream();
-  const FeatureMeta* feats = reinterpret_cast<const FeatureMeta*>(meta.data_ptr());
-
   // Atomics add into the gradient in its own dtype: for fp16/bf16 tables that rounds after every
   // contribution (a row hit often drifts by several ulps; found by the emulated tests), so those
   // always take the sorted path, which accumulates each row in fp32 and writes it once.
   const bool atomics = !deterministic && (plan.dtype == at::kFloat || plan.dtype == at::kDouble);
   if (atomics) {
+    at::Tensor meta = upload_meta(plan);
+    const int64_t num_bags = static_cast<int64_t>(plan.features.size()) * plan.batch;
+    const int64_t blocks = (num_bags * lanes + kThreads - 1) / kThreads;
     NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_backward_cuda", [&] {
-      NEXTREC_FAST_LAUNCH(emit_kernel<scalar_t>, blocks, kThreads, stream, feats, num_bags, plan.batch,
+      NEXTREC_FAST_LAUNCH(emit_kernel<scalar_t>, blocks, kThreads, stream,
+                          reinterpret_cast<const FeatureMeta*>(meta.data_ptr()), num_bags, plan.batch,
                           g.data_ptr<scalar_t>(), plan.total_dim, lanes, nullptr, nullptr, nullptr, nullptr,
                           nullptr, nullptr);
     });
     return;
   }
-  at::Tensor base_dev = at::tensor(entry_base, at::TensorOptions().dtype(at::kLong)).to(plan.device, true);
-  // Slots of positions that send no gradient keep the sentinel key and sort last.
-  at::Tensor keys = at::full({num_entries}, total_rows, long_opts);
-  at::Tensor src = at::empty({num_entries}, long_opts);
-  // Scales in the accumulation type (double for float64 tables: float would round their weights).
-  const auto scale_opts = g.options().dtype(plan.dtype == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor denom = at::empty({num_entries}, scale_opts);
-  at::Tensor weight = at::empty({num_entries}, scale_opts);
-  at::Tensor feature = at::empty({num_entries}, g.options().dtype(at::kInt));
+  const SortedEntries s = sort_entries(plan, table_needs_grad, g);
+  if (s.count == 0) return;
+  const int64_t reduce_blocks = (s.count * lanes + kThreads - 1) / kThreads;
   NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_backward_cuda", [&] {
-    NEXTREC_FAST_LAUNCH(emit_kernel<scalar_t>, blocks, kThreads, stream, feats, num_bags, plan.batch,
-                        g.data_ptr<scalar_t>(), plan.total_dim, lanes, base_dev.data_ptr<int64_t>(),
-                        keys.data_ptr<int64_t>(), src.data_ptr<int64_t>(), denom.data_ptr<at::opmath_type<scalar_t>>(),
-                        weight.data_ptr<at::opmath_type<scalar_t>>(), feature.data_ptr<int32_t>());
-  });
-  auto [sorted_keys, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const int64_t reduce_blocks = (num_entries * lanes + kThreads - 1) / kThreads;
-  NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_backward_cuda", [&] {
-    NEXTREC_FAST_LAUNCH(reduce_sorted_kernel<scalar_t>, reduce_blocks, kThreads, stream, feats, num_entries,
-                        total_rows, g.data_ptr<scalar_t>(), lanes, sorted_keys.data_ptr<int64_t>(),
-                        order.data_ptr<int64_t>(), src.data_ptr<int64_t>(), denom.data_ptr<at::opmath_type<scalar_t>>(),
-                        weight.data_ptr<at::opmath_type<scalar_t>>(), feature.data_ptr<int32_t>());
+    NEXTREC_FAST_LAUNCH(reduce_sorted_kernel<scalar_t>, reduce_blocks, kThreads, stream,
+                        reinterpret_cast<const FeatureMeta*>(s.meta.data_ptr()), s.count, s.sentinel,
+                        g.data_ptr<scalar_t>(), lanes, s.keys.data_ptr<int64_t>(), s.order.data_ptr<int64_t>(),
+                        s.src.data_ptr<int64_t>(), s.denom.data_ptr<at::opmath_type<scalar_t>>(),
+                        s.weight.data_ptr<at::opmath_type<scalar_t>>(), s.feature.data_ptr<int32_t>());
   });
 }
 
@@ -370,6 +419,83 @@ TensorList backward_cuda(const at::Tensor& grad_out, const TensorList& tables, c
   backward_into_cuda(grad_out, grads, tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens,
                      names, grad_padding_idx, table_needs_grad, deterministic);
   return grads;
+}
+
+// ---- backward: coalesced sparse gradients (the in-backward optimisers) ----------------------
+
+// Per table needing a gradient: its distinct rows [U] (int64, ascending: the CPU op gives them in
+// first-appearance order) then their summed gradients [U, D] (float32 for half tables, else the
+// table's dtype); last, a bool tensor [tables needing a gradient]: whether each table's sums are
+// all finite. Each row's sum adds its entries in the CPU op's order (features in order, positions
+// in order) from zero: the emulated build gives the CPU's bits. Two syncs: the number of distinct
+// rows and their split among the tables.
+TensorList backward_coalesced_cuda(const at::Tensor& grad_out, const TensorList& tables, const TensorList& ids,
+                                   const OptTensorList& offsets, const TensorList& weights,
+                                   at::IntArrayRef weighted_features, at::IntArrayRef table_index,
+                                   at::IntArrayRef combiners, at::IntArrayRef mask_ids, at::IntArrayRef max_lens,
+                                   const std::vector<std::string>& names, at::IntArrayRef grad_padding_idx,
+                                   at::IntArrayRef table_needs_grad) {
+  PoolingPlan plan = backward_plan(grad_out, tables, ids, offsets, weights, weighted_features, table_index, combiners,
+                                   mask_ids, max_lens, names, grad_padding_idx);
+  DeviceGuard guard(plan.device);
+  TORCH_CHECK_VALUE(table_needs_grad.size() == plan.tables.size(), "pooled_embedding backward: table_needs_grad has ",
+                    table_needs_grad.size(), " entries for ", plan.tables.size(), " tables");
+  at::Tensor g = grad_out.contiguous();
+  const at::ScalarType acc_dtype =
+      (plan.dtype == at::kHalf || plan.dtype == at::kBFloat16) ? at::kFloat : plan.dtype;
+  const SortedEntries s = sort_entries(plan, table_needs_grad, g);
+  const auto long_opts = g.options().dtype(at::kLong);
+  // Runs of equal keys: a sorted entry starts one where its key is real and differs from the
+  // previous key; the runs' keys are the distinct global rows, ascending, hence table by table.
+  at::Tensor head = s.keys < s.sentinel;
+  if (s.count > 1) head.slice(0, 1).logical_and_(s.keys.slice(0, 1) != s.keys.slice(0, 0, s.count - 1));
+  const at::Tensor distinct = s.keys.masked_select(head);
+  const int64_t num_tables = static_cast<int64_t>(plan.tables.size());
+  // Per table: the runs whose keys fall in its global rows [row_base, row_base + V).
+  std::vector<int64_t> bounds;
+  for (int64_t t = 0; t < num_tables; ++t) {
+    bounds.push_back(s.row_base[t]);
+    bounds.push_back(s.row_base[t] + (table_needs_grad[t] ? plan.tables[t].size(0) : 0));
+  }
+  const at::Tensor split =
+      at::searchsorted(distinct, at::tensor(bounds, at::TensorOptions().dtype(at::kLong)).to(plan.device)).cpu();
+  const int64_t* run_bounds = split.data_ptr<int64_t>();
+  std::vector<int64_t> out_base(num_tables, 0), first_run(num_tables, 0);
+  int64_t total = 0;
+  for (int64_t t = 0; t < num_tables; ++t) {
+    first_run[t] = run_bounds[2 * t];
+    out_base[t] = total;
+    total += (run_bounds[2 * t + 1] - run_bounds[2 * t]) * plan.tables[t].size(1);
+  }
+  at::Tensor flat = at::empty({total}, g.options().dtype(acc_dtype));
+  if (s.count > 0 && total > 0) {
+    const at::Tensor run_index = head.cumsum(0, at::kLong) - 1;
+    const at::Tensor out_base_dev = at::tensor(out_base, at::TensorOptions().dtype(at::kLong)).to(plan.device, true);
+    const at::Tensor first_run_dev = at::tensor(first_run, at::TensorOptions().dtype(at::kLong)).to(plan.device, true);
+    const int lanes = lanes_per_bag(plan);
+    const int64_t blocks = (s.count * lanes + kThreads - 1) / kThreads;
+    NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_backward_coalesced_cuda", [&] {
+      NEXTREC_FAST_LAUNCH(reduce_runs_kernel<scalar_t>, blocks, kThreads, current_stream(),
+                          reinterpret_cast<const FeatureMeta*>(s.meta.data_ptr()), s.count, s.sentinel,
+                          g.data_ptr<scalar_t>(), lanes, s.keys.data_ptr<int64_t>(), s.order.data_ptr<int64_t>(),
+                          s.src.data_ptr<int64_t>(), s.denom.data_ptr<at::opmath_type<scalar_t>>(),
+                          s.weight.data_ptr<at::opmath_type<scalar_t>>(), s.feature.data_ptr<int32_t>(),
+                          run_index.data_ptr<int64_t>(), out_base_dev.data_ptr<int64_t>(),
+                          first_run_dev.data_ptr<int64_t>(), flat.data_ptr<at::opmath_type<scalar_t>>());
+    });
+  }
+  TensorList out;
+  std::vector<at::Tensor> finite;
+  for (int64_t t = 0; t < num_tables; ++t) {
+    if (!table_needs_grad[t]) continue;
+    const int64_t lo = run_bounds[2 * t], hi = run_bounds[2 * t + 1], D = plan.tables[t].size(1);
+    at::Tensor sums = flat.slice(0, out_base[t], out_base[t] + (hi - lo) * D).view({hi - lo, D});
+    out.push_back(distinct.slice(0, lo, hi) - s.row_base[t]);
+    finite.push_back(at::isfinite(sums).all());
+    out.push_back(sums);
+  }
+  out.push_back(finite.empty() ? at::empty({0}, g.options().dtype(at::kBool)) : at::stack(finite));
+  return out;
 }
 
 // ---- backward: per-id weights (one thread per position; weights are a rare option) ----------
@@ -439,5 +565,6 @@ NEXTREC_FAST_LIBRARY_IMPL(NEXTREC_FAST_OP_NAMESPACE, NEXTREC_FAST_CUDA_DISPATCH_
   m.impl("pooled_embedding_backward", &nextrec_fast::backward_cuda);
   m.impl("pooled_embedding_backward_into", &nextrec_fast::backward_into_cuda);
   m.impl("pooled_embedding_backward_into_dirty", &nextrec_fast::backward_into_dirty_cuda);
+  m.impl("pooled_embedding_backward_coalesced", &nextrec_fast::backward_coalesced_cuda);
   m.impl("pooled_embedding_weight_backward", &nextrec_fast::weight_backward_cuda);
 }

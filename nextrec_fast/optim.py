@@ -24,9 +24,13 @@ give no row. Then, on the distinct rows ``r`` with summed gradient ``g_r``:
   ``w_r -= lr * sqrt(1 - b2**step) / (1 - b1**step) * m_r / (sqrt(v_r) + eps)``; untouched rows
   keep their moments.
 
-The work is two C++ ops: ``pooled_embedding_backward_coalesced`` (each table's distinct rows
-and their summed gradients, straight from the output gradient, plus a finite flag per table)
-and ``embedding_rows_update_`` (every table's rule in one call, one pass per row).
+The work is two C++/CUDA ops: ``pooled_embedding_backward_coalesced`` (each table's distinct
+rows and their summed gradients, straight from the output gradient, plus a finite flag per table)
+and ``embedding_rows_update_`` (every table's rule in one call, one pass per row). Both run on
+CPU and CUDA tables with the same arithmetic in the same order (the CUDA code is tested on the
+CPU through its emulated build, where it gives the CPU's bits; on a GPU, where nvcc may fuse a
+multiply-add, by ``benchmarks/gpu_check.sh``). CUDA returns each table's rows in ascending order,
+the CPU in first-appearance order; the update does not depend on it.
 
 The returned ``EmbeddingOptimizerInBackward`` is a ``torch.optim.Optimizer``: its
 ``param_groups`` (learning-rate schedulers work on them), ``state_dict()`` /
@@ -169,6 +173,13 @@ class EmbeddingOptimizerInBackward(torch.optim.Optimizer):
         """Several tables' updates, ``[(optimizer, table, rows, grad)]``, in one call of the C++
         op ``embedding_rows_update_`` (the pooling backward's updates of one step): ``rows``
         int64 ``[U]`` distinct, ``grad`` ``[U, D]`` their summed gradients."""
+        torch.ops.nextrec_fast.embedding_rows_update_(*EmbeddingOptimizerInBackward.op_arguments(updates))
+
+    @staticmethod
+    def op_arguments(updates) -> tuple:
+        """``embedding_rows_update_``'s arguments for ``[(optimizer, table, rows, grad)]``
+        (``tables, state, rows, grads, rules, hyper``), each rule's state created on first use and
+        its step counted: calling this is taking the step."""
         tables, states, rows, grads, rules, hyper = [], [], [], [], [], []
         for optimizer, param, r, g in updates:
             # Looked up each time: load_state_dict replaces the group dicts (and schedulers edit them).
@@ -183,7 +194,7 @@ class EmbeddingOptimizerInBackward(torch.optim.Optimizer):
             grads.append(g)
             rules.append(rule)
             hyper += h
-        torch.ops.nextrec_fast.embedding_rows_update_(tables, states, rows, grads, rules, hyper)
+        return tables, states, rows, grads, rules, hyper
 
 
 def _gradient_elsewhere(param: Tensor) -> None:

@@ -58,10 +58,10 @@ def _reference_rowwise(params, state, lr, eps, weight_decay):
             p[rows] -= lr * g / (acc[rows].sqrt() + eps).unsqueeze(1)
 
 
-def _run(rule, tables, spec, batches, fused: bool, dtype=torch.float64, **overrides):
+def _run(rule, tables, spec, batches, fused: bool, dtype=torch.float64, device="cpu", **overrides):
     cls, kwargs = RULES[rule]
     kwargs = {**kwargs, **overrides}
-    params = [torch.nn.Parameter(t.clone()) for t in tables]
+    params = [torch.nn.Parameter(t.clone().to(device)) for t in tables]
     if fused:
         opt = optim.apply_optimizer_in_backward(cls, params, kwargs)
     elif rule == "rowwise_adagrad":
@@ -69,8 +69,8 @@ def _run(rule, tables, spec, batches, fused: bool, dtype=torch.float64, **overri
     else:
         opt = cls(params, **kwargs)
     for ids, weight in batches:
-        out = pe.pooled_embedding(params, ids, sparse_grad=not fused, **spec)
-        (out * weight.to(out.dtype)).sum().backward()
+        out = pe.pooled_embedding(params, [i.to(device) for i in ids], sparse_grad=not fused, **spec)
+        (out * weight.to(out.dtype).to(device)).sum().backward()
         if fused:
             assert all(p.grad is None for p in params)  # no gradient at all for these tables
         elif opt is None:
@@ -118,6 +118,31 @@ def test_exact_against_the_reference_in_float64(rng, rule):
         for row in range(initial.shape[0]):
             if row not in touched[t]:
                 assert torch.equal(g[row], initial[row]), (t, row)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the CUDA code also runs emulated on "
+                    "the CPU: test_pooled_embedding_cuda_emulated.py)")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rule", list(RULES))
+def test_cuda_tables_follow_the_cpu_path(rng, rule, dtype):
+    """CUDA tables: the same steps as the CPU in-backward path, to the tables' rounding (nvcc may
+    fuse a multiply-add where the CPU rounds twice), and the float64 reference."""
+    tables, spec = _case(rng, dtype)
+    batches = _batches(rng, tables, spec, steps=3)
+    got, got_state = _run(rule, tables, spec, batches, fused=True, device="cuda")
+    exp, exp_state = _run(rule, tables, spec, batches, fused=True)
+    tol = {torch.float64: dict(rtol=1e-12, atol=1e-13), torch.float32: dict(rtol=1e-5, atol=1e-6),
+           torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}[dtype]
+    for g, e in zip(got, exp):
+        assert g.is_cuda and g.dtype == dtype
+        torch.testing.assert_close(g.cpu().double(), e.double(), **tol)
+    for gs, es in zip(got_state, exp_state):
+        for key in {"sum", "exp_avg", "exp_avg_sq"} & set(es):
+            torch.testing.assert_close(gs[key].cpu(), es[key], **({} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)))
+    if dtype == torch.float64:
+        ref, _ = _run(rule, tables, spec, batches, fused=False)
+        for g, e in zip(got, ref):
+            torch.testing.assert_close(g.cpu(), e, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

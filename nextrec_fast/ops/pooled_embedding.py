@@ -449,9 +449,6 @@ def _in_backward_updates(ctx, optimizers, grad_out, tables, ids, offsets, weight
     summed gradient rows)]``: their sparse gradient rows summed per distinct row and checked
     finite (all before any table changes)."""
     table_index, combiners, mask_ids, max_lens, names = ctx.static
-    if tables[0].device.type != "cpu":
-        raise NotImplementedError("apply_optimizer_in_backward: the in-backward update runs on CPU tables only so far; "
-                                  "on CUDA use a regular optimiser")
     if torch.compiler.is_compiling():
         raise NotImplementedError("apply_optimizer_in_backward: not supported under torch.compile (the update is a "
                                   "side effect of the backward); compile the dense part only")
