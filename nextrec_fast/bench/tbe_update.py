@@ -15,9 +15,10 @@ EXACT_ROWWISE_ADAGRAD, ours ``nextrec_fast.optim.RowWiseAdagrad``), timed interl
   (``torch.optim.SGD``, or ``RowWiseAdagrad`` over every row): what a plain training loop does.
 
 Each step: the forward, ``backward`` of a fixed random output gradient, the update. Same tables,
-ids and learning rate everywhere.
+ids and learning rate everywhere. ``--device cuda``: the same on the GPU (our CUDA kernels;
+FBGEMM's row only where a CUDA fbgemm-gpu is installed, its tables in device memory).
 
-    python -m nextrec_fast.bench.tbe_update [--batch-size 2048] [--threads 1] [--repeats 9]
+    python -m nextrec_fast.bench.tbe_update [--batch-size 2048] [--threads 1] [--repeats 9] [--device cpu]
 """
 from __future__ import annotations
 
@@ -47,16 +48,16 @@ def _fbgemm():
     return (SplitTableBatchedEmbeddingBagsCodegen, EmbOptimType, EmbeddingLocation, PoolingMode, ComputeDevice), None
 
 
-def run(batch: int = 2048, repeats: int = 9, warmup: int = 2, config: str = "default") -> dict:
+def run(batch: int = 2048, repeats: int = 9, warmup: int = 2, config: str = "default", device="cpu") -> dict:
     from nextrec_fast import optim
 
-    device = torch.device("cpu")
+    device = torch.device(device)
     env = {**environment(device), "config": config, "repeats": repeats}
     _, sparse, sequence = default_features(**CONFIGS[config])
     features = list(sparse) + list(sequence)
     sparse_ids, seq_ids = make_ids(sparse, sequence, batch, device)
     width = sum(f.embedding_dim for f in features)
-    grad = torch.randn(batch, width, generator=torch.Generator().manual_seed(2))
+    grad = torch.randn(batch, width, generator=torch.Generator().manual_seed(2)).to(device)
     fbgemm, missing = _fbgemm()
     env["fbgemm"] = missing or "installed"
     # One draw of the initial weights: every variant starts from a copy of it.
@@ -89,11 +90,14 @@ def run(batch: int = 2048, repeats: int = 9, warmup: int = 2, config: str = "def
     values = torch.cat([v for v, _ in jagged])
     lengths = torch.cat([torch.diff(o, append=torch.tensor([len(v)])) for v, o in jagged])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    values, offsets = values.to(device), offsets.to(device)
+    on_cuda = device.type == "cuda"
 
     def fbgemm_fused(rule):
         tbe_class, opt_type, location, pooling, compute = fbgemm
-        tbe = tbe_class([(f.vocab_size, f.embedding_dim, location.HOST, compute.CPU) for f in features],
-                        optimizer=opt_type.EXACT_SGD if rule == "sgd" else opt_type.EXACT_ROWWISE_ADAGRAD,
+        tbe = tbe_class([(f.vocab_size, f.embedding_dim, location.DEVICE if on_cuda else location.HOST,
+                          compute.CUDA if on_cuda else compute.CPU) for f in features],
+                        device=device, optimizer=opt_type.EXACT_SGD if rule == "sgd" else opt_type.EXACT_ROWWISE_ADAGRAD,
                         learning_rate=LR, eps=1e-8, pooling_mode=pooling.MEAN)
         with torch.no_grad():  # the same initial weights as ours (one table per feature, in order)
             for t, w in zip(tbe.split_embedding_weights(), initial):
@@ -107,7 +111,11 @@ def run(batch: int = 2048, repeats: int = 9, warmup: int = 2, config: str = "def
     fns = {}
     for rule in OPTIMIZERS:
         if fbgemm is not None:
-            fns[(rule, "FBGEMM TBE, fused")] = fbgemm_fused(rule)
+            try:
+                fns[(rule, "FBGEMM TBE, fused")] = fbgemm_fused(rule)
+            except Exception as e:  # e.g. fbgemm-gpu-cpu asked for CUDA tables: our rows only
+                fbgemm, env["fbgemm"] = None, f"{type(e).__name__}: {str(e)[:120]}"
+                fns = {k: f for k, f in fns.items() if k[1] != "FBGEMM TBE, fused"}
         fns[(rule, "ours, in backward")] = ours_in_backward(rule)
         fns[(rule, "ours, dense gradients")] = ours_dense(rule)
     if fbgemm is not None:  # the same pooling on both sides, before any update
@@ -157,9 +165,11 @@ def main(argv=None) -> int:
     add_timing_arguments(parser, repeats=9)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: FBGEMM's CPU kernels and ours on one core each)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: our CUDA kernels (and FBGEMM's, if its "
+                        "CUDA build is installed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = run(args.batch_size, args.repeats, args.warmup, args.config)
+    result = run(args.batch_size, args.repeats, args.warmup, args.config, args.device)
     report(format_table(result), result, args.json)
     return 0
 
