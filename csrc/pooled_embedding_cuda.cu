@@ -217,28 +217,10 @@ __global__ void emit_kernel(const FeatureMeta* __restrict__ feats, int64_t num_b
   }
 }
 
-// The gradient of one run of equal keys (sorted entries i, i+1, ... with key `key`) in column
-// d: its entries' contributions summed in sorted (= stable, emission) order, in acc_t.
-template <typename scalar_t>
-__device__ at::opmath_type<scalar_t> run_sum(const FeatureMeta* feats, int64_t i, int64_t num_entries, int64_t key,
-                                             int64_t d, const scalar_t* grad_out, const int64_t* sorted_key,
-                                             const int64_t* order, const int64_t* entry_src,
-                                             const at::opmath_type<scalar_t>* entry_denom,
-                                             const at::opmath_type<scalar_t>* entry_weight,
-                                             const int32_t* entry_feature) {
-  using acc_t = at::opmath_type<scalar_t>;
-  acc_t acc = 0;
-  for (int64_t j = i; j < num_entries && sorted_key[j] == key; ++j) {
-    const int64_t e = order[j];
-    acc_t v = static_cast<acc_t>(grad_out[entry_src[e] + d]);
-    if (feats[entry_feature[e]].combiner == kMean) v /= entry_denom[e];
-    acc += v * entry_weight[e];
-  }
-  return acc;
-}
-
 // One group per sorted entry; the group that starts a run of equal rows reduces the run in
-// sorted (= stable, emission) order and writes the row once: deterministic.
+// sorted (= stable, emission) order and writes the row once: deterministic. It adds the sum into
+// the table's gradient row (out == nullptr), or, for the coalesced backward, writes it to row
+// run_index[i] - first_run[t] of table t's block of `out` (at out_base[t]; acc_t, no rounding).
 template <typename scalar_t>
 __global__ void reduce_sorted_kernel(const FeatureMeta* __restrict__ feats, int64_t num_entries, int64_t sentinel,
                                      const scalar_t* __restrict__ grad_out, int lanes,
@@ -246,7 +228,9 @@ __global__ void reduce_sorted_kernel(const FeatureMeta* __restrict__ feats, int6
                                      const int64_t* __restrict__ entry_src,
                                      const at::opmath_type<scalar_t>* __restrict__ entry_denom,
                                      const at::opmath_type<scalar_t>* __restrict__ entry_weight,
-                                     const int32_t* __restrict__ entry_feature) {
+                                     const int32_t* __restrict__ entry_feature, const int64_t* __restrict__ run_index,
+                                     const int64_t* __restrict__ out_base, const int64_t* __restrict__ first_run,
+                                     at::opmath_type<scalar_t>* __restrict__ out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t i = thread / lanes;
@@ -256,38 +240,20 @@ __global__ void reduce_sorted_kernel(const FeatureMeta* __restrict__ feats, int6
   if (key == sentinel || (i > 0 && sorted_key[i - 1] == key)) return;
   const FeatureMeta& head = feats[entry_feature[order[i]]];
   const int64_t D = head.dim;
-  scalar_t* grad_row = static_cast<scalar_t*>(head.grad) + (key - head.row_base) * D;
+  scalar_t* grad_row = out == nullptr ? static_cast<scalar_t*>(head.grad) + (key - head.row_base) * D : nullptr;
+  acc_t* out_row = out == nullptr ? nullptr
+                                  : out + out_base[head.table_index] + (run_index[i] - first_run[head.table_index]) * D;
   for (int64_t d = lane; d < D; d += lanes) {
-    const acc_t acc = run_sum(feats, i, num_entries, key, d, grad_out, sorted_key, order, entry_src, entry_denom,
-                              entry_weight, entry_feature);
-    grad_row[d] = static_cast<scalar_t>(static_cast<acc_t>(grad_row[d]) + acc);
+    acc_t acc = 0;
+    for (int64_t j = i; j < num_entries && sorted_key[j] == key; ++j) {
+      const int64_t e = order[j];
+      acc_t v = static_cast<acc_t>(grad_out[entry_src[e] + d]);
+      if (feats[entry_feature[e]].combiner == kMean) v /= entry_denom[e];
+      acc += v * entry_weight[e];
+    }
+    if (out_row != nullptr) out_row[d] = acc;
+    else grad_row[d] = static_cast<scalar_t>(static_cast<acc_t>(grad_row[d]) + acc);
   }
-}
-
-// The coalesced backward's reduction: the group that starts run u (of table t) writes the run's
-// summed gradient, in acc_t, to row u - first_run[t] of table t's block of `out` (at out_base[t]).
-template <typename scalar_t>
-__global__ void reduce_runs_kernel(const FeatureMeta* __restrict__ feats, int64_t num_entries, int64_t sentinel,
-                                   const scalar_t* __restrict__ grad_out, int lanes,
-                                   const int64_t* __restrict__ sorted_key, const int64_t* __restrict__ order,
-                                   const int64_t* __restrict__ entry_src,
-                                   const at::opmath_type<scalar_t>* __restrict__ entry_denom,
-                                   const at::opmath_type<scalar_t>* __restrict__ entry_weight,
-                                   const int32_t* __restrict__ entry_feature, const int64_t* __restrict__ run_index,
-                                   const int64_t* __restrict__ out_base, const int64_t* __restrict__ first_run,
-                                   at::opmath_type<scalar_t>* __restrict__ out) {
-  const int64_t thread = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t i = thread / lanes;
-  const int lane = static_cast<int>(thread % lanes);
-  if (i >= num_entries) return;
-  const int64_t key = sorted_key[i];
-  if (key == sentinel || (i > 0 && sorted_key[i - 1] == key)) return;
-  const FeatureMeta& head = feats[entry_feature[order[i]]];
-  const int64_t D = head.dim, t = head.table_index;
-  at::opmath_type<scalar_t>* dst = out + out_base[t] + (run_index[i] - first_run[t]) * D;
-  for (int64_t d = lane; d < D; d += lanes)
-    dst[d] = run_sum(feats, i, num_entries, key, d, grad_out, sorted_key, order, entry_src, entry_denom, entry_weight,
-                     entry_feature);
 }
 
 // The sorted paths' entries: one slot per position of every feature whose table is wanted
@@ -395,7 +361,8 @@ void backward_into_dirty_cuda(const at::Tensor& grad_out, const TensorList& grad
                         reinterpret_cast<const FeatureMeta*>(s.meta.data_ptr()), s.count, s.sentinel,
                         g.data_ptr<scalar_t>(), lanes, s.keys.data_ptr<int64_t>(), s.order.data_ptr<int64_t>(),
                         s.src.data_ptr<int64_t>(), s.denom.data_ptr<at::opmath_type<scalar_t>>(),
-                        s.weight.data_ptr<at::opmath_type<scalar_t>>(), s.feature.data_ptr<int32_t>());
+                        s.weight.data_ptr<at::opmath_type<scalar_t>>(), s.feature.data_ptr<int32_t>(), nullptr,
+                        nullptr, nullptr, nullptr);
   });
 }
 
@@ -475,7 +442,7 @@ TensorList backward_coalesced_cuda(const at::Tensor& grad_out, const TensorList&
     const int lanes = lanes_per_bag(plan);
     const int64_t blocks = (s.count * lanes + kThreads - 1) / kThreads;
     NEXTREC_FAST_DISPATCH_CUDA_FLOATING(plan.dtype, "pooled_embedding_backward_coalesced_cuda", [&] {
-      NEXTREC_FAST_LAUNCH(reduce_runs_kernel<scalar_t>, blocks, kThreads, current_stream(),
+      NEXTREC_FAST_LAUNCH(reduce_sorted_kernel<scalar_t>, blocks, kThreads, current_stream(),
                           reinterpret_cast<const FeatureMeta*>(s.meta.data_ptr()), s.count, s.sentinel,
                           g.data_ptr<scalar_t>(), lanes, s.keys.data_ptr<int64_t>(), s.order.data_ptr<int64_t>(),
                           s.src.data_ptr<int64_t>(), s.denom.data_ptr<at::opmath_type<scalar_t>>(),
