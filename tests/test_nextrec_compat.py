@@ -1,6 +1,7 @@
 """Against the real nextrec 0.3.1 package: weights copied both ways, outputs and gradients equal."""
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -10,7 +11,7 @@ from nextrec_fast.models import standalone
 from nextrec_fast import features as our_features
 from nextrec_fast import reference
 from model_factory import random_features, random_inputs, random_model_kwargs
-from nextrec_generation import require
+from nextrec_generation import assert_as_accurate, flip_rows, require
 
 require("0.3")
 from nextrec.basic import features as nr_features  # noqa: E402
@@ -43,9 +44,9 @@ def _build(model, seed):
     return nr_model, fast, x
 
 
-def _grads(model, x):
+def _grads(model, x, flipped=False):
     model.zero_grad(set_to_none=True)
-    out = model(x)
+    out = model(flip_rows(x)).flip(0) if flipped else model(x)  # flipped: the same loss, summed in another order
     (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -60,15 +61,6 @@ def _float64_truth(model, nr_model, x, seed, mode):
     return out, grads, ref.state_dict()
 
 
-def _assert_as_accurate(name, fast, nr, truth, scale):
-    """float32 results of the fast model are about as close to the float64 truth as nextrec's
-    own float32 results (train-mode BatchNorm over small batches amplifies rounding alike in
-    both); ``scale`` is the magnitude of the whole output/gradient set, the floor of fp32 noise."""
-    err_fast = (fast.double() - truth).abs().max().item()
-    err_nr = (nr.double() - truth).abs().max().item()
-    assert err_fast <= 10 * err_nr + 1e-5 * scale, f"{name}: fast error {err_fast:.3g}, nextrec error {err_nr:.3g}"
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("model", list(NEXTREC))
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -79,26 +71,31 @@ def test_nextrec_weights_into_fast_model(model, seed, mode):
     truth_out, truth_grads, truth_state = _float64_truth(model, nr_model, x, seed, mode)
     nr_model.train(mode == "train")
     fast.train(mode == "train")
+    nr_flipped = copy.deepcopy(nr_model)  # nextrec once more, the batch's rows reversed: its own spread
     out_nr, g_nr = _grads(nr_model, x)
+    out_nr_flipped, g_nr_flipped = _grads(nr_flipped, x, flipped=True)
     out_fast, g_fast = _grads(fast, x)
     # The same function (train-mode BatchNorm over tiny batches amplifies nextrec's float32
     # rounding past 1e-5 at times), and as accurate as nextrec against the float64 truth.
     torch.testing.assert_close(out_fast, out_nr, rtol=1e-3, atol=1e-3)
-    _assert_as_accurate("output", out_fast, out_nr, truth_out, truth_out.abs().max().item())
-    grad_scale = max(g.abs().max().item() for g in truth_grads.values() if g is not None)
+    assert_as_accurate({"output": out_fast}, [{"output": out_nr}, {"output": out_nr_flipped}], {"output": truth_out},
+                       what="output")
     for name, g in g_nr.items():
         if g is None:
             assert g_fast[name] is None or not g_fast[name].any(), name
-        else:
-            _assert_as_accurate(name, g_fast[name], g, truth_grads[name], grad_scale)
+    assert_as_accurate(g_fast, [g_nr, g_nr_flipped], truth_grads)
     # Parameters unchanged, BatchNorm running statistics moved alike: as close to the float64
     # truth as nextrec's (nextrec's float32 batch mean is often the less accurate of the two).
-    for (name, b_nr), b_fast in zip(nr_model.state_dict().items(), fast.state_dict().values()):
+    fast_state, nr_state, nr_flipped_state = fast.state_dict(), nr_model.state_dict(), nr_flipped.state_dict()
+    for (name, b_nr), b_fast in zip(nr_state.items(), fast_state.values()):
         if b_nr.is_floating_point():
             torch.testing.assert_close(b_fast, b_nr, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-            _assert_as_accurate(name, b_fast, b_nr, truth_state[name], truth_state[name].abs().max().item())
         else:
             assert torch.equal(b_fast, b_nr), name
+    floats = [n for n, b in nr_state.items() if b.is_floating_point()]
+    assert_as_accurate(dict(zip(nr_state, fast_state.values())), [{n: nr_state[n] for n in floats},
+                                                                  {n: nr_flipped_state[n] for n in floats}],
+                       {n: truth_state[n] for n in floats}, what="buffer")
 
 
 @pytest.mark.parametrize("model", list(NEXTREC))
