@@ -3,7 +3,7 @@
 ``copy.deepcopy``, ``copy.copy``, ``torch.optim.swa_utils.AveragedModel`` (SWA and EMA), a
 hand-written EMA helper (deepcopy + lerp of the state, as timm's ModelEmaV2), and
 ``torch.save(model)`` / ``torch.load`` in this and in a fresh process. An accelerated nextrec
-model's copy is nextrec's class accelerated again with the same switches (README, "Copies").
+model's copy is nextrec's class accelerated again with the same switches (docs/modules.md, "Copies").
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def test_torch_load_in_fresh_process(flavour, tmp_path):
 @pytest.mark.nextrec
 @pytest.mark.parametrize("kind", KINDS)
 def test_restored_model_pickles_as_nextrec(kind, tmp_path):
-    """``restore`` first for a pickle that loads with nextrec alone (README, "Copies")."""
+    """``restore`` first for a pickle that loads with nextrec alone (docs/modules.md, "Copies")."""
     _, fast, x = model_pair("accelerated", kind, SEED)
     original = type(fast)._nextrec_fast_original
     nextrec_fast.restore(fast)

@@ -22,7 +22,7 @@ def _import_torchrec():
     except ImportError as e:  # fbgemm raises ImportError/OSError on a torch it was not built for
         raise ImportError(
             "nextrec_fast.sharding needs TorchRec: pip install \"nextrec-fast[torchrec]\" then "
-            "pip install --no-deps torchrec==1.9.2 fbgemm-gpu-cpu==1.9.0 (the README's TorchRec section; "
+            "pip install --no-deps torchrec==1.9.2 fbgemm-gpu-cpu==1.9.0 (docs/sharding.md, Install; "
             f"fbgemm must match the installed torch). Import failed with: {e}") from e
     return torchrec
 
