@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distributed_helpers import free_port
+from distributed_helpers import finish_rank, free_port
 from model_factory import random_features, random_inputs, random_model_kwargs
 from test_model_parity import MODELS, perturb_batchnorm
 
@@ -50,6 +50,7 @@ def _worker(rank: int, port: int, model: str, out_path: str) -> None:
             torch.save(grads, out_path)
     finally:
         dist.destroy_process_group()
+    finish_rank()
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -113,15 +114,7 @@ def _regularized_worker(rank: int, port: int, kind: str, setup: str, seed: int, 
             torch.save(grads, out_path)
     finally:
         dist.destroy_process_group()
-    if setup == "fsdp":
-        # The results are saved and the group destroyed. Now and then a process of this FSDP2-over-gloo
-        # case aborts with "terminate called without an active exception" (a C++ thread still joinable
-        # when destroyed: process teardown, as far as we can tell; in 2 CI dry runs and 1 of 11 loaded
-        # local runs, 0 of 24 quieter ones): leave without running the static destructors, so that a
-        # teardown crash cannot fail the gradient comparison.
-        import sys
-        sys.stdout.flush(), sys.stderr.flush()
-        os._exit(0)
+    finish_rank()  # FSDP2 over gloo aborted at teardown in 2 CI dry runs and 1 of 11 loaded local runs
 
 
 def _nullcontext():

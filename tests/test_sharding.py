@@ -24,7 +24,7 @@ except Exception as e:  # fbgemm raises OSError, not ImportError, on a torch it 
     pytest.skip(f"TorchRec is not installed ({type(e).__name__}: {str(e)[:120]}); .ci/run installs it",
                 allow_module_level=True)
 
-from distributed_helpers import free_port  # noqa: E402
+from distributed_helpers import finish_rank, free_port  # noqa: E402
 from nextrec_generation import GENERATION  # noqa: E402
 
 if GENERATION is None:
@@ -382,6 +382,7 @@ def _dmp_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_path
         _save_from_all_ranks(results, rank, out_path)
     finally:
         dist.destroy_process_group()
+    finish_rank()
 
 
 def rowwise_adagrad_(table: torch.Tensor, grad: torch.Tensor, state: torch.Tensor) -> None:
@@ -532,6 +533,7 @@ def _resume_worker(rank: int, port: int, kind: str, seed: int, steps: int, out_p
         _save_from_all_ranks(runs, rank, out_path)
     finally:
         dist.destroy_process_group()
+    finish_rank()
 
 
 def test_sharded_checkpoint_resumes_resharded(tmp_path):
@@ -599,6 +601,7 @@ def _pipeline_worker(rank: int, port: int, kind: str, seed: int, steps: int, out
                                   default_optimizer=type(default.fused_optimizer).__name__), rank, out_path)
     finally:
         dist.destroy_process_group()
+    finish_rank()
 
 
 def test_train_pipeline_equals_unsharded(tmp_path):
