@@ -87,8 +87,8 @@ def run(batch: int = 2048, repeats: int = 9, warmup: int = 2, config: str = "def
 
     # FBGEMM's input: the ids jagged, padding dropped, built once outside the timing.
     jagged = to_jagged(sequence, sparse_ids, seq_ids)
-    values = torch.cat([v for v, _ in jagged])
-    lengths = torch.cat([torch.diff(o, append=torch.tensor([len(v)])) for v, o in jagged])
+    values = torch.cat([v.cpu() for v, _ in jagged])
+    lengths = torch.cat([torch.diff(o.cpu(), append=torch.tensor([len(v)])) for v, o in jagged])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     values, offsets = values.to(device), offsets.to(device)
     on_cuda = device.type == "cuda"
