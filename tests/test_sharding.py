@@ -20,9 +20,11 @@ import torch
 try:
     import torchrec
     import torchrec.optim
+except ImportError as e:
+    pytest.skip(f"TorchRec is not installed ({e}); .ci/run installs it", allow_module_level=True)
 except Exception as e:  # fbgemm raises OSError, not ImportError, on a torch it was not built for
-    pytest.skip(f"TorchRec is not installed ({type(e).__name__}: {str(e)[:120]}); .ci/run installs it",
-                allow_module_level=True)
+    pytest.skip(f"TorchRec is installed but does not load with torch {torch.__version__} (fbgemm-gpu-cpu 1.9.0 "
+                f"is built for torch 2.14; {type(e).__name__}: {str(e)[:120]})", allow_module_level=True)
 
 from distributed_helpers import finish_rank, free_port  # noqa: E402
 from nextrec_generation import GENERATION  # noqa: E402
