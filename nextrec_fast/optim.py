@@ -144,6 +144,9 @@ class EmbeddingOptimizerInBackward(torch.optim.Optimizer):
                     previous.hook.remove()
                 hook = p.register_post_accumulate_grad_hook(_gradient_elsewhere)
                 setattr(p, IN_BACKWARD_ATTR, _Registration(self, hook))
+                # A gradient left from before (nextrec's fit, a dense step) would be taken at the
+                # next backward for one that reached the table some other way.
+                p.grad = None
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's ``load_state_dict``, refusing a state saved by another rule (its keys would
@@ -257,7 +260,8 @@ def apply_optimizer_in_backward(optimizer_class: type, params: Iterable[Tensor],
     Args:
         optimizer_class: ``torch.optim.SGD``, ``torch.optim.Adagrad``, ``torch.optim.SparseAdam``
             or ``nextrec_fast.optim.RowWiseAdagrad`` (formulas: this module's docstring).
-        params: the tables (a table already under such an optimiser is moved to this one).
+        params: the tables (a table already under such an optimiser is moved to this one; a
+            ``.grad`` they hold, say from an earlier ``fit``, is dropped).
         optimizer_kwargs: that class's arguments (``lr`` etc.).
 
     Returns:

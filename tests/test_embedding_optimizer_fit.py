@@ -78,3 +78,21 @@ def test_regularised_tables_are_refused_and_the_model_left_as_it_was():
         nextrec_fast.accelerate(plain, embedding_optimizer=(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}))
     assert not nextrec_fast.is_accelerated(plain)
     assert all(optim.in_backward_optimizer(t) is None for t in plain.embedding.parameters())
+
+
+def test_accelerating_again_with_other_options_is_refused_not_ignored():
+    """accelerate() on an accelerated model (the README's, a drop-in, patch_nextrec) used to
+    return it unchanged whatever was asked: an embedding_optimizer or other switches were
+    silently dropped. The same switches stay a no-op; others raise, saying what to do."""
+    _, plain, _ = _models("mmoe")
+    nextrec_fast.accelerate(plain)
+    assert nextrec_fast.accelerate(plain) is plain
+    with pytest.raises(ValueError, match="already accelerated.*embedding_optimizer.*restore"):
+        nextrec_fast.accelerate(plain, embedding_optimizer=(optim.RowWiseAdagrad, {"lr": 0.1}))
+    with pytest.raises(ValueError, match="already accelerated.*fast_data"):
+        nextrec_fast.accelerate(plain, fast_data=False)
+    assert not hasattr(plain, "embedding_optimizer")
+    assert all(optim.in_backward_optimizer(t) is None for t in plain.embedding.tables())
+    nextrec_fast.restore(plain)
+    nextrec_fast.accelerate(plain, embedding_optimizer=(optim.RowWiseAdagrad, {"lr": 0.1}))
+    assert isinstance(plain.embedding_optimizer, optim.EmbeddingOptimizerInBackward)

@@ -240,6 +240,25 @@ def test_bad_options_and_uses_are_refused():
     assert table.grad is not None and table.grad[1].sum().item() == pytest.approx(4 + 4)
 
 
+def test_a_gradient_left_from_before_is_dropped_at_registration():
+    """A table that kept its .grad from dense training (nextrec's fit) takes the in-backward
+    optimiser: that gradient is dropped, the next step updates the touched rows only and leaves
+    no .grad (it used to be taken for a gradient from outside the pooling op)."""
+    table = torch.nn.Parameter(torch.randn(6, 4))
+    pe.pooled_embedding([table], [torch.tensor([1, 2])], table_index=[0], combiners=["sum"], mask_ids=[-1],
+                        max_lens=[-1], feature_names=["f"]).sum().backward()
+    assert table.grad is not None
+    optim.apply_optimizer_in_backward(torch.optim.SGD, [table], {"lr": 0.1})
+    assert table.grad is None
+    before = table.detach().clone()
+    pe.pooled_embedding([table], [torch.tensor([3])], table_index=[0], combiners=["sum"], mask_ids=[-1],
+                        max_lens=[-1], feature_names=["f"]).sum().backward()
+    assert table.grad is None
+    torch.testing.assert_close(table.detach()[3], before[3] - 0.1)
+    untouched = [0, 1, 2, 4, 5]
+    assert torch.equal(table.detach()[untouched], before[untouched])
+
+
 def test_non_finite_gradient_leaves_every_table_untouched():
     rng = random.Random(3)
     tables, spec = _case(rng)

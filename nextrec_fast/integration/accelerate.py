@@ -114,13 +114,27 @@ def accelerate(model, *, fast_regularization: bool = True, fused_optimizer: bool
             (``embedding_l1_reg`` / ``embedding_l2_reg`` > 0) cannot take it.
 
     Returns:
-        The same object (accelerating twice is a no-op).
+        The same object (accelerating twice with the same switches is a no-op).
 
     Raises:
         UnsupportedModelError (a TypeError): the model, one of its features or MLPs is not
             supported; the model is then exactly as it was before the call.
+        ValueError: the model is already accelerated (a drop-in, ``patch_nextrec``, or an earlier
+            call) and this call asks for other switches or an ``embedding_optimizer``, which it
+            would otherwise ignore: ``restore(model)`` first, or ``optim.apply_optimizer_in_backward``.
     """
     if is_accelerated(model):
+        current = getattr(model, "_nextrec_fast_options", None) or {}
+        requested = {"fast_regularization": fast_regularization, "fused_optimizer": fused_optimizer,
+                     "fast_data": fast_data}
+        changed = sorted(k for k, v in requested.items() if k in current and current[k] != v)
+        if embedding_optimizer is not None or changed:
+            asked = ", ".join(changed + (["embedding_optimizer"] if embedding_optimizer is not None else []))
+            raise ValueError(
+                f"accelerate(): {type(model).__name__} is already accelerated, so {asked} would be ignored. "
+                "Call nextrec_fast.restore(model) first and accelerate again with the options you want; or, for the "
+                "tables only, nextrec_fast.optim.apply_optimizer_in_backward(optimizer_class, "
+                "model.embedding.tables(), kwargs)")
         return model
     found = compat.nextrec_model_kind(model)
     if found is None:
