@@ -219,3 +219,26 @@ def random_v06_inputs(feats, batch: int, generator: torch.Generator) -> dict:
         shape = (batch,) if f.input_dim == 1 else (batch, f.input_dim)
         x[f.name] = torch.randn(*shape, generator=generator)
     return x
+
+
+def run_doc_examples(relative_path: str, must_contain: str) -> dict:
+    """Runs, in one namespace, the ```python blocks of a document of the source tree (README.md,
+    docs/...) from the first one containing ``must_contain`` to the end of that section (the next
+    ``## `` heading): the user's copy-and-paste. Skips when the document is not beside the tests
+    (tests installed without the source tree)."""
+    import pathlib
+    import re
+    import pytest
+    doc = pathlib.Path(__file__).resolve().parents[1] / relative_path
+    if not doc.exists():
+        pytest.skip(f"{relative_path} is not beside the tests (installed tests without the source tree)")
+    text = doc.read_text()
+    start = text.find(must_contain)
+    assert start >= 0, f"{relative_path} no longer contains {must_contain!r}"
+    start = text.rfind("```python\n", 0, start)
+    end = text.find("\n## ", start)
+    section = text[start:end if end >= 0 else len(text)]
+    namespace = {}
+    for block in re.findall(r"```python\n(.*?)```", section, re.S):
+        exec(compile(block, relative_path, "exec"), namespace)
+    return namespace

@@ -146,3 +146,11 @@ def test_feature_classes_match_nextrec():
         dense_kw = dict(embedding_dim=rng.choice([None, 0, 1, 3]), input_dim=rng.choice([0, 1, 4]),
                         use_embedding=rng.random() < 0.5)
         assert vars(our_features.DenseFeature("d", **dense_kw)) == vars(nr_features.DenseFeature("d", **dense_kw))
+
+
+def test_docs_example_for_0_3_runs():
+    """docs/models.md's version of the README example for nextrec 0.3.x, as printed."""
+    import nextrec_fast
+    from nextrec_generation import run_doc_examples
+    namespace = run_doc_examples("docs/models.md", "from nextrec.models.multi_task.mmoe import MMOE")
+    assert namespace["probs"].shape == (8, 2) and nextrec_fast.is_accelerated(namespace["model"])

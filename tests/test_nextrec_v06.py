@@ -310,3 +310,10 @@ def test_onnx_export_runs_nextrecs_forward(tmp_path):
     assert graphs[0] == graphs[1]
     assert not any(domain for domain, _ in graphs[1])  # standard ONNX ops only, none of ours
     assert nextrec_fast.is_accelerated(model)
+
+
+def test_readme_example_runs():
+    """The README's accelerate example and its fit, as printed, on nextrec 0.6."""
+    from nextrec_generation import run_doc_examples
+    namespace = run_doc_examples("README.md", "from nextrec.models.multitask.mmoe import MMOE")
+    assert namespace["probs"].shape == (8, 2) and nextrec_fast.is_accelerated(namespace["model"])

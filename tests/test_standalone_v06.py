@@ -199,15 +199,8 @@ def test_errors_name_the_0_6_spelling():
 
 def test_docs_example_runs():
     """The plain-loop example for the 0.6 drop-in (no nextrec needed) in docs/models.md runs as printed."""
-    import pathlib
-    import re
-    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "models.md"
-    if not doc.exists():
-        pytest.skip("docs/models.md is not beside the tests (installed tests without the source tree)")
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", doc.read_text(), re.S) if "standalone_v06" in b]
-    assert len(blocks) == 1, "the 0.6 drop-in example moved out of docs/models.md"
-    namespace = {}
-    exec(compile(blocks[0], "docs/models.md", "exec"), namespace)
+    from nextrec_generation import run_doc_examples
+    namespace = run_doc_examples("docs/models.md", "from nextrec_fast.models.standalone_v06 import MMOE")
     assert namespace["loss"].item() > 0 and namespace["model"].experts[0].mlp[0].weight.grad is not None
 
 
