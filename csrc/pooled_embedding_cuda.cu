@@ -296,7 +296,7 @@ SortedEntries sort_entries(PoolingPlan& plan, at::IntArrayRef wanted, const at::
   at::Tensor keys = at::full({s.count}, s.sentinel, long_opts);
   s.src = at::empty({s.count}, long_opts);
   // Scales in the accumulation type (double for float64 tables: float would round their weights).
-  const auto scale_opts = g.options().dtype(plan.dtype == at::kDouble ? at::kDouble : at::kFloat);
+  const auto scale_opts = g.options().dtype(at::toOpMathType(plan.dtype));
   s.denom = at::empty({s.count}, scale_opts);
   s.weight = at::empty({s.count}, scale_opts);
   s.feature = at::empty({s.count}, g.options().dtype(at::kInt));
@@ -408,10 +408,7 @@ TensorList backward_coalesced_cuda(const at::Tensor& grad_out, const TensorList&
   TORCH_CHECK_VALUE(table_needs_grad.size() == plan.tables.size(), "pooled_embedding backward: table_needs_grad has ",
                     table_needs_grad.size(), " entries for ", plan.tables.size(), " tables");
   at::Tensor g = grad_out.contiguous();
-  const at::ScalarType acc_dtype =
-      (plan.dtype == at::kHalf || plan.dtype == at::kBFloat16) ? at::kFloat : plan.dtype;
   const SortedEntries s = sort_entries(plan, table_needs_grad, g);
-  const auto long_opts = g.options().dtype(at::kLong);
   // Runs of equal keys: a sorted entry starts one where its key is real and differs from the
   // previous key; the runs' keys are the distinct global rows, ascending, hence table by table.
   at::Tensor head = s.keys < s.sentinel;
@@ -434,7 +431,7 @@ TensorList backward_coalesced_cuda(const at::Tensor& grad_out, const TensorList&
     out_base[t] = total;
     total += (run_bounds[2 * t + 1] - run_bounds[2 * t]) * plan.tables[t].size(1);
   }
-  at::Tensor flat = at::empty({total}, g.options().dtype(acc_dtype));
+  at::Tensor flat = at::empty({total}, g.options().dtype(at::toOpMathType(plan.dtype)));
   if (s.count > 0 && total > 0) {
     const at::Tensor run_index = head.cumsum(0, at::kLong) - 1;
     const at::Tensor out_base_dev = at::tensor(out_base, at::TensorOptions().dtype(at::kLong)).to(plan.device, true);
