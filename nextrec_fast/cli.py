@@ -83,7 +83,7 @@ def _demo(args) -> int:
     from nextrec_fast.bench.demo import format_demo, run_demo
     result = run_demo(models=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       variants=args.variants, rounding_runs=args.rounding_runs, sample=args.sample, path=args.data,
-                      seed=args.seed, table_lr=args.table_lr,
+                      seed=args.seed, table_optimizer=args.table_optimizer, table_lr=args.table_lr,
                       progress=not args.quiet)
     print(format_demo(result))
     if args.json:
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
                       help="torch threads (default: the cores the machine can give now, as for bench)")
     prof.set_defaults(func=_profile)
 
-    from nextrec_fast.bench.demo import DEFAULT_VARIANTS, VARIANTS
+    from nextrec_fast.bench.demo import DEFAULT_VARIANTS, TABLE_OPTIMIZERS, VARIANTS
     demo = sub.add_parser("demo", description="Multi-task training on MovieLens-100K: plain nextrec's fit, the same "
                                               "model after accelerate(), the drop-in in a PyTorch loop; seconds per "
                                               "epoch, test AUC / log-loss, and a quality verdict against the "
@@ -187,8 +187,11 @@ def main(argv=None) -> int:
     demo.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(DEFAULT_VARIANTS),
                       help="; ".join(f"{k}: {v}" for k, v in VARIANTS.items())
                       + f" (default: {' '.join(DEFAULT_VARIANTS)})")
-    demo.add_argument("--table-lr", type=float, default=0.1,
-                      help="accelerated_tables: the row-wise Adagrad learning rate of the tables (default: 0.1)")
+    demo.add_argument("--table-optimizer", choices=list(TABLE_OPTIMIZERS), default="sparse_adam",
+                      help="accelerated_tables: the tables' optimiser in the backward: "
+                           + "; ".join(f"{k}: {v}" for k, v in TABLE_OPTIMIZERS.items()) + " (default: sparse_adam)")
+    demo.add_argument("--table-lr", type=float, default=None,
+                      help="accelerated_tables: the tables' learning rate (default: --lr for sparse_adam, else 0.1)")
     demo.add_argument("--rounding-runs", type=_at_least(0), default=2, metavar="K",
                       help="K more runs of nextrec and of accelerated from the initial weights moved one ulp: the "
                            "yardstick of how far float32 rounding alone moves test AUC; with K >= 2 the verdict is "

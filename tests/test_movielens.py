@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from nextrec_fast.datasets import MOVIELENS_HINT, find_movielens_100k, movielens_100k
 
@@ -118,19 +119,34 @@ def test_accelerated_fit_reaches_plain_quality_on_movielens(kind):
 
 @pytest.mark.nextrec
 @needs_data
-def test_tables_in_backward_variant_runs_beside_plain():
-    """The opt-in demo variant: accelerate(embedding_optimizer=RowWiseAdagrad) under nextrec's own
-    fit (0.3.1's default table regularisation switched off for it), scored like the others and
-    compared with plain nextrec's AUC in the table."""
+@pytest.mark.parametrize("table_optimizer, words, lr", [("sparse_adam", "lazy Adam", 1e-3),
+                                                        ("rowwise_adagrad", "row-wise Adagrad", 0.1)])
+def test_tables_in_backward_variant_runs_beside_plain(table_optimizer, words, lr, monkeypatch):
+    """The opt-in demo variant: accelerate(embedding_optimizer=(the named class, its default lr))
+    under nextrec's own fit (0.3.1's default table regularisation switched off for it), scored
+    like the others and compared with plain nextrec's AUC in the table."""
     pytest.importorskip("nextrec")
     import math
 
+    import nextrec_fast
+    from nextrec_fast import optim
     from nextrec_fast.bench.demo import format_demo, run_demo
+    asked = []
+    accelerate = nextrec_fast.accelerate
+
+    def recording_accelerate(model, **kwargs):
+        asked.append(kwargs.get("embedding_optimizer"))
+        return accelerate(model, **kwargs)
+    monkeypatch.setattr(nextrec_fast, "accelerate", recording_accelerate)
     result = run_demo(models=["mmoe"], epochs=1, batch_size=1024, sample=5000, seed=0, rounding_runs=0,
-                      variants=("nextrec", "accelerated_tables"), progress=False)
+                      variants=("nextrec", "accelerated_tables"), progress=False, table_optimizer=table_optimizer)
+    expected = {"sparse_adam": torch.optim.SparseAdam, "rowwise_adagrad": optim.RowWiseAdagrad}[table_optimizer]
+    assert asked == [(expected, {"lr": lr})]
+    assert result["environment"]["table_optimizer"] == table_optimizer
     runs = result["models"]["mmoe"]["runs"]
     assert set(runs) == {"nextrec", "accelerated_tables"}
     assert all(math.isfinite(m["auc"]) for m in runs["accelerated_tables"]["final"].values())
+    assert f"tables by {words}" in format_demo(result)
     assert "against plain nextrec's Adam, test AUC difference" in format_demo(result)
 
 
@@ -161,13 +177,23 @@ def test_demo_scores_what_nextrec_predict_gives(kind, tmp_path, monkeypatch):
     np.testing.assert_allclose(got, expected.reshape(got.shape), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--sample", "5"], ["--rounding-runs", "-1"]])
-def test_demo_refuses_arguments_it_cannot_use(argv, capsys):
+@pytest.mark.parametrize("argv, message", [(["--epochs", "0"], "must be at least"),
+                                           (["--sample", "5"], "must be at least"),
+                                           (["--rounding-runs", "-1"], "must be at least"),
+                                           (["--table-optimizer", "adam"], "invalid choice: 'adam'")])
+def test_demo_refuses_arguments_it_cannot_use(argv, message, capsys):
     from nextrec_fast import cli
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", *argv])
     assert exit_info.value.code == 2
-    assert "must be at least" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_run_demo_names_an_unknown_table_optimizer():
+    from nextrec_fast.bench.demo import default_table_lr, run_demo
+    with pytest.raises(ValueError, match="unknown table_optimizer 'adam'.*sparse_adam"):
+        run_demo(table_optimizer="adam")
+    assert default_table_lr("sparse_adam", 3e-4) == 3e-4 and default_table_lr("rowwise_adagrad", 3e-4) == 0.1
 
 
 @needs_data

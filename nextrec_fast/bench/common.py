@@ -192,3 +192,10 @@ def report(table: str, result: dict, json_path: str | None) -> None:
     if json_path:
         save_json(result, json_path)
         print(f"wrote {json_path}", file=sys.stderr)
+
+
+def table_optimizer_class(rule: str) -> type:
+    """The optimiser class of an in-backward rule name ("sgd", "adagrad", "sparse_adam",
+    "rowwise_adagrad": ``nextrec_fast.optim.SUPPORTED``'s values). Raises ``KeyError`` otherwise."""
+    from nextrec_fast import optim
+    return {name: cls for cls, name in optim.SUPPORTED.items()}[rule]

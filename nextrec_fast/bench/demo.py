@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-__all__ = ["VARIANTS", "run_demo", "format_demo", "demo_model_kwargs", "parity"]
+__all__ = ["VARIANTS", "TABLE_OPTIMIZERS", "default_table_lr", "run_demo", "format_demo", "demo_model_kwargs", "parity"]
 
 VARIANTS = {
     "nextrec": "plain nextrec, its fit",
@@ -35,8 +35,23 @@ VARIANTS = {
     "drop_in": "nextrec_fast drop-in, PyTorch loop",
     "drop_in_bf16": "drop-in, PyTorch loop, bf16 autocast",
     # Opt-in (--variants): another optimiser for the tables, so its AUC is compared, not its identity.
-    "accelerated_tables": "accelerated + row-wise Adagrad tables in bwd",
+    "accelerated_tables": "accelerated + tables optimised in bwd",
 }
+# --table-optimizer (accelerated_tables): name -> what the table says
+TABLE_OPTIMIZERS = {
+    "sparse_adam": "lazy Adam (torch.optim.SparseAdam)",
+    "rowwise_adagrad": "row-wise Adagrad (nextrec_fast.optim.RowWiseAdagrad)",
+    "adagrad": "Adagrad (torch.optim.Adagrad)",
+    "sgd": "SGD (torch.optim.SGD)",
+}
+
+
+def default_table_lr(table_optimizer: str, lr: float) -> float:
+    """Lazy Adam takes the dense Adam's ``lr`` (it is the same rule on the touched rows); the
+    Adagrad family and SGD 0.1 (their steps shrink with the accumulated squares, or are plain)."""
+    return lr if table_optimizer == "sparse_adam" else 0.1
+
+
 DEFAULT_VARIANTS = ("nextrec", "accelerated", "drop_in", "drop_in_bf16")
 FIT_VARIANTS = ("nextrec", "accelerated")  # the rounding-yardstick pair
 
@@ -211,22 +226,28 @@ def parity(runs: dict, targets: list[str]) -> dict:
 
 def run_demo(models=("mmoe", "ple", "esmm"), epochs: int = 3, batch_size: int = 2048, lr: float = 1e-3,
              variants=DEFAULT_VARIANTS, rounding_runs: int = 2, sample: int | None = None, path=None, seed: int = 0,
-             progress: bool = True, stream=None, table_lr: float = 0.1) -> dict:
+             progress: bool = True, stream=None, table_optimizer: str = "sparse_adam",
+             table_lr: float | None = None) -> dict:
     """Train ``variants`` of each model on MovieLens-100K (``nextrec_fast.datasets.movielens_100k``)
     and score the test split after every epoch; then ``rounding_runs`` more runs of ``nextrec``
     and ``accelerated`` from weights moved one ulp (the quality yardstick; their epochs count in
     the timings too, alternating plain and accelerated). Returns a JSON-able dict: the
     environment, and per model the data summary, per variant the seconds per epoch and the
     AUC/log-loss curve of its first run, and the parity verdict when both fit variants ran.
-    ``accelerated_tables``: ``accelerate(embedding_optimizer=(RowWiseAdagrad, {"lr": table_lr}))``,
+    ``accelerated_tables``: ``accelerate(embedding_optimizer=(cls, {"lr": table_lr}))`` with the
+    class ``table_optimizer`` names (``TABLE_OPTIMIZERS``; ``table_lr`` None: ``default_table_lr``),
     nextrec's Adam on the rest (issue #16's quality check: its AUC against plain nextrec's).
 
     Raises ``FileNotFoundError`` without the data (saying how to get it), ``ImportError`` without
     nextrec, ``ValueError`` for an unknown model or variant."""
     import nextrec_fast
-    from nextrec_fast.bench.common import environment
+    from nextrec_fast.bench.common import environment, table_optimizer_class
     from nextrec_fast.compat import installed_generation
     from nextrec_fast.datasets import movielens_100k
+    if table_optimizer not in TABLE_OPTIMIZERS:
+        raise ValueError(f"unknown table_optimizer {table_optimizer!r}: expected one of {list(TABLE_OPTIMIZERS)}")
+    if table_lr is None:
+        table_lr = default_table_lr(table_optimizer, lr)
     if epochs < 1 or rounding_runs < 0:
         raise ValueError(f"epochs must be >= 1 and rounding_runs >= 0, got {epochs} and {rounding_runs}")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -237,7 +258,7 @@ def run_demo(models=("mmoe", "ple", "esmm"), epochs: int = 3, batch_size: int = 
     import nextrec
     env = {**environment(torch.device("cpu")), "nextrec": getattr(nextrec, "__version__", generation.name),
            "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "sample": sample,
-           "rounding_runs": rounding_runs, "table_lr": table_lr}
+           "rounding_runs": rounding_runs, "table_optimizer": table_optimizer, "table_lr": table_lr}
     result = {"environment": env, "models": {}}
     for kind in models:
         data = movielens_100k(kind, path=path, sample=sample, seed=seed)
@@ -280,8 +301,8 @@ def run_demo(models=("mmoe", "ple", "esmm"), epochs: int = 3, batch_size: int = 
                         if variant == "accelerated":
                             nextrec_fast.accelerate(model)
                         elif variant == "accelerated_tables":
-                            from nextrec_fast.optim import RowWiseAdagrad
-                            nextrec_fast.accelerate(model, embedding_optimizer=(RowWiseAdagrad, {"lr": table_lr}))
+                            nextrec_fast.accelerate(model, embedding_optimizer=(table_optimizer_class(table_optimizer),
+                                                                                {"lr": table_lr}))
                         seconds, curve = _fit_run(model, generation, data, train_dict, test_batch, test_labels, epochs,
                                                   batch_size, seed, label, progress, stream)
                     else:
@@ -359,7 +380,9 @@ def format_demo(result: dict) -> str:
         for variant, why in entry.get("skipped", {}).items():
             lines.append(f"{VARIANTS[variant]:<45} {why}")
         if "accelerated_tables" in runs and "nextrec" in runs:
-            lines.append(f"  tables by row-wise Adagrad in the backward (lr {result['environment']['table_lr']}) against "
+            env = result["environment"]
+            words = TABLE_OPTIMIZERS[env.get("table_optimizer", "rowwise_adagrad")]  # older JSON: row-wise
+            lines.append(f"  tables by {words} in the backward (lr {env['table_lr']}) against "
                          "plain nextrec's Adam, test AUC difference: " + ", ".join(
                              f"{t} {runs['accelerated_tables']['final'][t]['auc'] - runs['nextrec']['final'][t]['auc']:+.4f}"
                              for t in targets))
