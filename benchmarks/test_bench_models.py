@@ -1,7 +1,8 @@
 """Whole ESMM / MMOE / PLE (the ``nextrec-fast bench`` configs): forward in eval mode, forward in
 train mode (autograd graph built, no backward), a full Adam training step on BCE, and the same
 step with Adam(fused=True) where the fast models' tables get row-wise Adagrad in the pooling
-backward instead (train_step_fused_tables: the training step issue #16 compares).
+backward instead (train_step_fused_tables: the training step issue #16 compares), or lazy Adam
+(train_step_lazy_adam: SparseAdam's rule, the one that keeps dense Adam's test AUC).
 fast_torch = the fast model with the Triton kernels and the C++ pooling op off (backend ``torch``);
 compiled_fast = ``torch.compile(fast, fullgraph=True)`` (with --bench-compile on CPU): it must not
 be slower than fast. Where nextrec is installed also nextrec = its own model (either generation) and
@@ -11,15 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from nextrec_fast import optim
+from nextrec_fast.bench.models import TABLES_IN_BACKWARD, table_optimizer
 
 IMPLS = ("nextrec", "accelerated", "reference", "compiled_reference", "fast", "compiled_fast", "fast_torch")
 MODELS = ("mmoe", "ple", "esmm")
-MODES = ("forward_eval", "forward_train", "train_step", "train_step_fused_tables")
+MODES = ("forward_eval", "forward_train", "train_step", "train_step_fused_tables", "train_step_lazy_adam")
 
 
 def step_fn(model, forward, mode, x, labels, tables_in_backward=False):
-    """train_step: torch's default Adam on everything; train_step_fused_tables: Adam(fused=True),
-    the fast models' tables under row-wise Adagrad in the pooling backward instead (the caller
+    """train_step: torch's default Adam on everything; train_step_fused_tables and
+    train_step_lazy_adam: Adam(fused=True), the fast models' tables under row-wise Adagrad / lazy
+    Adam in the pooling backward instead (nextrec_fast.bench.models.table_optimizer; the caller
     undoes that with nextrec_fast.optim.remove_optimizer_in_backward)."""
     if mode == "forward_eval":
         model.eval()
@@ -34,9 +37,10 @@ def step_fn(model, forward, mode, x, labels, tables_in_backward=False):
     params = list(model.parameters())
     if tables_in_backward:
         tables = model.embedding.tables()
-        optim.apply_optimizer_in_backward(optim.RowWiseAdagrad, tables, {"lr": 0.01})
+        cls, kwargs = table_optimizer(mode)
+        optim.apply_optimizer_in_backward(cls, tables, kwargs)
         params = [p for p in params if all(p is not t for t in tables)]
-    optimizer = torch.optim.Adam(params, lr=1e-3, fused=mode == "train_step_fused_tables")
+    optimizer = torch.optim.Adam(params, lr=1e-3, fused=mode in TABLES_IN_BACKWARD)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -70,7 +74,7 @@ def test_model(run_case, compile_or_skip, torch_backend_or_skip, model_pair, nex
 
 
 def _run_model_case(run_case, model, forward, mode, x, labels, model_name, impl):
-    fused = mode == "train_step_fused_tables" and impl in ("fast", "compiled_fast", "fast_torch", "accelerated")
+    fused = mode in TABLES_IN_BACKWARD and impl in ("fast", "compiled_fast", "fast_torch", "accelerated")
     if fused and impl != "fast" and impl != "accelerated":
         pytest.skip("tables in backward: eager fast models only (not under torch.compile or the torch backend)")
     try:

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
                        help="forward_eval: eval-mode forward; forward_backward: train-mode forward + BCE + backward; "
                             "train_step: that plus torch's default Adam on every parameter; train_step_fused_tables: "
                             "Adam(fused=True), and for the fast model row-wise Adagrad on the tables inside the "
-                            "pooling backward (nextrec_fast.optim) (default: all)")
+                            "pooling backward (nextrec_fast.optim); train_step_lazy_adam: the same with lazy Adam "
+                            "(SparseAdam's rule, lr 1e-3) on the tables (default: all)")
     bench.add_argument("--batch-size", type=int, nargs="+", default=None,
                        help="one or more batch sizes, e.g. 64 256 2048 8192 for a scaling table (default: 2048 "
                             "for the models; 2048 and 8192 for pooling)")

@@ -19,7 +19,7 @@ def test_bench_small_config(tmp_path, capsys):
     assert "speed-up" in table and "mmoe" in table and "esmm" in table
     result = json.loads(out.read_text())
     assert {r["mode"] for r in result["rows"]} == {"forward_eval", "forward_backward", "train_step",
-                                                    "train_step_fused_tables"}
+                                                    "train_step_fused_tables", "train_step_lazy_adam"}
     assert all(r["baseline_ms"] > 0 and r["fast_ms"] > 0 for r in result["rows"])
     # Against the installed nextrec when there is one, else the reference; the reference and the
     # fast step's GEMM floor are timed in the same loop either way.

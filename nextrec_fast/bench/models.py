@@ -30,10 +30,25 @@ import torch.nn.functional as F
 from nextrec_fast import reference
 from nextrec_fast.bench import gemm_floor
 from nextrec_fast.bench.common import (CONFIGS, default_features, environment, machine_load, make_batch, reliability_warnings,
-                                       spread, time_interleaved)
+                                       spread, table_optimizer_class, time_interleaved)
 
 MODEL_NAMES = ("mmoe", "ple", "esmm")
-MODES = ("forward_eval", "forward_backward", "train_step", "train_step_fused_tables")
+MODES = ("forward_eval", "forward_backward", "train_step", "train_step_fused_tables", "train_step_lazy_adam")
+# Training modes where the fast model's tables are updated in the pooling backward
+# (nextrec_fast.optim) and everything else, nextrec's whole model included, by Adam(fused=True):
+# mode -> (the tables' rule name in nextrec_fast.optim.SUPPORTED, its kwargs).
+TABLES_IN_BACKWARD = {"train_step_fused_tables": ("rowwise_adagrad", {"lr": 0.01}),
+                      "train_step_lazy_adam": ("sparse_adam", {"lr": 1e-3})}
+
+
+def table_optimizer(mode: str):
+    """``(class, kwargs)`` of the tables' in-backward optimiser in ``mode`` (``TABLES_IN_BACKWARD``):
+    row-wise Adagrad, FBGEMM's rule (issue #16's speed row), or lazy Adam, torch.optim.SparseAdam's
+    rule at the dense Adam's lr (the one that kept MovieLens test AUC, docs/benchmarks.md)."""
+    rule, kwargs = TABLES_IN_BACKWARD[mode]
+    return table_optimizer_class(rule), dict(kwargs)
+
+
 # `nextrec-fast bench --model` choices: the models, and "pooling" (the embedding pooling alone:
 # nextrec-style vs the fused op vs F.embedding_bag per feature, see pooling.py).
 BENCH_CHOICES = MODEL_NAMES + ("pooling",)
@@ -87,10 +102,10 @@ def make_row(model: str, mode: str, batch: int, baseline: str, samples: dict, ba
 def _step_fn(model, mode, x, labels, forward=None, tables_in_backward: bool = False):
     """One call of ``mode`` on ``model``: ``forward(x)`` gives ``[B, T]`` probabilities (default:
     ``model(x)``); training modes take BCE on them, ``zero_grad(set_to_none=True)`` first.
-    "train_step": then torch's default Adam over every parameter; "train_step_fused_tables":
-    ``Adam(fused=True)``, and with ``tables_in_backward`` (the fast variant) the embedding tables
-    under row-wise Adagrad applied in the pooling backward instead (``nextrec_fast.optim``;
-    undo with ``optim.remove_optimizer_in_backward(model.embedding.tables())``)."""
+    "train_step": then torch's default Adam over every parameter; "train_step_fused_tables" and
+    "train_step_lazy_adam": ``Adam(fused=True)``, and with ``tables_in_backward`` (the fast variant)
+    the embedding tables under ``table_optimizer(mode)`` applied in the pooling backward instead
+    (``nextrec_fast.optim``; undo with ``optim.remove_optimizer_in_backward(model.embedding.tables())``)."""
     forward = forward or model
     if mode == "forward_eval":
         model.eval()
@@ -103,12 +118,13 @@ def _step_fn(model, mode, x, labels, forward=None, tables_in_backward: bool = Fa
     optimizer = None
     if mode == "train_step":
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    elif mode == "train_step_fused_tables":
+    elif mode in TABLES_IN_BACKWARD:
         params = list(model.parameters())
         if tables_in_backward:
             from nextrec_fast import optim
             tables = model.embedding.tables()
-            optim.apply_optimizer_in_backward(optim.RowWiseAdagrad, tables, {"lr": 0.01})
+            cls, kwargs = table_optimizer(mode)
+            optim.apply_optimizer_in_backward(cls, tables, kwargs)
             params = [p for p in params if all(p is not t for t in tables)]
         optimizer = torch.optim.Adam(params, lr=1e-3, fused=True)
 
@@ -228,7 +244,7 @@ def run(models=MODEL_NAMES, modes=MODES, batch: int | list[int] = 2048, device: 
             rows.append(make_row(model, mode, batch, _baseline_label(baseline_key, env), samples, baseline_key,
                                  {k: round(v, 4) if isinstance(v, float) else v for k, v in gflop.items()}))
             del steps, x, labels
-            if mode == "train_step_fused_tables":
+            if mode in TABLES_IN_BACKWARD:
                 from nextrec_fast import optim
                 optim.remove_optimizer_in_backward(variants["fast"][0].embedding.tables())
         del variants
@@ -287,8 +303,9 @@ def format_table(result: dict) -> str:
                   f"= baseline median / fast median, the baseline being {against}; vs ref = reference / fast "
                   f"(the reference is 0.3.1's model: BatchNorm MLPs, whatever nextrec is installed); fast/floor = "
                   f"fast / GEMM floor (1.0: nothing but GEMMs left; lower is better). train_step: torch's Adam on "
-                  f"every parameter; train_step_fused_tables: Adam(fused=True), and for fast the tables under "
-                  f"row-wise Adagrad in the pooling backward (a different table optimiser: nextrec_fast.optim)")
+                  f"every parameter; train_step_fused_tables / train_step_lazy_adam: Adam(fused=True), and for fast "
+                  f"the tables under row-wise Adagrad / lazy Adam (SparseAdam's rule) in the pooling backward (a "
+                  f"different table optimiser: nextrec_fast.optim)")
         if env.get("config") == "small":
             legend += ("\nconfig small is a smoke test: its tables and batches are too small for the fast path to "
                        "pay off (speed-ups near or below 1x are expected); --config default measures")
