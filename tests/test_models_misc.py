@@ -174,3 +174,18 @@ def test_cpu_autocast_bfloat16(model, mode):
         assert (p_ref.grad is None) == (p_fast.grad is None) or (p_fast.grad is not None and not p_fast.grad.any()), name
         if p_fast.grad is not None:
             assert torch.isfinite(p_fast.grad).all(), name
+
+
+def test_skip_if_rows_collapse_flags_only_constant_channels():
+    """The parity tests' guard (nextrec_generation.skip_if_rows_collapse): a train-mode BatchNorm
+    channel that sees the same value on every row is an ill-posed draw; tiny but real spread
+    (nextrec's 1e-4-sized embeddings) and eval mode are not."""
+    from nextrec_generation import skip_if_rows_collapse
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2), torch.nn.ReLU()).double()
+    same_rows = torch.full((5, 3), 0.1, dtype=torch.float64)
+    tiny_spread = 1e-4 * torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(pytest.skip.Exception, match=r"ill-posed draw.*1\[0\], 1\[1\]"):
+        skip_if_rows_collapse(mlp, lambda m: m(same_rows), "train")
+    skip_if_rows_collapse(mlp, lambda m: m(tiny_spread), "train")
+    skip_if_rows_collapse(mlp, lambda m: m(same_rows), "eval")
+    assert mlp[1].num_batches_tracked.item() == 0  # it probed a copy
