@@ -19,7 +19,8 @@ import torch
 
 import nextrec_fast
 from nextrec_fast import _extension
-from model_pairs import FLAVOURS, KINDS, model_pair
+from model_pairs import FLAVOURS, KINDS, model_pair, output_of
+from nextrec_generation import assert_as_accurate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = random.randrange(2**31)
@@ -70,16 +71,25 @@ def test_every_op_resolves_after_plain_import():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_export_save_load_in_fresh_process(flavour, kind, mode, tmp_path):
-    _, fast, x = model_pair(flavour, kind, SEED)
+    plain, fast, x64 = model_pair(flavour, kind, SEED)  # float64
+    plain.train(mode == "train")
     fast.float().train(mode == "train")
-    x = {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
-    expected_model = copy.deepcopy(fast)  # train mode moves BatchNorm statistics: compare from the same start
+    x = {k: v.float() if v.is_floating_point() else v for k, v in x64.items()}
+    # Train mode moves BatchNorm statistics: every run starts from its own copy.
+    truth = output_of(copy.deepcopy(plain), x64).detach()
+    plain32 = output_of(copy.deepcopy(plain).float(), x).detach()
+    eager = _output(copy.deepcopy(fast), x)
     program = torch.export.export(fast, (x,))
     targets = {str(node.target) for node in program.graph.nodes}
     if _extension.load(build=False) is not None:
         assert any("nextrec_fast" in t for t in targets), "the export traced no op of ours"
-    expected = _output(expected_model, x)
-    torch.testing.assert_close(_output(program.module(), x), expected, rtol=1e-6, atol=1e-6)
+    expected = _output(program.module(), x)
+    # The exported graph runs composite ATen ops where eager may take other kernels: in an
+    # ill-conditioned draw (LayerNorm over 4 near-equal features) the two float32 outputs differed by
+    # 2.3e-6 (seed 551954449), each as far from float64 as float32 plain. So judge the export
+    # against float64, as every fast path is, not against eager at a fixed 1e-6.
+    assert_as_accurate({"output": expected}, [{"output": eager}, {"output": plain32}], {"output": truth},
+                       what="exported output")
     torch.export.save(program, str(tmp_path / "model.pt2"))
     torch.save((x, expected), str(tmp_path / "io.pt"))
     out = _fresh_python(
