@@ -95,6 +95,28 @@ def assert_as_accurate(fast: dict, plain, truth: dict, what: str = "gradient") -
             f"{what} {n}: fast error {err_fast:.3g}, float32 plain error {err_plain[n]:.3g}, floor {floor:.3g}")
 
 
+def assert_predicts_as_plain(fast, plain, x: dict, forward=predict_proba, what: str = "output") -> None:
+    """``forward(fast, x)`` is as close to float64 as ``forward(plain, x)`` (``assert_as_accurate``),
+    for two float32 models holding the same weights, in eval mode (eval: ``flip_rows`` then gives
+    the same math in another rounding, the second plain run). The float64 truth is a deep copy of
+    ``plain`` under ``nextrec_float64``.
+
+    Why not ``assert_close`` at rtol 1e-5 / atol 1e-6: in an ill-conditioned draw fast and plain
+    round apart by more. nextrec 0.6.14 PLE, seed 11595: outputs 1.9e-5 apart (2.9x that bound),
+    fast 1.9e-5 from float64, plain 3.8e-5 and 9.6e-7 (flipped); 1 draw in 3000 over ESMM / MMOE /
+    PLE. A wrong load or a wrong kernel errs by about the output's size, far above the floor."""
+    assert not fast.training and not plain.training, "eval mode: flip_rows must not change the math"
+    truth = copy.deepcopy(plain).double()
+    x64 = {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
+    with torch.no_grad():
+        got = forward(fast, x)
+        ref = [forward(plain, x), forward(plain, flip_rows(x)).flip(0)]
+        with nextrec_float64():
+            true = forward(truth, x64)
+    assert got.shape == true.shape, f"{what}: shape {tuple(got.shape)}, nextrec's {tuple(true.shape)}"
+    assert_as_accurate({what: got}, [{what: r} for r in ref], {what: true}, what=what)
+
+
 def skip_if_rows_collapse(model, forward, mode: str) -> None:
     """Skip an ill-posed draw: in train mode, a BatchNorm channel whose input is the same on every
     row of the batch (to 1e-9 relative, in float64). BatchNorm then outputs its bias plus rounding

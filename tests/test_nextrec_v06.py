@@ -18,8 +18,9 @@ import pytest
 import torch
 
 import nextrec_fast
-from nextrec_generation import (assert_as_accurate, assert_regularized_grads_match, flip_rows, nextrec_float64,
-                                predict_proba, random_v06_inputs, random_v06_model, require, skip_if_rows_collapse)
+from nextrec_generation import (assert_as_accurate, assert_predicts_as_plain, assert_regularized_grads_match, flip_rows,
+                                nextrec_float64, predict_proba, random_v06_inputs, random_v06_model, require,
+                                skip_if_rows_collapse)
 
 require("0.6")
 from nextrec.basic.layers import EmbeddingLayer  # noqa: E402
@@ -265,8 +266,7 @@ def test_checkpoint_round_trip(tmp_path):
     x = random_v06_inputs(feats, batch=6, generator=torch.Generator().manual_seed(6))
     model.eval()
     plain.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(predict_proba(plain, x), predict_proba(model, x), rtol=1e-5, atol=1e-6)
+    assert_predicts_as_plain(model, plain, x)
 
 
 # -- drop-in models ------------------------------------------------------------------------
@@ -292,9 +292,8 @@ def test_drop_ins_are_nextrecs_classes_accelerated():
         x = random_v06_inputs(feats, batch=7, generator=torch.Generator().manual_seed(seed))
         plain.eval()
         drop_in.eval()
-        with torch.no_grad():
-            torch.testing.assert_close(drop_in(x), plain(x), rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(predict_proba(drop_in, x), predict_proba(plain, x), rtol=1e-5, atol=1e-6)
+        assert_predicts_as_plain(drop_in, plain, x, forward=lambda m, x: m(x), what=f"{kind} logits")
+        assert_predicts_as_plain(drop_in, plain, x, what=f"{kind} probabilities")
 
 
 def test_onnx_export_runs_nextrecs_forward(tmp_path):

@@ -24,8 +24,8 @@ import nextrec_fast
 from nextrec_fast.features import v06 as features_v06
 from nextrec_fast.models import standalone_v06
 from nextrec_fast.reference import v06 as reference_v06
-from nextrec_generation import (GENERATION, assert_as_accurate, flip_rows, nextrec_float64, predict_proba, random_v06_inputs,
-                                random_v06_model, skip_if_rows_collapse)
+from nextrec_generation import (GENERATION, assert_as_accurate, assert_predicts_as_plain, flip_rows, nextrec_float64,
+                                predict_proba, random_v06_inputs, random_v06_model, skip_if_rows_collapse)
 
 RUN_SEED = int(os.environ.get("NEXTREC_FAST_TEST_SEED", time.time_ns() % 2**31))
 KINDS = ["esmm", "mmoe", "ple"]
@@ -112,8 +112,7 @@ def test_nextrec_06_checkpoint_loads_strictly(kind, tmp_path):
     x = random_v06_inputs(feats, batch=9, generator=torch.Generator().manual_seed(seed))
     plain.eval()
     drop_in.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(predict_proba(drop_in, x), predict_proba(plain, x), rtol=1e-5, atol=1e-6)
+    assert_predicts_as_plain(drop_in, plain, x)
 
 
 @pytest.mark.parametrize("kind", KINDS)
