@@ -42,11 +42,6 @@ def _defined_ops() -> tuple[list[str], list[str]]:
     return sorted(set(cpp)), sorted(set(python))
 
 
-def _output(model, x) -> torch.Tensor:
-    out = model(x)
-    return (torch.cat(out, dim=1) if isinstance(out, (list, tuple)) else out).detach()
-
-
 def _fresh_python(code: str) -> str:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "NEXTREC_FAST_NO_JIT": "1"})  # a plain import never builds
@@ -78,12 +73,12 @@ def test_export_save_load_in_fresh_process(flavour, kind, mode, tmp_path):
     # Train mode moves BatchNorm statistics: every run starts from its own copy.
     truth = output_of(copy.deepcopy(plain), x64).detach()
     plain32 = output_of(copy.deepcopy(plain).float(), x).detach()
-    eager = _output(copy.deepcopy(fast), x)
+    eager = output_of(copy.deepcopy(fast), x).detach()
     program = torch.export.export(fast, (x,))
     targets = {str(node.target) for node in program.graph.nodes}
     if _extension.load(build=False) is not None:
         assert any("nextrec_fast" in t for t in targets), "the export traced no op of ours"
-    expected = _output(program.module(), x)
+    expected = output_of(program.module(), x).detach()
     # The exported graph runs composite ATen ops where eager may take other kernels: in an
     # ill-conditioned draw (LayerNorm over 4 near-equal features) the two float32 outputs differed by
     # 2.3e-6 (seed 551954449), each as far from float64 as float32 plain. So judge the export
@@ -116,9 +111,9 @@ def test_onnx_export_uses_nextrecs_forward(flavour, kind, dynamo, tmp_path):
     _, fast, x = model_pair(flavour, kind, SEED)
     fast.float().eval()
     x = {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
-    before = _output(fast, x)
+    before = output_of(fast, x).detach()
     path = str(tmp_path / "model.onnx")
     torch.onnx.export(fast, (x, {}), path, dynamo=dynamo)  # the trailing {}: x is an argument, not kwargs
     domains = {node.domain for node in onnx.load(path).graph.node}
     assert domains <= {"", "ai.onnx"}, domains
-    torch.testing.assert_close(_output(fast, x), before, rtol=0, atol=0)  # the model itself unchanged
+    torch.testing.assert_close(output_of(fast, x).detach(), before, rtol=0, atol=0)  # the model itself unchanged
