@@ -12,7 +12,8 @@ import torch
 import nextrec_fast
 from nextrec_fast.models import standalone
 from model_factory import random_features, random_inputs, random_model_kwargs
-from nextrec_generation import assert_regularized_grads_match, flip_rows, require
+from nextrec_generation import (assert_as_accurate, assert_regularized_grads_match, flip_rows, nextrec_float64, require,
+                                skip_if_rows_collapse)
 
 require("0.3")
 from nextrec.basic import features as nr_features  # noqa: E402
@@ -43,7 +44,7 @@ def _random_model(kind, seed, **extra):
 def _grads(model, x, flipped: bool = False):
     model.zero_grad(set_to_none=True)
     out = model(flip_rows(x)).flip(0) if flipped else model(x)  # flipped: the same loss, summed in another order
-    (out * torch.linspace(0.5, 1.5, out.numel()).view_as(out)).sum().backward()
+    (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
@@ -56,7 +57,7 @@ def test_accelerate_in_place_same_results(kind, mode):
     seed = random.randrange(2**31)
     print(f"{kind} {mode} seed={seed}")
     model, x = _random_model(kind, seed)
-    plain, plain_flipped = copy.deepcopy(model), copy.deepcopy(model)
+    plain, plain_flipped, truth = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model).double()
     plain_state = copy.deepcopy(plain.state_dict())
     _seeds[id(plain)] = seed
     params_before = [id(p) for p in model.parameters()]
@@ -65,25 +66,28 @@ def test_accelerate_in_place_same_results(kind, mode):
     assert isinstance(model, MODELS[kind]) and nextrec_fast.is_accelerated(model)
     assert [id(p) for p in model.parameters()] == params_before
     assert list(model.state_dict()) == keys_before
-    for m in (model, plain, plain_flipped):
+    for m in (model, plain, plain_flipped, truth):
         m.train(mode == "train")
+    x64 = {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
+    with nextrec_float64():
+        skip_if_rows_collapse(truth, lambda m: m(x64), mode)
     out_plain, g_plain = _grads(plain, x)
-    _, g_flipped = _grads(plain_flipped, x, flipped=True)
+    out_flipped, g_flipped = _grads(plain_flipped, x, flipped=True)
     out_fast, g_fast = _grads(model, x)
-    torch.testing.assert_close(out_fast, out_plain, rtol=1e-3, atol=1e-3)
-    # fp32 against nextrec: loose here (train-mode BatchNorm over 8 rows amplifies rounding, of
-    # nextrec's float32 statistics more than of ours, summed in double), and widened by nextrec's
-    # own spread: its gradients with the batch's rows reversed (same math, another order). A seed
-    # (1021933858, PLE) differed by 0.87 in one embedding gradient where 0.79 was allowed, in a
-    # draw whose gradients reach 790. test_nextrec_compat judges the same computation against
-    # float64 truth. The accelerated model must be exactly our drop-in fast model, though: same
-    # code, same weights.
-    scale = max(g.abs().max().item() for g in g_plain.values() if g is not None)
+    with nextrec_float64():
+        out_truth, g_truth = _grads(truth, x64)
+    # As close to float64 nextrec as nextrec's own float32 (two runs: rows as given and reversed).
+    # A fixed tolerance against float32 nextrec failed 2 draws in ~60 full-suite runs (PLE seeds
+    # 1021933858 and 556075750: an embedding gradient 2.8 from nextrec's where 1.6 was allowed, in
+    # draws whose gradients reach ~800): train-mode BatchNorm over 8 rows amplifies either side's
+    # float32 rounding, not alike.
+    assert_as_accurate({"output": out_fast}, [{"output": out_plain}, {"output": out_flipped}], {"output": out_truth},
+                       what="output")
     for name, g in g_plain.items():
-        if g is not None:
-            spread = (g - g_flipped[name]).abs().max().item()
-            torch.testing.assert_close(g_fast[name], g, rtol=1e-2, atol=1e-3 * scale + 10 * spread,
-                                       msg=lambda m: f"{name}: {m} (nextrec's own spread {spread:.3g})")
+        if g is None:
+            assert g_fast[name] is None or not g_fast[name].any(), name
+    assert_as_accurate(g_fast, [g_plain, g_flipped], g_truth)
+    # The accelerated model must be exactly our drop-in fast model, though: same code, same weights.
     drop_in = DROP_IN[kind](plain.dense_features, plain.sparse_features, plain.sequence_features,
                             **random_model_kwargs(kind, random.Random(_seeds[id(plain)] + 1)))
     drop_in.load_state_dict(plain_state, strict=True)
