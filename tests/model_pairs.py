@@ -145,10 +145,10 @@ def set_regularization(model, l1: float = 1e-3, l2: float = 1e-2) -> None:
         setattr(model, attr, l1 if "l1" in name else l2)
 
 
-def constructors(flavour: str, kind: str, seed: int):
+def constructors(flavour: str, kind: str, seed: int, batch: int = 4):
     """(plain_ctor, fast_ctor, inputs): zero-argument constructors of the per-module model and
     of the fast one for one random configuration, to call inside a device or dtype context, and a
-    function giving an input batch for a model."""
+    function giving an input batch of ``batch`` rows for a model."""
     rng = random.Random(seed)
     if flavour == "standalone_v06":
         from nextrec_fast.features import v06 as features_v06
@@ -163,7 +163,7 @@ def constructors(flavour: str, kind: str, seed: int):
             return model
         return (lambda: build_v06(getattr(reference_v06, kind.upper())),
                 lambda: build_v06(getattr(standalone_v06, kind.upper())),
-                lambda model: random_v06_inputs(holder["feats"], batch=4, generator=torch.Generator().manual_seed(seed)))
+                lambda model: random_v06_inputs(holder["feats"], batch=batch, generator=torch.Generator().manual_seed(seed)))
     if flavour == "standalone":
         from nextrec_fast import reference
         from nextrec_fast.models import standalone
@@ -171,7 +171,7 @@ def constructors(flavour: str, kind: str, seed: int):
         kwargs = random_model_kwargs(kind, rng)
         plain_cls, fast_cls = getattr(reference, kind.upper()), getattr(standalone, kind.upper())
         return (lambda: plain_cls(*feats, **kwargs), lambda: fast_cls(*feats, **kwargs),
-                lambda model: random_inputs(*feats, batch=4, generator=torch.Generator().manual_seed(seed)))
+                lambda model: random_inputs(*feats, batch=batch, generator=torch.Generator().manual_seed(seed)))
     if GENERATION is None:
         pytest.skip("nextrec is not installed (CI installs 0.3.1 and 0.6.14: see .ci/run)")
     if GENERATION == "0.3":
@@ -180,7 +180,7 @@ def constructors(flavour: str, kind: str, seed: int):
         kwargs = random_model_kwargs(kind, rng)
         cls = getattr(__import__(f"nextrec.models.multi_task.{kind}", fromlist=["x"]), kind.upper())
         return (lambda: cls(*feats, **kwargs), lambda: nextrec_fast.accelerate(cls(*feats, **kwargs)),
-                lambda model: random_inputs(*feats, batch=4, generator=torch.Generator().manual_seed(seed)))
+                lambda model: random_inputs(*feats, batch=batch, generator=torch.Generator().manual_seed(seed)))
     holder = {}
 
     def build(accelerated: bool):
@@ -188,5 +188,5 @@ def constructors(flavour: str, kind: str, seed: int):
         return nextrec_fast.accelerate(model) if accelerated else model
 
     def inputs(model):
-        return random_v06_inputs(holder["feats"], batch=4, generator=torch.Generator().manual_seed(seed))
+        return random_v06_inputs(holder["feats"], batch=batch, generator=torch.Generator().manual_seed(seed))
     return lambda: build(False), lambda: build(True), inputs

@@ -153,29 +153,6 @@ def test_training_arguments_kept():
     assert model({"u": torch.tensor([1, 2])}).shape == (2,)  # one task: squeezed as nextrec does
 
 
-@pytest.mark.parametrize("model", list(MODELS))
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_cpu_autocast_bfloat16(model, mode):
-    """Under CPU autocast the fast models follow the reference's casts (bfloat16 GEMMs): same
-    outputs to bfloat16 precision, gradients for every parameter the reference gives one."""
-    ref, fast, _ = _dropout_pair(model, p=0.0, seed=4)
-    dense, sparse, sequence = ref.dense_features, ref.sparse_features, ref.sequence_features
-    x = random_inputs(dense, sparse, sequence, batch=48, generator=torch.Generator().manual_seed(5))
-    outs = []
-    for m in (ref, fast):
-        m.train(mode == "train")
-        m.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = m(x)
-        out.float().sum().backward()
-        outs.append(out.float())
-    torch.testing.assert_close(outs[1], outs[0], rtol=5e-2, atol=5e-2)
-    for (name, p_ref), p_fast in zip(ref.named_parameters(), fast.parameters()):
-        assert (p_ref.grad is None) == (p_fast.grad is None) or (p_fast.grad is not None and not p_fast.grad.any()), name
-        if p_fast.grad is not None:
-            assert torch.isfinite(p_fast.grad).all(), name
-
-
 def test_skip_if_rows_collapse_flags_only_constant_channels():
     """The parity tests' guard (nextrec_generation.skip_if_rows_collapse): a train-mode BatchNorm
     channel that sees the same value on every row is an ill-posed draw; tiny but real spread

@@ -323,13 +323,20 @@ class ExpertBank:
 
     def _batched_linear(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
         linears = layer.linears
-        if (h.device.type == "cpu" and linears[0].bias is not None and not torch.compiler.is_compiling()
-                and not _cpu_autocast_enabled()):
+        if h.device.type == "cpu" and linears[0].bias is not None and not torch.compiler.is_compiling():
             # On CPU one GEMM per expert on column blocks of [B, E*K] beats bmm, which needs the
-            # [E, B, K] layout: two full-size transposing copies per layer and a slower kernel.
-            # (torch.compile cannot trace out= into strided blocks, and out= skips autocast's
-            # casts: both get the bmm below.)
-            return _ExpertBlockLinear.apply(h, len(linears), *[l.weight for l in linears], *[l.bias for l in linears])
+            # [E, B, K] layout: two full-size transposing copies per layer and a slower kernel
+            # (under bf16 autocast the weight gradient's transposing copy alone took 18 of a
+            # 94 ms MMOE step). torch.compile cannot trace out= into strided blocks: it gets the bmm.
+            weights, biases = [l.weight for l in linears], [l.bias for l in linears]
+            dtype = _cpu_autocast_dtype()
+            if dtype is None or h.dtype == torch.float64:  # autocast leaves float64 alone
+                return _ExpertBlockLinear.apply(h, len(linears), *weights, *biases)
+            # out= skips autocast's casts: make them as autocast's F.linear would (input, weights
+            # and bias in its dtype; the casts' backward returns float32 weight gradients).
+            with torch.autocast("cpu", enabled=False):
+                return _ExpertBlockLinear.apply(h.to(dtype), len(linears), *[w.to(dtype) for w in weights],
+                                                *[b.to(dtype) for b in biases])
         batch, experts = h.shape[0], len(linears)
         x = h.view(batch, experts, -1).transpose(0, 1)  # [E, B, K], strided view
         return self._bmm(linears, x).transpose(0, 1).reshape(batch, -1)
@@ -383,6 +390,13 @@ class ExpertBank:
         over ``[B, E, N]``, then the experts' affine parameters as ``[E, N]``."""
         first = norms[0]
         batch, experts = h.shape[0], len(norms)
+        if first.weight is not None and h.dtype != first.weight.dtype and torch.is_autocast_enabled(h.device.type):
+            # nn.LayerNorm under autocast normalises a bfloat16 input and applies its float32 affine
+            # in one float32 kernel; normalising in bfloat16 and scaling after (the per-expert
+            # weights cannot go into F.layer_norm) rounds the normalised values first, and in
+            # narrow layers (2 channels: a gradient ~1e-3 of its terms) the backward's cancellation
+            # then gave gradients 10x their size. Normalise in the weights' dtype, as nn.LayerNorm.
+            h = h.to(first.weight.dtype)
         out = F.layer_norm(h.view(batch, experts, -1), first.normalized_shape, None, None, first.eps)
         if first.weight is not None:
             weight = torch.stack([n.weight for n in norms])
@@ -477,6 +491,16 @@ def _cpu_autocast_enabled() -> bool:
         return torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4
         return torch.is_autocast_cpu_enabled()
+
+
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype CPU autocast casts GEMM inputs to, None when it is off."""
+    if not _cpu_autocast_enabled():
+        return None
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype()
 
 
 def _batch_norm_act_op():
