@@ -39,7 +39,8 @@ def _bench(args) -> int:
         # --batch-size: the models' batches (default 2048) and the pooling's (default 2048 and 8192).
         result = benchmark.run(models=args.model, modes=args.mode, batch=args.batch_size or [2048], device=args.device,
                                repeats=args.repeats, warmup=args.warmup, progress=not args.quiet, config=args.config,
-                               pooling_batches=args.batch_size or None, against_nextrec=not args.reference)
+                               pooling_batches=args.batch_size or None, against_nextrec=not args.reference,
+                               autocast=args.autocast)
     print(benchmark.format_table(result))
     if args.json:
         common.save_json(result, args.json)
@@ -107,7 +108,7 @@ def _at_least(minimum: int):
 
 def main(argv=None) -> int:
     from nextrec_fast.bench.common import CONFIGS
-    from nextrec_fast.bench.models import BENCH_CHOICES, MODEL_NAMES, MODES
+    from nextrec_fast.bench.models import AUTOCAST, BENCH_CHOICES, MODEL_NAMES, MODES
     parser = argparse.ArgumentParser(prog="nextrec-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="time the installed nextrec (else the reference) vs the fast ESMM/MMOE/PLE, "
@@ -128,6 +129,10 @@ def main(argv=None) -> int:
                        help="speed-ups over the reference (nextrec's math re-implemented) even where nextrec is "
                             "installed (default: over the installed nextrec, else the reference)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    bench.add_argument("--autocast", choices=list(AUTOCAST), default="none",
+                       help="bf16: every model variant under torch.autocast(device, torch.bfloat16) (float32 weights, "
+                            "bfloat16 GEMMs; fast on CPUs with AMX or AVX512-BF16, emulated and very slow without), "
+                            "with the baseline also timed in float32 in the same loop (default: none)")
     bench.add_argument("--config", choices=sorted(CONFIGS), default="default",
                        help="default: the realistic config (26 sparse, 3 sequence, 13 dense features; "
                             "docs/benchmarks.md); small: a seconds-long smoke test")

@@ -157,3 +157,42 @@ def test_bench_table_has_legend_spread_and_names_its_baseline():
     fit = dict(row, mode="nextrec_fit_epoch", baseline="plain nextrec")
     table = models.format_table({"environment": {**env, "nextrec": "0.6.14", "steps_per_epoch": 8}, "rows": [fit]})
     assert "plain nextrec ms" in table and "accelerated ms" in table and "nextrec 0.6.14" in table
+
+
+def test_bench_autocast_table_and_warning():
+    """--autocast bf16: the header says so, the legend says which column runs in float32, and
+    each row gives the speed-up over that float32 baseline too; a CPU that emulates bf16 is
+    named in a warning (the bf16 rows would only show the emulation)."""
+    from nextrec_fast.bench import models
+    env = {"device": "cpu", "device_name": "x", "torch": "t", "triton": None, "threads": 1, "cores": 2,
+           "pooling_op": "op", "config": "default", "repeats": 3, "load_at_start": 0.1, "load_at_end": 0.2,
+           "nextrec": "0.3.1", "autocast": "bf16", "bf16_matmul_vs_fp32": 0.15}
+    row = {"model": "mmoe", "mode": "forward_backward", "batch": 8, "baseline": "nextrec 0.3.1", "baseline_ms": 3.0,
+           "fast_ms": 1.0, "speedup": 3.0, "baseline_samples_ms": [2.9, 3.0, 3.1], "fast_samples_ms": [0.9, 1.0, 1.1],
+           "others": {"gemm_floor": {"ms": 0.5, "samples_ms": [0.5, 0.5, 0.5]},
+                      "reference": {"ms": 2.0, "samples_ms": [2.0, 2.0, 2.0]},
+                      "nextrec_fp32": {"ms": 5.0, "samples_ms": [4.8, 5.0, 5.2]}},
+           "gemm_gflop": {"fast": 1.0, "nextrec": 1.0}}
+    table = models.format_table({"environment": env, "rows": [row]})
+    assert "autocast bf16" in table.splitlines()[0]
+    assert "'nextrec fp32 ms'" in table and "vs fp32" in table and "WARNING" not in table
+    line = next(l for l in table.splitlines() if l.startswith("mmoe"))
+    assert line.split()[-3:] == ["5.0", "[4.8-5.2]", "5.00x"], line
+    emulated = models.format_table({"environment": {**env, "bf16_matmul_vs_fp32": 40.0}, "rows": [row]})
+    assert "emulates bfloat16" in emulated and "40.0x slower" in emulated
+    plain = models.format_table({"environment": {**env, "autocast": "none"}, "rows": [row]})
+    assert "vs fp32" not in plain and "autocast" not in plain.splitlines()[0]
+
+
+def test_bench_autocast_runs_the_baseline_in_float32_too(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--model", "esmm", "--mode", "forward_backward", "--config", "small", "--batch-size",
+                     "32", "--repeats", "1", "--warmup", "0", "--quiet", "--autocast", "bf16", "--reference",
+                     "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    env, (row,) = result["environment"], result["rows"]
+    assert env["autocast"] == "bf16" and env["bf16_matmul_vs_fp32"] > 0
+    assert row["baseline"] == "reference" and row["others"]["reference_fp32"]["ms"] > 0
+    assert row["gemm_gflop"]["fast"] > 0  # the bf16 GEMMs recorded under autocast
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--autocast", "fp8"])

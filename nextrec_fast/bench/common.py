@@ -128,6 +128,21 @@ def spread(samples) -> tuple[float, float]:
 WIDE_SPREAD = 0.5
 
 
+def bf16_matmul_slowdown(size: int = 256, repeats: int = 5) -> float:
+    """How many times slower a ``size`` x ``size`` bf16 matmul runs than a float32 one on this
+    CPU (< 1: faster; AMX gave 0.14 here). Without AMX or AVX512-BF16, PyTorch emulates bf16
+    matmuls and they run 10-100x slower, so autocast only slows training down there."""
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        times[dtype] = time.perf_counter() - start
+    return times[torch.bfloat16] / times[torch.float32]
+
+
 def reliability_warnings(env: dict, rows) -> list[str]:
     """Warnings that the ratios of a run cannot be trusted: a machine busier than the cores given
     (load average at the start or the end above the cores), rows whose samples spread widely.
@@ -143,6 +158,10 @@ def reliability_warnings(env: dict, rows) -> list[str]:
     if wide:
         warnings.append(f"WARNING: samples spread over more than {WIDE_SPREAD:.0%} of the median in: "
                         f"{', '.join(wide)}; those ratios are unreliable (machine noise), rerun with more --repeats")
+    slowdown = env.get("bf16_matmul_vs_fp32")
+    if slowdown is not None and slowdown > 1:
+        warnings.append(f"WARNING: a bfloat16 matmul ran {slowdown:.1f}x slower than a float32 one here: this CPU "
+                        "emulates bfloat16 (no AMX or AVX512-BF16), so the bf16 rows show that, not the models")
     return warnings
 
 

@@ -241,7 +241,7 @@ def run_demo(models=("mmoe", "ple", "esmm"), epochs: int = 3, batch_size: int = 
     Raises ``FileNotFoundError`` without the data (saying how to get it), ``ImportError`` without
     nextrec, ``ValueError`` for an unknown model or variant."""
     import nextrec_fast
-    from nextrec_fast.bench.common import environment, table_optimizer_class
+    from nextrec_fast.bench.common import bf16_matmul_slowdown, environment, table_optimizer_class
     from nextrec_fast.compat import installed_generation
     from nextrec_fast.datasets import movielens_100k
     if table_optimizer not in TABLE_OPTIMIZERS:
@@ -338,21 +338,6 @@ def run_demo(models=("mmoe", "ple", "esmm"), epochs: int = 3, batch_size: int = 
 
 def _with_batch_norm(params):
     return [_with_batch_norm(p) for p in params] if isinstance(params, list) else {**params, "norm_type": "batch_norm"}
-
-
-def bf16_matmul_slowdown(size: int = 256, repeats: int = 5) -> float:
-    """How many times slower a bf16 matmul runs than a float32 one on this CPU (< 1: faster).
-    Without AMX or AVX512-BF16, PyTorch emulates bf16 matmuls and they run 10-100x slower, so
-    autocast only slows training down there."""
-    times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-        a @ b
-        start = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        times[dtype] = time.perf_counter() - start
-    return times[torch.bfloat16] / times[torch.float32]
 
 
 def format_demo(result: dict) -> str:

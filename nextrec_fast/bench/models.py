@@ -15,6 +15,11 @@ noise hits all alike; the numbers are medians of the rounds):
   with the reference's weights;
 - ``gemm_floor``: the fast step's own GEMMs alone (``nextrec_fast.bench.gemm_floor``).
 Speed-ups are over nextrec when it is installed, else over the reference; the table says which.
+
+With ``autocast="bf16"`` every variant runs under ``torch.autocast(device, torch.bfloat16)``
+(float32 weights, bfloat16 GEMMs: AMX on CPUs that have it), the GEMM floor is the bfloat16 GEMMs,
+and the baseline also runs without autocast in the same loop (``<baseline>_fp32``), so each row
+gives the speed-up over the baseline both under the same autocast and in float32.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 
 from nextrec_fast import reference
 from nextrec_fast.bench import gemm_floor
-from nextrec_fast.bench.common import (CONFIGS, default_features, environment, machine_load, make_batch, reliability_warnings,
+from nextrec_fast.bench.common import (CONFIGS, bf16_matmul_slowdown, default_features, environment, machine_load, make_batch, reliability_warnings,
                                        spread, table_optimizer_class, time_interleaved)
 
 MODEL_NAMES = ("mmoe", "ple", "esmm")
@@ -47,6 +52,21 @@ def table_optimizer(mode: str):
     rule at the dense Adam's lr (the one that kept MovieLens test AUC, docs/benchmarks.md)."""
     rule, kwargs = TABLES_IN_BACKWARD[mode]
     return table_optimizer_class(rule), dict(kwargs)
+
+
+# `nextrec-fast bench --autocast` choices: name -> autocast dtype (None: float32 throughout).
+AUTOCAST = {"none": None, "bf16": torch.bfloat16}
+
+
+def autocast_step(step, device, dtype):
+    """``step`` run under ``torch.autocast(device.type, dtype)`` (``dtype`` None: ``step`` itself)."""
+    if dtype is None:
+        return step
+
+    def run():
+        with torch.autocast(device.type, dtype=dtype):
+            step()
+    return run
 
 
 # `nextrec-fast bench --model` choices: the models, and "pooling" (the embedding pooling alone:
@@ -208,13 +228,19 @@ def build_variants(model: str, device, features, found=None, seed: int = 0) -> t
 
 def run(models=MODEL_NAMES, modes=MODES, batch: int | list[int] = 2048, device: str | None = None, repeats: int = 5,
         warmup: int = 2, progress=True, config: str = "default", pooling_batches=None,
-        against_nextrec: bool = True) -> dict:
+        against_nextrec: bool = True, autocast: str = "none") -> dict:
     """Per model, batch (one or a list) and mode, the variants of the module docstring timed
     interleaved; with "pooling" in ``models`` also the pooling benchmark (``result["pooling"]``) at ``pooling_batches``
     (default: 2048 and 8192). ``against_nextrec=False``: the reference is the baseline even where
-    nextrec is installed."""
+    nextrec is installed. ``autocast``: a key of ``AUTOCAST`` ("bf16": the module docstring)."""
+    if autocast not in AUTOCAST:
+        raise ValueError(f"autocast must be one of {', '.join(AUTOCAST)}, got {autocast!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    env = {**environment(device), "config": config, "repeats": repeats}  # the load before the run
+    env = {**environment(device), "config": config, "repeats": repeats,
+           "autocast": autocast}  # the load before the run
+    dtype = AUTOCAST[autocast]
+    if dtype is torch.bfloat16 and device.type == "cpu":
+        env["bf16_matmul_vs_fp32"] = round(bf16_matmul_slowdown(), 3)  # > 1: emulated, warned about
     found = installed_nextrec() if against_nextrec else None
     env["nextrec"] = found[1] if found else None
     model_names = [m for m in models if m != "pooling"]
@@ -228,8 +254,12 @@ def run(models=MODEL_NAMES, modes=MODES, batch: int | list[int] = 2048, device: 
             done += 1
             if progress:
                 print(f"[{done}/{total}] {model} {mode} (batch {batch}) ...", file=sys.stderr, flush=True)
-            steps = {name: _step_fn(module, mode, x, labels, forward, tables_in_backward=name == "fast")
+            steps = {name: autocast_step(_step_fn(module, mode, x, labels, forward, tables_in_backward=name == "fast"),
+                                         device, dtype)
                      for name, (module, forward) in variants.items()}
+            if dtype is not None:  # the baseline in float32 too, in the same loop
+                module, forward = variants[baseline_key]
+                steps[f"{baseline_key}_fp32"] = _step_fn(module, mode, x, labels, forward)
             # Warm the fast step before recording its GEMMs (plans and caches are built on first use).
             steps["fast"]()
             fast_gemms = gemm_floor.record_gemms(steps["fast"])
@@ -279,7 +309,8 @@ def format_table(result: dict) -> str:
     nextrec_fit = bool(rows) and all(r["mode"].startswith("nextrec_fit") for r in rows)
     header = (f"nextrec-fast bench | device {env['device']} ({env['device_name']}) | torch {env['torch']} | "
               f"triton {env['triton']} | threads {env['threads']} of {env.get('cores', '?')} core(s) | "
-              f"pooling: {env['pooling_op']} | config {env['config']}")
+              f"pooling: {env['pooling_op']} | config {env['config']}"
+              + (f" | autocast {env['autocast']}" if env.get("autocast", "none") != "none" else ""))
     if nextrec_fit:
         header += f" | nextrec {env.get('nextrec', '?')}, {env.get('steps_per_epoch', '?')} steps per epoch"
         legend = ("legend: nextrec's own fit on the installed nextrec, plain vs the same model after "
@@ -309,9 +340,18 @@ def format_table(result: dict) -> str:
         if env.get("config") == "small":
             legend += ("\nconfig small is a smoke test: its tables and batches are too small for the fast path to "
                        "pay off (speed-ups near or below 1x are expected); --config default measures")
+        autocast = env.get("autocast", "none") != "none"
+        if autocast:
+            base_name = "nextrec" if env.get("nextrec") else "reference"
+            legend += (f"\nautocast {env['autocast']}: every column runs under torch.autocast(..., bfloat16) (float32 "
+                       f"weights, bfloat16 GEMMs) except '{base_name} fp32 ms', the same {base_name} model without "
+                       f"autocast in the same loop; vs fp32 = {base_name} float32 median / fast median")
+        fp32_head = f" {'baseline fp32 ms':>20} {'vs fp32':>8}" if autocast else ""
         lines = [header, legend,
                  f"{'model':<6} {'mode':<23} {'batch':>6} {'nextrec ms':>20} {'reference ms':>20} {'fast ms':>20} "
-                 f"{'GEMM floor ms':>20} {'speed-up':>9} {'vs ref':>7} {'fast/floor':>10}"]
+                 f"{'GEMM floor ms':>20} {'speed-up':>9} {'vs ref':>7} {'fast/floor':>10}{fp32_head}"]
+        if autocast:
+            lines[-1] = lines[-1].replace("baseline fp32 ms", f"{base_name} fp32 ms")
         timed = []
         for r in rows:
             others = r.get("others", {})
@@ -321,10 +361,15 @@ def format_table(result: dict) -> str:
             floor = others.get("gemm_floor", {})
             vs_ref = f"{ref[0] / r['fast_ms']:.2f}x" if ref[0] else "-"
             over_floor = f"{r['fast_ms'] / floor['ms']:.2f}x" if floor.get("ms") else "-"
+            fp32_cells = ""
+            if autocast:
+                fp32 = next((v for k, v in others.items() if k.endswith("_fp32")), {})
+                vs_fp32 = f"{fp32['ms'] / r['fast_ms']:.2f}x" if fp32.get("ms") else "-"
+                fp32_cells = f" {_cell(fp32.get('ms'), fp32.get('samples_ms', [])):>20} {vs_fp32:>8}"
             lines.append(f"{r['model']:<6} {r['mode']:<23} {r['batch']:>6} {_cell(*nxt):>20} {_cell(*ref):>20} "
                          f"{_cell(r['fast_ms'], r['fast_samples_ms']):>20} "
                          f"{_cell(floor.get('ms'), floor.get('samples_ms', [])):>20} {r['speedup']:>8.2f}x "
-                         f"{vs_ref:>7} {over_floor:>10}")
+                         f"{vs_ref:>7} {over_floor:>10}{fp32_cells}")
             timed += [(f"{r['model']} {r['mode']} ({who})", samples) for who, samples in
                       ((r["baseline"], r["baseline_samples_ms"]), ("fast", r["fast_samples_ms"]))]
         per_model = {}
