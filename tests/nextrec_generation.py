@@ -39,6 +39,14 @@ def require(generation: str) -> None:
                     "in its own environment)", allow_module_level=True)
 
 
+def case_seed(run_seed: int, *parts) -> int:
+    """A test case's seed from the run's seed (``NEXTREC_FAST_TEST_SEED``) and the case's
+    parameters, printed, so a red case replays with the printed run seed."""
+    seed = (run_seed + sum(map(ord, "/".join(map(str, parts))))) % 2**31
+    print(f"seed={seed} (NEXTREC_FAST_TEST_SEED={run_seed})")
+    return seed
+
+
 def predict_proba(model, x):
     """What the user's training loop sees: 0.6 applies the head (and ESMM's ctcvr) after forward."""
     if hasattr(model, "call_model"):

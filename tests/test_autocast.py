@@ -42,7 +42,7 @@ import torch
 
 from model_pairs import FLAVOURS, KINDS, constructors, output_of
 from nextrec_fast.bench import gemm_floor
-from nextrec_generation import assert_as_accurate, flip_rows, skip_if_rows_collapse
+from nextrec_generation import assert_as_accurate, case_seed, flip_rows, skip_if_rows_collapse
 from test_model_parity import perturb_batchnorm
 
 RUN_SEED = int(os.environ.get("NEXTREC_FAST_TEST_SEED", time.time_ns() % 2**31))
@@ -60,9 +60,7 @@ def _in_tmp(tmp_path, monkeypatch):
 
 
 def _seed(*parts) -> int:
-    seed = (RUN_SEED + sum(map(ord, "/".join(map(str, parts))))) % 2**31
-    print(f"seed={seed} (NEXTREC_FAST_TEST_SEED={RUN_SEED})")
-    return seed
+    return case_seed(RUN_SEED, *parts)  # RUN_SEED looked up at call time (stress runs set it)
 
 
 def _models(flavour: str, kind: str, seed: int):

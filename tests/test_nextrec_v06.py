@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import nextrec_fast
-from nextrec_generation import (assert_as_accurate, assert_predicts_as_plain, assert_regularized_grads_match, flip_rows,
-                                nextrec_float64, predict_proba, random_v06_inputs, random_v06_model, require,
+from nextrec_generation import (assert_as_accurate, assert_predicts_as_plain, assert_regularized_grads_match, case_seed,
+                                flip_rows, nextrec_float64, predict_proba, random_v06_inputs, random_v06_model, require,
                                 skip_if_rows_collapse)
 
 require("0.6")
@@ -39,9 +39,7 @@ def _in_tmp(tmp_path, monkeypatch):
 
 
 def _seed(*parts) -> int:
-    seed = (RUN_SEED + sum(map(ord, "/".join(map(str, parts))))) % 2**31
-    print(f"seed={seed} (NEXTREC_FAST_TEST_SEED={RUN_SEED})")
-    return seed
+    return case_seed(RUN_SEED, *parts)  # RUN_SEED looked up at call time (stress runs set it)
 
 
 def _grads(model, x, flipped: bool = False):

@@ -24,8 +24,8 @@ import nextrec_fast
 from nextrec_fast.features import v06 as features_v06
 from nextrec_fast.models import standalone_v06
 from nextrec_fast.reference import v06 as reference_v06
-from nextrec_generation import (GENERATION, assert_as_accurate, assert_predicts_as_plain, flip_rows, nextrec_float64,
-                                predict_proba, random_v06_inputs, random_v06_model, skip_if_rows_collapse)
+from nextrec_generation import (GENERATION, assert_as_accurate, assert_predicts_as_plain, case_seed, flip_rows,
+                                nextrec_float64, predict_proba, random_v06_inputs, random_v06_model, skip_if_rows_collapse)
 
 RUN_SEED = int(os.environ.get("NEXTREC_FAST_TEST_SEED", time.time_ns() % 2**31))
 KINDS = ["esmm", "mmoe", "ple"]
@@ -41,9 +41,7 @@ def _in_tmp(tmp_path, monkeypatch):
 
 
 def _seed(*parts) -> int:
-    seed = (RUN_SEED + sum(map(ord, "/".join(map(str, parts))))) % 2**31
-    print(f"seed={seed} (NEXTREC_FAST_TEST_SEED={RUN_SEED})")
-    return seed
+    return case_seed(RUN_SEED, *parts)  # RUN_SEED looked up at call time (stress runs set it)
 
 
 def _build(kind, seed, cls, feature_module=None, norm_type=None):
