@@ -22,6 +22,10 @@ def _bench(args) -> int:
     from nextrec_fast.bench import common, models as benchmark
     _set_threads(args.threads)
     if args.nextrec:
+        if args.autocast != "none":
+            print("bench --nextrec times nextrec's own fit, which runs in float32; --autocast applies to the model "
+                  "rows (bench without --nextrec)", file=sys.stderr)
+            return 2
         try:
             import nextrec  # noqa: F401
         except ImportError:

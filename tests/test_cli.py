@@ -196,3 +196,5 @@ def test_bench_autocast_runs_the_baseline_in_float32_too(tmp_path, capsys):
     assert row["gemm_gflop"]["fast"] > 0  # the bf16 GEMMs recorded under autocast
     with pytest.raises(SystemExit):
         cli.main(["bench", "--autocast", "fp8"])
+    # nextrec's own fit runs in float32: asking for both is an error, not a silent float32 run
+    assert cli.main(["bench", "--nextrec", "--autocast", "bf16", "--quiet"]) == 2
