@@ -136,7 +136,9 @@ def main(argv=None) -> int:
     bench.add_argument("--autocast", choices=list(AUTOCAST), default="none",
                        help="bf16: every model variant under torch.autocast(device, torch.bfloat16) (float32 weights, "
                             "bfloat16 GEMMs; fast on CPUs with AMX or AVX512-BF16, emulated and very slow without), "
-                            "with the baseline also timed in float32 in the same loop (default: none)")
+                            "with the baseline (nextrec, else the reference) also timed in float32 in the same loop: "
+                            "columns 'vs nextrec bf16' and 'vs nextrec fp32'. Not with --nextrec (nextrec's fit runs in "
+                            "float32) (default: none)")
     bench.add_argument("--config", choices=sorted(CONFIGS), default="default",
                        help="default: the realistic config (26 sparse, 3 sequence, 13 dense features; "
                             "docs/benchmarks.md); small: a seconds-long smoke test")

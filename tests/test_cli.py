@@ -175,13 +175,15 @@ def test_bench_autocast_table_and_warning():
            "gemm_gflop": {"fast": 1.0, "nextrec": 1.0}}
     table = models.format_table({"environment": env, "rows": [row]})
     assert "autocast bf16" in table.splitlines()[0]
-    assert "'nextrec fp32 ms'" in table and "vs fp32" in table and "WARNING" not in table
+    assert "'nextrec fp32 ms'" in table and "WARNING" not in table and "the GEMM floor is those bf16 GEMMs" in table
+    head = next(l for l in table.splitlines() if l.startswith("model"))
+    assert "vs nextrec bf16" in head and head.endswith("vs nextrec fp32"), head
     line = next(l for l in table.splitlines() if l.startswith("mmoe"))
-    assert line.split()[-3:] == ["5.0", "[4.8-5.2]", "5.00x"], line
+    assert line.split()[-3:] == ["5.0", "[4.8-5.2]", "5.00x"] and "3.00x" in line.split(), line
     emulated = models.format_table({"environment": {**env, "bf16_matmul_vs_fp32": 40.0}, "rows": [row]})
     assert "emulates bfloat16" in emulated and "40.0x slower" in emulated
     plain = models.format_table({"environment": {**env, "autocast": "none"}, "rows": [row]})
-    assert "vs fp32" not in plain and "autocast" not in plain.splitlines()[0]
+    assert "fp32" not in plain and "speed-up" in plain and "autocast" not in plain.splitlines()[0]
 
 
 def test_bench_autocast_runs_the_baseline_in_float32_too(tmp_path, capsys):

@@ -341,17 +341,20 @@ def format_table(result: dict) -> str:
             legend += ("\nconfig small is a smoke test: its tables and batches are too small for the fast path to "
                        "pay off (speed-ups near or below 1x are expected); --config default measures")
         autocast = env.get("autocast", "none") != "none"
+        speedup_head, fp32_head = "speed-up", ""
         if autocast:
             base_name = "nextrec" if env.get("nextrec") else "reference"
             legend += (f"\nautocast {env['autocast']}: every column runs under torch.autocast(..., bfloat16) (float32 "
-                       f"weights, bfloat16 GEMMs) except '{base_name} fp32 ms', the same {base_name} model without "
-                       f"autocast in the same loop; vs fp32 = {base_name} float32 median / fast median")
-        fp32_head = f" {'baseline fp32 ms':>20} {'vs fp32':>8}" if autocast else ""
+                       f"weights, bfloat16 GEMMs; the GEMM floor is those bf16 GEMMs) except '{base_name} fp32 ms', "
+                       f"the same {base_name} model without autocast in the same loop. vs {base_name} bf16 = the "
+                       f"speed-up over {base_name} under the same autocast; vs {base_name} fp32 = {base_name}'s "
+                       f"float32 median / the fast bf16 median")
+            speedup_head = f"vs {base_name} bf16"
+            fp32_head = f" {base_name + ' fp32 ms':>20} {'vs ' + base_name + ' fp32':>17}"
+        width = max(9, len(speedup_head))
         lines = [header, legend,
                  f"{'model':<6} {'mode':<23} {'batch':>6} {'nextrec ms':>20} {'reference ms':>20} {'fast ms':>20} "
-                 f"{'GEMM floor ms':>20} {'speed-up':>9} {'vs ref':>7} {'fast/floor':>10}{fp32_head}"]
-        if autocast:
-            lines[-1] = lines[-1].replace("baseline fp32 ms", f"{base_name} fp32 ms")
+                 f"{'GEMM floor ms':>20} {speedup_head:>{width}} {'vs ref':>7} {'fast/floor':>10}{fp32_head}"]
         timed = []
         for r in rows:
             others = r.get("others", {})
@@ -365,10 +368,10 @@ def format_table(result: dict) -> str:
             if autocast:
                 fp32 = next((v for k, v in others.items() if k.endswith("_fp32")), {})
                 vs_fp32 = f"{fp32['ms'] / r['fast_ms']:.2f}x" if fp32.get("ms") else "-"
-                fp32_cells = f" {_cell(fp32.get('ms'), fp32.get('samples_ms', [])):>20} {vs_fp32:>8}"
+                fp32_cells = f" {_cell(fp32.get('ms'), fp32.get('samples_ms', [])):>20} {vs_fp32:>17}"
             lines.append(f"{r['model']:<6} {r['mode']:<23} {r['batch']:>6} {_cell(*nxt):>20} {_cell(*ref):>20} "
                          f"{_cell(r['fast_ms'], r['fast_samples_ms']):>20} "
-                         f"{_cell(floor.get('ms'), floor.get('samples_ms', [])):>20} {r['speedup']:>8.2f}x "
+                         f"{_cell(floor.get('ms'), floor.get('samples_ms', [])):>20} {r['speedup']:>{width - 1}.2f}x "
                          f"{vs_ref:>7} {over_floor:>10}{fp32_cells}")
             timed += [(f"{r['model']} {r['mode']} ({who})", samples) for who, samples in
                       ((r["baseline"], r["baseline_samples_ms"]), ("fast", r["fast_samples_ms"]))]
