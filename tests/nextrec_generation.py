@@ -84,18 +84,24 @@ def accuracy_bounds(fast: dict, plain, truth: dict, factor: float = 10.0, relati
     floor per tensor of ``relative_floor * max |truth|`` of that tensor plus ``noise_floor * max
     |truth|`` over the set: for bfloat16, where the set's worst plain error would hide a small
     tensor's wrong gradient (tests/test_autocast.py)."""
-    plains = plain if isinstance(plain, (list, tuple)) else [plain]
-    names = [n for n, t in truth.items() if t is not None and all(p.get(n) is not None for p in plains)]
-    scale = max((truth[n].abs().max().item() for n in names), default=0.0)
-    err_plain = {n: max((p[n].double() - truth[n]).abs().max().item() for p in plains) for n in names}
-    floor = max(noise_floor * scale, max(err_plain.values(), default=0.0))
+    err_plain = plain_errors(plain, truth)
+    scale = max((truth[n].abs().max().item() for n in err_plain), default=0.0)
+    set_floor = max(noise_floor * scale, max(err_plain.values(), default=0.0))
     bounds = {}
-    for n in names:
-        if relative_floor is not None:
-            floor = noise_floor * scale + relative_floor * truth[n].abs().max().item()
+    for n in err_plain:
+        floor = (set_floor if relative_floor is None
+                 else noise_floor * scale + relative_floor * truth[n].abs().max().item())
         err_fast = (fast[n].double() - truth[n]).abs().max().item() if fast.get(n) is not None else float("inf")
         bounds[n] = (err_fast, factor * err_plain[n] + floor, err_plain[n])
     return bounds
+
+
+def plain_errors(plain, truth: dict) -> dict:
+    """``{name: worst max-abs error from truth over the plain runs}`` for every tensor the truth
+    and all runs (one dict, or a list of dicts name -> tensor) have."""
+    plains = plain if isinstance(plain, (list, tuple)) else [plain]
+    names = [n for n, t in truth.items() if t is not None and all(p.get(n) is not None for p in plains)]
+    return {n: max((p[n].double() - truth[n]).abs().max().item() for p in plains) for n in names}
 
 
 def assert_as_accurate(fast: dict, plain, truth: dict, what: str = "gradient", factor: float = 10.0,

@@ -42,7 +42,7 @@ import torch
 
 from model_pairs import FLAVOURS, KINDS, constructors, output_of
 from nextrec_fast.bench import gemm_floor
-from nextrec_generation import assert_as_accurate, case_seed, flip_rows, skip_if_rows_collapse
+from nextrec_generation import assert_as_accurate, case_seed, flip_rows, plain_errors, skip_if_rows_collapse
 from test_model_parity import perturb_batchnorm
 
 RUN_SEED = int(os.environ.get("NEXTREC_FAST_TEST_SEED", time.time_ns() % 2**31))
@@ -99,16 +99,14 @@ def _skip_if_ill_posed(plain_runs: list[dict], truth: dict) -> None:
     """Skip a draw bfloat16 cannot represent: the plain model itself, under the same autocast, off
     float64 by more than ``ILL_POSED`` of a tensor's largest entry (seen: nextrec 0.3's 1e-4-sized
     embeddings under train-mode BatchNorm, gradients ~1e4 that plain bf16 got 75% wrong)."""
-    sizes = {n: t.abs().max().item() for n, t in truth.items() if t is not None}
+    errors = plain_errors(plain_runs, truth)
+    sizes = {n: truth[n].abs().max().item() for n in errors}
     scale = max(sizes.values(), default=0.0)
     worst = (0.0, None)
-    for name, size in sizes.items():
+    for name, err in errors.items():
         # Tensors ~0 in float64 (a Linear bias before train-mode BatchNorm) are rounding noise in any run.
-        if size > 1e-3 * scale and all(r.get(name) is not None for r in plain_runs):
-            t = truth[name]
-            err = max((r[name].double() - t).abs().max().item() for r in plain_runs)
-            if err / size > worst[0]:
-                worst = (err / size, name)
+        if sizes[name] > 1e-3 * scale and err / sizes[name] > worst[0]:
+            worst = (err / sizes[name], name)
     if worst[0] > ILL_POSED:
         pytest.skip(f"ill-posed draw for bfloat16: the plain model under autocast is {worst[0]:.0%} of {worst[1]}'s "
                     "largest entry off float64; no comparison with it can judge the fast path")

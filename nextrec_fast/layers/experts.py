@@ -495,12 +495,7 @@ def _cpu_autocast_enabled() -> bool:
 
 def _cpu_autocast_dtype() -> torch.dtype | None:
     """The dtype CPU autocast casts GEMM inputs to, None when it is off."""
-    if not _cpu_autocast_enabled():
-        return None
-    try:
-        return torch.get_autocast_dtype("cpu")
-    except AttributeError:  # torch < 2.4
-        return torch.get_autocast_cpu_dtype()
+    return torch.get_autocast_dtype("cpu") if _cpu_autocast_enabled() else None  # torch >= 2.4 (pyproject)
 
 
 def _batch_norm_act_op():
