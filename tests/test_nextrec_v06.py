@@ -81,11 +81,15 @@ def test_accelerate_matches_float64_nextrec(kind, norm_type, mode):
         if g is None:
             assert g_fast[name] is None or not g_fast[name].any(), name
     assert_as_accurate(g_fast, [g_nr, g_nr_flipped], g_truth)  # as close to float64 nextrec as nextrec's float32
-    for (name, b_nr), b_fast in zip(plain.state_dict().items(), model.state_dict().values()):
-        if b_nr.is_floating_point():
-            torch.testing.assert_close(b_fast, b_nr, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-        else:
-            assert torch.equal(b_fast, b_nr), name
+    # the state after the step (BatchNorm's running statistics) too, judged the same way: a fixed
+    # rtol 1e-4 / atol 1e-5 against float32 nextrec came within 0.55 of failing in 10 draws
+    states = [dict(m.state_dict()) for m in (model, plain, plain_flipped, truth)]
+    assert list(states[0]) == list(states[1])
+    for name, b_nr in states[1].items():
+        if not b_nr.is_floating_point():
+            assert torch.equal(states[0][name], b_nr), name
+    floating = [{n: b for n, b in st.items() if b.is_floating_point()} for st in states]
+    assert_as_accurate(floating[0], floating[1:3], floating[3], what="state")
     assert nextrec_fast.restore(model) is model
     assert type(model) is CLASSES[kind] and type(model.embedding) is EmbeddingLayer
     assert not nextrec_fast.is_accelerated(model)
@@ -122,7 +126,14 @@ def test_squeezed_and_raw_layouts_use_nextrec():
         for kwargs in ({"squeeze_dim": True}, {"squeeze_dim": False} if len(dims) == 1 and not feats[0] else None):
             if kwargs is None:
                 continue
-            expected = plain.embedding(x, plain.all_features, **kwargs)
+            try:
+                expected = plain.embedding(x, plain.all_features, **kwargs)
+            except (RuntimeError, ValueError) as error:
+                # nextrec's own error (seen: squeeze_dim=False with a "concat" sequence, whose
+                # [B, L*D] does not stack with [B, D]; NEXTREC_FAST_TEST_SEED=27000): ours too
+                with pytest.raises(type(error)):
+                    model.embedding(x, model.all_features, **kwargs)
+                continue
             torch.testing.assert_close(model.embedding(x, model.all_features, **kwargs), expected)
 
 
