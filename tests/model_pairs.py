@@ -159,7 +159,7 @@ def constructors(flavour: str, kind: str, seed: int, batch: int = 4):
 
         def build_v06(cls):
             model, holder["feats"] = random_v06_model(kind, seed, norm_type=norm_type, classes={kind: cls},
-                                                      feature_module=features_v06, same_tables=True)
+                                                      feature_module=features_v06)
             return model
         return (lambda: build_v06(getattr(reference_v06, kind.upper())),
                 lambda: build_v06(getattr(standalone_v06, kind.upper())),

@@ -77,6 +77,23 @@ def flip_rows(x: dict) -> dict:
     return {k: v.flip(0) for k, v in x.items()}
 
 
+def moved_by_one_ulp(model):
+    """A copy of ``model`` with every parameter multiplied by ``1 + 2**-23`` (one float32 ulp, or
+    less): a third plain run for ``assert_as_accurate``, whose distance from the float64 truth
+    measures how far the draw's conditioning carries a rounding-sized change of the inputs.
+
+    Why: where a result amplifies its inputs' rounding, the fast and the plain model round those
+    inputs differently, and reversing the rows (``flip_rows``) does not change a per-row rounding,
+    so two plain runs can agree with each other and miss the spread. Seen: a 0.6 PLE whose
+    2-channel LayerNorm got two values 6e-4 apart (relative) in one row: ours 1.5e-4 from float64,
+    plain 2.4e-6 in both runs (bound 8.9e-5)."""
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in moved.parameters():
+            p.mul_(1 + 2**-23)
+    return moved
+
+
 def accuracy_bounds(fast: dict, plain, truth: dict, factor: float = 10.0, relative_floor: float | None = None,
                     noise_floor: float = 1e-5) -> dict:
     """``{name: (err_fast, bound, err_plain)}`` for ``assert_as_accurate`` (its docstring: the
@@ -187,7 +204,8 @@ def assert_regularized_grads_as_accurate(plain, model, x: dict, forward=predict_
     """After ``(forward(m, x).sum() + m.add_reg_loss()).backward()`` in eval mode, the accelerated
     ``model``'s regularisation value and every parameter's gradient are as close to float64
     nextrec as the plain float32 model's (``assert_as_accurate``; the plain runs: the batch as
-    given and ``flip_rows``). ``plain`` is the un-accelerated copy holding the same weights.
+    given, ``flip_rows``, ``moved_by_one_ulp``). ``plain`` is the un-accelerated copy holding the
+    same weights.
 
     Why not ``assert_close`` against plain at rtol 1e-4 / atol 1e-5 x the largest gradient: the
     sequence embedding's gradient passes through attention pooling, where float32 rounds apart by
@@ -208,6 +226,7 @@ def assert_regularized_grads_as_accurate(plain, model, x: dict, forward=predict_
     reg_fast, g_fast = run(model, x)
     reg_plain, g_plain = run(plain, x)
     _, g_flipped = run(plain, x, flipped=True)
+    _, g_moved = run(moved_by_one_ulp(plain), x)
     with nextrec_float64():
         reg_truth, g_truth = run(truth, x64)
     assert_as_accurate({"add_reg_loss": reg_fast}, {"add_reg_loss": reg_plain}, {"add_reg_loss": reg_truth},
@@ -215,7 +234,7 @@ def assert_regularized_grads_as_accurate(plain, model, x: dict, forward=predict_
     for name, g in g_plain.items():
         if g is None:
             assert g_fast[name] is None or not g_fast[name].any(), f"{name}: gradient where nextrec has none"
-    assert_as_accurate(g_fast, [g_plain, g_flipped], g_truth)
+    assert_as_accurate(g_fast, [g_plain, g_flipped, g_moved], g_truth)
 
 
 # -- nextrec 0.6 random configurations ------------------------------------------------------
@@ -237,7 +256,9 @@ def random_v06_features(rng: random.Random, feature_module=None):
         vocab, dim = rng.randint(3, 40), rng.choice([2, 4, 8])
         kwargs = dict(embedding_dim=dim, padding_idx=rng.choice([0, 0, rng.randrange(vocab)]))
         if rng.random() < 0.2:  # pretrained, sometimes frozen
-            kwargs.update(pretrained_weight=torch.randn(vocab, dim), trainable=rng.random() < 0.5)
+            # from the draw's own generator: a global one would make the model depend on what ran before
+            table = torch.randn(vocab, dim, generator=torch.Generator().manual_seed(rng.randrange(2**31)))
+            kwargs.update(pretrained_weight=table, trainable=rng.random() < 0.5)
         sparse.append(SparseFeature(f"sp{i}", vocab, **kwargs))
         tables.append((f"sp{i}", vocab, dim))
     for i in range(rng.randint(0, 3)):
@@ -277,14 +298,12 @@ def random_v06_mlp(rng: random.Random, norm_type: str | None = None, tower: bool
 
 
 def random_v06_model(kind: str, seed: int, norm_type: str | None = None, classes: dict | None = None,
-                     feature_module=None, same_tables: bool = False, **extra):
-    """A random 0.6 ESMM / MMOE / PLE (built under ``torch.manual_seed(seed)``, pretrained tables
-    drawn before that from torch's global generator, seeded from ``seed`` too with
-    ``same_tables``, so two builds are identical) and its features; ``classes`` ({kind: class})
-    builds the same configuration with another class, ``feature_module`` with other feature
-    classes (both: without nextrec)."""
-    if same_tables:
-        torch.manual_seed(seed ^ 0x5EED)
+                     feature_module=None, **extra):
+    """A random 0.6 ESMM / MMOE / PLE and its features, a function of ``seed`` alone (built under
+    ``torch.manual_seed(seed)``; pretrained tables from a generator seeded by the draw), so two
+    builds are identical and a printed seed replays it; ``classes`` ({kind: class}) builds the
+    same configuration with another class, ``feature_module`` with other feature classes (both:
+    without nextrec)."""
     classes = classes or {}
     if kind not in classes:
         from nextrec.models.multitask.esmm import ESMM

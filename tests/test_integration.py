@@ -12,8 +12,8 @@ import torch
 import nextrec_fast
 from nextrec_fast.models import standalone
 from model_factory import random_features, random_inputs, random_model_kwargs
-from nextrec_generation import (assert_as_accurate, assert_regularized_grads_as_accurate, flip_rows, nextrec_float64, require,
-                                skip_if_rows_collapse)
+from nextrec_generation import (assert_as_accurate, assert_regularized_grads_as_accurate, flip_rows, nextrec_float64,
+                                require, skip_if_rows_collapse)
 
 require("0.3")
 from nextrec.basic import features as nr_features  # noqa: E402

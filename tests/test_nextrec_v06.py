@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import nextrec_fast
-from nextrec_generation import (assert_as_accurate, assert_predicts_as_plain, assert_regularized_grads_as_accurate, case_seed,
-                                flip_rows, nextrec_float64, predict_proba, random_v06_inputs, random_v06_model, require,
-                                skip_if_rows_collapse)
+from nextrec_generation import (assert_as_accurate, assert_predicts_as_plain, assert_regularized_grads_as_accurate,
+                                case_seed, flip_rows, moved_by_one_ulp, nextrec_float64, predict_proba,
+                                random_v06_inputs, random_v06_model, require, skip_if_rows_collapse)
 
 require("0.6")
 from nextrec.basic.layers import EmbeddingLayer  # noqa: E402
@@ -57,6 +57,7 @@ def test_accelerate_matches_float64_nextrec(kind, norm_type, mode):
     seed = _seed(kind, norm_type, mode)
     model, feats = random_v06_model(kind, seed, norm_type=norm_type)
     plain, plain_flipped = copy.deepcopy(model), copy.deepcopy(model)  # the second's BatchNorm stats are its own
+    plain_moved = moved_by_one_ulp(model)
     truth = copy.deepcopy(model).double()
     params_before, keys_before = [id(p) for p in model.parameters()], list(model.state_dict())
     assert nextrec_fast.accelerate(model) is model
@@ -64,32 +65,34 @@ def test_accelerate_matches_float64_nextrec(kind, norm_type, mode):
     assert nextrec_fast.is_accelerated(model)
     assert [id(p) for p in model.parameters()] == params_before and list(model.state_dict()) == keys_before
     x = random_v06_inputs(feats, batch=random.Random(seed).randint(2, 24), generator=torch.Generator().manual_seed(seed))
-    for m in (model, plain, plain_flipped, truth):
+    for m in (model, plain, plain_flipped, plain_moved, truth):
         m.train(mode == "train")
     x64 = {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
     with nextrec_float64():
         skip_if_rows_collapse(truth, lambda m: predict_proba(m, x64), mode)
     out_nr, g_nr = _grads(plain, x)
-    out_nr_flipped, g_nr_flipped = _grads(plain_flipped, x, flipped=True)  # float32 rounding's spread: two runs
+    # float32 rounding's spread: three plain runs (rows reversed; weights moved by one ulp)
+    out_nr_flipped, g_nr_flipped = _grads(plain_flipped, x, flipped=True)
+    out_nr_moved, g_nr_moved = _grads(plain_moved, x)
     out_fast, g_fast = _grads(model, x)
     with nextrec_float64():
         out_truth, g_truth = _grads(truth, x64)
     torch.testing.assert_close(out_fast, out_nr, rtol=1e-3, atol=1e-3)
-    assert_as_accurate({"output": out_fast}, [{"output": out_nr}, {"output": out_nr_flipped}], {"output": out_truth},
-                       what="output")
+    assert_as_accurate({"output": out_fast}, [{"output": o} for o in (out_nr, out_nr_flipped, out_nr_moved)],
+                       {"output": out_truth}, what="output")
     for name, g in g_nr.items():
         if g is None:
             assert g_fast[name] is None or not g_fast[name].any(), name
-    assert_as_accurate(g_fast, [g_nr, g_nr_flipped], g_truth)  # as close to float64 nextrec as nextrec's float32
+    assert_as_accurate(g_fast, [g_nr, g_nr_flipped, g_nr_moved], g_truth)  # as close to float64 as nextrec's float32
     # the state after the step (BatchNorm's running statistics) too, judged the same way: a fixed
     # rtol 1e-4 / atol 1e-5 against float32 nextrec came within 0.55 of failing in 10 draws
-    states = [dict(m.state_dict()) for m in (model, plain, plain_flipped, truth)]
+    states = [dict(m.state_dict()) for m in (model, plain, plain_flipped, plain_moved, truth)]
     assert list(states[0]) == list(states[1])
     for name, b_nr in states[1].items():
         if not b_nr.is_floating_point():
             assert torch.equal(states[0][name], b_nr), name
     floating = [{n: b for n, b in st.items() if b.is_floating_point()} for st in states]
-    assert_as_accurate(floating[0], floating[1:3], floating[3], what="state")
+    assert_as_accurate(floating[0], floating[1:4], floating[4], what="state")
     assert nextrec_fast.restore(model) is model
     assert type(model) is CLASSES[kind] and type(model.embedding) is EmbeddingLayer
     assert not nextrec_fast.is_accelerated(model)
