@@ -13,18 +13,26 @@
 // experts that share an input), C = E * N channels in expert order (channel e * N + n). The output is written in either layout, so the next layer's bmm
 // reads it without a transposing copy.
 //
+// dtypes: float32 and float64 compute in their own type. bfloat16 (what CPU autocast's GEMMs
+// give) is read and written as bfloat16 and computed in float32 with float32 parameters, as
+// nn.BatchNorm1d does under autocast: half the bytes of each pass, and no casting passes
+// around the op.
+//
 // Work is split over chunks of rows (every pass streams whole rows: walking down a column
 // block of a large row-major matrix costs a TLB miss per row). Column sums are taken per chunk
 // and combined in chunk order, and the chunking does not depend on the thread count, so
 // results are deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include "output_cache.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -73,13 +81,19 @@ Shape shape_of(const at::Tensor& x, int64_t experts) {
   return {experts, x.size(0), x.size(1) / experts, 1};
 }
 
+// The parameters' (and parameter gradients') dtype: x's, or float32 for a bfloat16 x (autocast's
+// float32 master weights).
+at::ScalarType param_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kBFloat16 ? at::kFloat : x.scalar_type();
+}
+
 void check_channel_vector(const std::optional<at::Tensor>& v, const at::Tensor& x, int64_t channels,
                           const char* what) {
   if (!v.has_value()) return;
   TORCH_CHECK_VALUE(v->dim() == 1 && v->size(0) == channels, "batch_norm_act: ", what, " must be [", channels,
                     "], got shape ", v->sizes());
-  TORCH_CHECK_TYPE(v->scalar_type() == x.scalar_type(), "batch_norm_act: ", what, " is ", v->scalar_type(),
-                   " but x is ", x.scalar_type());
+  TORCH_CHECK_TYPE(v->scalar_type() == param_dtype(x), "batch_norm_act: ", what, " is ", v->scalar_type(),
+                   " but must be ", param_dtype(x), " for x of ", x.scalar_type());
   TORCH_CHECK_VALUE(v->device() == x.device(), "batch_norm_act: ", what, " is on ", v->device(), " but x is on ",
                     x.device());
   TORCH_CHECK_VALUE(v->is_contiguous(), "batch_norm_act: ", what, " must be contiguous");
@@ -110,13 +124,14 @@ int64_t chunk_rows(int64_t batch) {
 // Rows summed in T (vectorises without widening) before each flush into double accumulators.
 constexpr int64_t kFlushRows = 32;
 
-// What every pass reads; per-channel arrays are [C], in channel order.
-template <typename T>
+// What every pass reads; per-channel arrays are [C], in channel order. S is the activations'
+// storage type, T the compute and parameter type (S = T, or S = bfloat16 and T = float).
+template <typename S, typename T>
 struct Pass {
   int64_t experts, width;  // E, N
-  Blocks<const T> x;
-  Blocks<const T> grad_out;  // backward
-  Blocks<T> out;             // forward: the output; backward: grad_x (x's layout)
+  Blocks<const S> x;
+  Blocks<const S> grad_out;  // backward
+  Blocks<S> out;             // forward: the output; backward: grad_x (x's layout)
   const T* x0;               // forward statistics: the shift (row 0 of x)
   const T* scale;            // z = x * scale + shift (rounded to T: the forward's arithmetic)
   const T* shift;
@@ -127,6 +142,36 @@ struct Pass {
   const double* k_mean;      // mean(dz)
   const double* k_xc;        // invstd^2 * mean(dz * (x - mean))
 };
+
+// Widening a stored value to the compute type, and rounding back (bfloat16: to nearest even,
+// NaN kept NaN, as c10::BFloat16 rounds). On the bits and branch-free, so that the row loops
+// vectorise: through c10's conversions (a NaN branch per element) the bfloat16 op ran slower
+// than the float32 one.
+template <typename T, typename S>
+NEXTREC_FAST_INLINE T load(S v) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return static_cast<T>(f);
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+template <typename S, typename T>
+NEXTREC_FAST_INLINE S store(T v) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const float f = static_cast<float>(v);
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    const uint32_t rounded = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1)) >> 16;
+    const bool nan = (bits & UINT32_C(0x7FFFFFFF)) > UINT32_C(0x7F800000);
+    return c10::BFloat16(static_cast<uint16_t>(nan ? UINT32_C(0x7FC0) : rounded), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<S>(v);
+  }
+}
 
 // z = x * scale + shift, written once for the forward and both backward passes: the backward
 // recomputes the ReLU mask instead of storing it, so it must match the forward bit for bit
@@ -144,54 +189,65 @@ NEXTREC_FAST_INLINE T masked_grad(T g, T x, T scale, T shift) {
 
 // The row loops: restrict pointers and the ReLU as a template flag so that each vectorises
 // (the mask must be a select, not a data-dependent branch per element).
-template <typename T>
-NEXTREC_FAST_INLINE void moments_row(const T* __restrict x, const T* __restrict x0, T* __restrict s1,
+template <typename S, typename T>
+NEXTREC_FAST_INLINE void moments_row(const S* __restrict x, const T* __restrict x0, T* __restrict s1,
                                      T* __restrict s2, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const T d = x[j] - x0[j];
+    const T d = load<T>(x[j]) - x0[j];
     s1[j] += d;
     s2[j] += d * d;
   }
 }
 
-template <typename T, bool kRelu>
-NEXTREC_FAST_INLINE void normalize_row(const T* __restrict x, const T* __restrict scale, const T* __restrict shift,
-                                       T* __restrict out, int64_t n) {
+template <typename S, typename T, bool kRelu>
+NEXTREC_FAST_INLINE void normalize_row(const S* __restrict x, const T* __restrict scale, const T* __restrict shift,
+                                       S* __restrict out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const T z = affine(x[j], scale[j], shift[j]);
-    out[j] = kRelu ? (z < T(0) ? T(0) : z) : z;  // NaN stays NaN, as in torch.relu
+    const T z = affine(load<T>(x[j]), scale[j], shift[j]);
+    out[j] = store<S>(kRelu ? (z < T(0) ? T(0) : z) : z);  // NaN stays NaN, as in torch.relu
   }
 }
 
 // dz = grad_out * relu'(z), in T: the select vectorises there (next to a widening to double,
 // GCC gives up: "control flow in loop").
-template <typename T, bool kRelu>
-NEXTREC_FAST_INLINE void masked_grad_row(const T* __restrict x, const T* __restrict g, const T* __restrict scale,
+template <typename S, typename T, bool kRelu>
+NEXTREC_FAST_INLINE void masked_grad_row(const S* __restrict x, const S* __restrict g, const T* __restrict scale,
                                          const T* __restrict shift, T* __restrict dz, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dz[j] = masked_grad<T, kRelu>(g[j], x[j], scale[j], shift[j]);
+  for (int64_t j = 0; j < n; ++j) dz[j] = masked_grad<T, kRelu>(load<T>(g[j]), load<T>(x[j]), scale[j], shift[j]);
 }
 
-template <typename T>
-NEXTREC_FAST_INLINE void reduce_row(const T* __restrict x, const T* __restrict dz, const double* __restrict mean,
+template <typename S, typename T>
+NEXTREC_FAST_INLINE void reduce_row(const S* __restrict x, const T* __restrict dz, const double* __restrict mean,
                                     double* __restrict sum_dz, double* __restrict sum_dz_xc, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const double d = static_cast<double>(dz[j]);
     sum_dz[j] += d;
-    sum_dz_xc[j] += d * (static_cast<double>(x[j]) - mean[j]);
+    sum_dz_xc[j] += d * (static_cast<double>(load<T>(x[j])) - mean[j]);
   }
 }
 
-template <typename T>
-NEXTREC_FAST_INLINE void input_grad_row(const T* __restrict x, const T* __restrict dz, const double* __restrict mean,
+// dz is the row's scratch: the bfloat16 case reuses it for the float32 values before rounding.
+template <typename S, typename T>
+NEXTREC_FAST_INLINE void input_grad_row(const S* __restrict x, T* __restrict dz, const double* __restrict mean,
                                         const double* __restrict scale, const double* __restrict k_mean,
-                                        const double* __restrict k_xc, T* __restrict dx, double* __restrict sum_dx,
+                                        const double* __restrict k_xc, S* __restrict dx, double* __restrict sum_dx,
                                         int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const double v =
-        scale[j] * (static_cast<double>(dz[j]) - k_mean[j] - (static_cast<double>(x[j]) - mean[j]) * k_xc[j]);
-    const T r = static_cast<T>(v);
-    dx[j] = r;
-    sum_dx[j] += static_cast<double>(r);
+  if constexpr (std::is_same_v<S, T>) {
+    for (int64_t j = 0; j < n; ++j) {
+      const double v =
+          scale[j] * (static_cast<double>(dz[j]) - k_mean[j] - (static_cast<double>(x[j]) - mean[j]) * k_xc[j]);
+      const T r = static_cast<T>(v);
+      dx[j] = r;
+      sum_dx[j] += static_cast<double>(r);  // the sum of what grad_x holds
+    }
+  } else {
+    // Three loops: in one (double, float and 16-bit lanes together) GCC vectorised nothing, and
+    // the bfloat16 backward ran 2.7x slower than the float32 one.
+    for (int64_t j = 0; j < n; ++j)
+      dz[j] = static_cast<T>(scale[j] * (static_cast<double>(dz[j]) - k_mean[j] -
+                                         (static_cast<double>(load<T>(x[j])) - mean[j]) * k_xc[j]));
+    for (int64_t j = 0; j < n; ++j) dx[j] = store<S>(dz[j]);
+    for (int64_t j = 0; j < n; ++j) sum_dx[j] += static_cast<double>(load<T>(dx[j]));
   }
 }
 
@@ -208,8 +264,9 @@ NEXTREC_FAST_INLINE void flush(T* __restrict part, double* __restrict acc, int64
 // this chunk); `scratch` holds 2 * C values of T.
 enum PassKind { kMoments, kNormalize, kReduce, kInputGrad };
 
-template <typename T, bool kRelu, int kKind>
-NEXTREC_FAST_INLINE void run_rows(const Pass<T>& p, int64_t b0, int64_t b1, double* acc1, double* acc2, T* scratch) {
+template <typename S, typename T, bool kRelu, int kKind>
+NEXTREC_FAST_INLINE void run_rows(const Pass<S, T>& p, int64_t b0, int64_t b1, double* acc1, double* acc2,
+                                  T* scratch) {
   const int64_t E = p.experts, N = p.width, C = E * N;
   if constexpr (kKind == kMoments) {
     // Shifted sums, kFlushRows rows at a time in T, flushed into double.
@@ -226,14 +283,14 @@ NEXTREC_FAST_INLINE void run_rows(const Pass<T>& p, int64_t b0, int64_t b1, doub
   } else if constexpr (kKind == kNormalize) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t e = 0; e < E; ++e)
-        normalize_row<T, kRelu>(p.x.at(e, b, 0), p.scale + e * N, p.shift + e * N, p.out.at(e, b, 0), N);
+        normalize_row<S, T, kRelu>(p.x.at(e, b, 0), p.scale + e * N, p.shift + e * N, p.out.at(e, b, 0), N);
   } else {
     T* dz = scratch;  // one row of one expert
     for (int64_t b = b0; b < b1; ++b) {
       for (int64_t e = 0; e < E; ++e) {
         const int64_t c = e * N;
-        const T* x = p.x.at(e, b, 0);
-        masked_grad_row<T, kRelu>(x, p.grad_out.at(e, b, 0), p.scale + c, p.shift + c, dz, N);
+        const S* x = p.x.at(e, b, 0);
+        masked_grad_row<S, T, kRelu>(x, p.grad_out.at(e, b, 0), p.scale + c, p.shift + c, dz, N);
         if constexpr (kKind == kReduce)
           reduce_row(x, dz, p.mean + c, acc1 + c, acc2 + c, N);
         else
@@ -243,46 +300,54 @@ NEXTREC_FAST_INLINE void run_rows(const Pass<T>& p, int64_t b0, int64_t b1, doub
   }
 }
 
-#define NEXTREC_FAST_PASS_ENTRY(name, kind, T)                                                          \
-  NEXTREC_FAST_CPU_CLONES void name(const Pass<T>& p, bool relu, int64_t b0, int64_t b1, double* acc1, \
-                                    double* acc2, T* scratch) {                                         \
-    if (relu)                                                                                           \
-      run_rows<T, true, kind>(p, b0, b1, acc1, acc2, scratch);                                          \
-    else                                                                                                \
-      run_rows<T, false, kind>(p, b0, b1, acc1, acc2, scratch);                                         \
+#define NEXTREC_FAST_PASS_ENTRY(name, kind, S, T)                                                          \
+  NEXTREC_FAST_CPU_CLONES void name(const Pass<S, T>& p, bool relu, int64_t b0, int64_t b1, double* acc1, \
+                                    double* acc2, T* scratch) {                                            \
+    if (relu)                                                                                              \
+      run_rows<S, T, true, kind>(p, b0, b1, acc1, acc2, scratch);                                          \
+    else                                                                                                   \
+      run_rows<S, T, false, kind>(p, b0, b1, acc1, acc2, scratch);                                         \
   }
-NEXTREC_FAST_PASS_ENTRY(moments_float, kMoments, float)
-NEXTREC_FAST_PASS_ENTRY(moments_double, kMoments, double)
-NEXTREC_FAST_PASS_ENTRY(normalize_float, kNormalize, float)
-NEXTREC_FAST_PASS_ENTRY(normalize_double, kNormalize, double)
-NEXTREC_FAST_PASS_ENTRY(reduce_float, kReduce, float)
-NEXTREC_FAST_PASS_ENTRY(reduce_double, kReduce, double)
-NEXTREC_FAST_PASS_ENTRY(input_grad_float, kInputGrad, float)
-NEXTREC_FAST_PASS_ENTRY(input_grad_double, kInputGrad, double)
+NEXTREC_FAST_PASS_ENTRY(moments_float, kMoments, float, float)
+NEXTREC_FAST_PASS_ENTRY(moments_double, kMoments, double, double)
+NEXTREC_FAST_PASS_ENTRY(moments_bf16, kMoments, c10::BFloat16, float)
+NEXTREC_FAST_PASS_ENTRY(normalize_float, kNormalize, float, float)
+NEXTREC_FAST_PASS_ENTRY(normalize_double, kNormalize, double, double)
+NEXTREC_FAST_PASS_ENTRY(normalize_bf16, kNormalize, c10::BFloat16, float)
+NEXTREC_FAST_PASS_ENTRY(reduce_float, kReduce, float, float)
+NEXTREC_FAST_PASS_ENTRY(reduce_double, kReduce, double, double)
+NEXTREC_FAST_PASS_ENTRY(reduce_bf16, kReduce, c10::BFloat16, float)
+NEXTREC_FAST_PASS_ENTRY(input_grad_float, kInputGrad, float, float)
+NEXTREC_FAST_PASS_ENTRY(input_grad_double, kInputGrad, double, double)
+NEXTREC_FAST_PASS_ENTRY(input_grad_bf16, kInputGrad, c10::BFloat16, float)
 #undef NEXTREC_FAST_PASS_ENTRY
 
-template <typename T>
-using PassFn = void (*)(const Pass<T>&, bool, int64_t, int64_t, double*, double*, T*);
+template <typename S, typename T>
+using PassFn = void (*)(const Pass<S, T>&, bool, int64_t, int64_t, double*, double*, T*);
 
-template <typename T>
-PassFn<T> pass_fn(PassKind kind) {
-  if constexpr (std::is_same_v<T, float>) {
-    const PassFn<float> fns[] = {moments_float, normalize_float, reduce_float, input_grad_float};
+template <typename S, typename T>
+PassFn<S, T> pass_fn(PassKind kind) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const PassFn<c10::BFloat16, float> fns[] = {moments_bf16, normalize_bf16, reduce_bf16, input_grad_bf16};
+    return fns[kind];
+  } else if constexpr (std::is_same_v<T, float>) {
+    const PassFn<float, float> fns[] = {moments_float, normalize_float, reduce_float, input_grad_float};
     return fns[kind];
   } else {
-    const PassFn<double> fns[] = {moments_double, normalize_double, reduce_double, input_grad_double};
+    const PassFn<double, double> fns[] = {moments_double, normalize_double, reduce_double, input_grad_double};
     return fns[kind];
   }
 }
 
 // Runs one pass over all rows, chunk-parallel. Returns the column sums (num_sums arrays of C
 // doubles, chunk partials added in chunk order).
-template <typename T>
-std::vector<std::vector<double>> run_pass(PassKind kind, const Pass<T>& p, int64_t batch, bool relu, int num_sums) {
+template <typename S, typename T>
+std::vector<std::vector<double>> run_pass(PassKind kind, const Pass<S, T>& p, int64_t batch, bool relu,
+                                          int num_sums) {
   const int64_t C = p.experts * p.width, rows = chunk_rows(batch);
   const int64_t chunks = (batch + rows - 1) / rows;
   std::vector<double> partial(static_cast<size_t>(num_sums > 0 ? chunks * num_sums * C : 0), 0.0);
-  const PassFn<T> fn = pass_fn<T>(kind);
+  const PassFn<S, T> fn = pass_fn<S, T>(kind);
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     std::vector<T> scratch(num_sums > 0 ? 2 * C : 0);
     for (int64_t k = k0; k < k1; ++k) {
@@ -322,21 +387,22 @@ void affine_params(int64_t C, const double* mean_x, const double* var, const T* 
   }
 }
 
-template <typename T>
+template <typename S, typename T>
 void forward_kernel(const at::Tensor& x, const Shape& s, const T* weight, const T* bias, double eps, bool training,
-                    bool relu, bool out_expert_major, T* out, double* mean_x, double* var) {
+                    bool relu, bool out_expert_major, S* out, double* mean_x, double* var) {
   const int64_t E = s.experts, B = s.batch, N = s.width, C = E * N;
-  Pass<T> p{};
+  Pass<S, T> p{};
   p.experts = E;
   p.width = N;
-  p.x = blocks_of<const T>(x.data_ptr<T>(), s.x_groups, E, B, N);
-  p.out = blocks_of<T>(out, out_expert_major ? E : 1, E, B, N);
+  p.x = blocks_of<const S>(x.data_ptr<S>(), s.x_groups, E, B, N);
+  p.out = blocks_of<S>(out, out_expert_major ? E : 1, E, B, N);
   std::vector<T> x0(C);
   if (training) {
     // One pass, shifted by the first row against cancellation: sums of (x - x0) and (x - x0)^2.
-    for (int64_t e = 0; e < E; ++e) std::copy_n(p.x.at(e, 0, 0), N, x0.data() + e * N);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t n = 0; n < N; ++n) x0[e * N + n] = load<T>(p.x.at(e, 0, 0)[n]);
     p.x0 = x0.data();
-    const auto sums = run_pass<T>(kMoments, p, B, relu, 2);
+    const auto sums = run_pass<S, T>(kMoments, p, B, relu, 2);
     for (int64_t c = 0; c < C; ++c) {
       const double m = sums[0][c] / static_cast<double>(B);
       mean_x[c] = static_cast<double>(x0[c]) + m;
@@ -348,20 +414,20 @@ void forward_kernel(const at::Tensor& x, const Shape& s, const T* weight, const 
   affine_params<T>(C, mean_x, var, weight, bias, eps, scale, shift, scale_d, invstd);
   p.scale = scale.data();
   p.shift = shift.data();
-  run_pass<T>(kNormalize, p, B, relu, 0);
+  run_pass<S, T>(kNormalize, p, B, relu, 0);
 }
 
-template <typename T>
+template <typename S, typename T>
 void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const at::Tensor& x, const Shape& s,
                      const T* weight, const T* bias, const double* mean_x, const double* var, double eps,
-                     bool training, bool relu, T* grad_x, T* grad_linear_bias, T* grad_weight, T* grad_bias) {
+                     bool training, bool relu, S* grad_x, T* grad_linear_bias, T* grad_weight, T* grad_bias) {
   const int64_t E = s.experts, B = s.batch, N = s.width, C = E * N;
-  Pass<T> p{};
+  Pass<S, T> p{};
   p.experts = E;
   p.width = N;
-  p.x = blocks_of<const T>(x.data_ptr<T>(), s.x_groups, E, B, N);
-  p.grad_out = blocks_of<const T>(grad_out.data_ptr<T>(), grad_expert_major ? E : 1, E, B, N);
-  p.out = blocks_of<T>(grad_x, s.x_groups, E, B, N);
+  p.x = blocks_of<const S>(x.data_ptr<S>(), s.x_groups, E, B, N);
+  p.grad_out = blocks_of<const S>(grad_out.data_ptr<S>(), grad_expert_major ? E : 1, E, B, N);
+  p.out = blocks_of<S>(grad_x, s.x_groups, E, B, N);
   std::vector<T> scale, shift;
   std::vector<double> scale_d, invstd;
   affine_params<T>(C, mean_x, var, weight, bias, eps, scale, shift, scale_d, invstd);
@@ -370,7 +436,7 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
   p.scale_d = scale_d.data();
   p.mean = mean_x;
   // sum(dz) and sum(dz * (x - mean)), dz = grad_out * relu'(z).
-  const auto sums = run_pass<T>(kReduce, p, B, relu, 2);
+  const auto sums = run_pass<S, T>(kReduce, p, B, relu, 2);
   // grad_x = scale * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)))  (batch stats)
   //        = scale * dz                                                                 (running stats)
   std::vector<double> k_mean(C), k_xc(C);
@@ -380,7 +446,7 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
   }
   p.k_mean = k_mean.data();
   p.k_xc = k_xc.data();
-  const auto sum_dx = run_pass<T>(kInputGrad, p, B, relu, 1);
+  const auto sum_dx = run_pass<S, T>(kInputGrad, p, B, relu, 1);
   for (int64_t c = 0; c < C; ++c) {
     grad_linear_bias[c] = static_cast<T>(sum_dx[0][c]);  // sum of grad_x: the bias came before the norm
     grad_weight[c] = static_cast<T>(sums[1][c] * invstd[c]);
@@ -390,8 +456,8 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
 
 void check_inputs(const at::Tensor& x, const Shape& s, const std::optional<at::Tensor>& linear_bias,
                   const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "batch_norm_act: x must be float32 or float64 on the CPU, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kBFloat16,
+                   "batch_norm_act: x must be float32, float64 or bfloat16 on the CPU, got ", x.scalar_type());
   TORCH_CHECK_VALUE(s.batch >= 1, "batch_norm_act: empty batch");
   const int64_t channels = s.experts * s.width;
   check_channel_vector(linear_bias, x, channels, "linear_bias");
@@ -437,11 +503,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_act_forward_cpu(
     mean_x = mean_x.contiguous();
     var = running_var->to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).contiguous();
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_forward_cpu", [&] {
-    forward_kernel<scalar_t>(x, s, data_or_null<scalar_t>(weight), data_or_null<scalar_t>(bias), eps, training, relu,
-                             out_expert_major, out.data_ptr<scalar_t>(), mean_x.data_ptr<double>(),
-                             var.data_ptr<double>());
-  });
+  if (x.scalar_type() == at::kBFloat16) {
+    forward_kernel<c10::BFloat16, float>(x, s, data_or_null<float>(weight), data_or_null<float>(bias), eps, training,
+                                         relu, out_expert_major, out.data_ptr<c10::BFloat16>(),
+                                         mean_x.data_ptr<double>(), var.data_ptr<double>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_forward_cpu", [&] {
+      forward_kernel<scalar_t, scalar_t>(x, s, data_or_null<scalar_t>(weight), data_or_null<scalar_t>(bias), eps,
+                                         training, relu, out_expert_major, out.data_ptr<scalar_t>(),
+                                         mean_x.data_ptr<double>(), var.data_ptr<double>());
+    });
+  }
   return {out, mean_x, var};
 }
 
@@ -467,15 +539,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
   TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "batch_norm_act: grad_out is ", grad_out.scalar_type(),
                    " but x is ", x.scalar_type());
   at::Tensor grad_x = OutputCache::instance().empty(x.sizes(), x.options());
-  at::Tensor grad_linear_bias = at::empty({channels}, x.options());
-  at::Tensor grad_weight = at::empty({channels}, x.options());
-  at::Tensor grad_bias = at::empty({channels}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_backward_cpu", [&] {
-    backward_kernel<scalar_t>(grad_out, out_expert_major, x, s, data_or_null<scalar_t>(weight),
-                              data_or_null<scalar_t>(bias), mean_x.data_ptr<double>(), var.data_ptr<double>(), eps,
-                              training, relu, grad_x.data_ptr<scalar_t>(), grad_linear_bias.data_ptr<scalar_t>(),
-                              grad_weight.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>());
-  });
+  const auto param_options = x.options().dtype(param_dtype(x));
+  at::Tensor grad_linear_bias = at::empty({channels}, param_options);
+  at::Tensor grad_weight = at::empty({channels}, param_options);
+  at::Tensor grad_bias = at::empty({channels}, param_options);
+  if (x.scalar_type() == at::kBFloat16) {
+    backward_kernel<c10::BFloat16, float>(grad_out, out_expert_major, x, s, data_or_null<float>(weight),
+                                          data_or_null<float>(bias), mean_x.data_ptr<double>(),
+                                          var.data_ptr<double>(), eps, training, relu,
+                                          grad_x.data_ptr<c10::BFloat16>(), grad_linear_bias.data_ptr<float>(),
+                                          grad_weight.data_ptr<float>(), grad_bias.data_ptr<float>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "batch_norm_act_backward_cpu", [&] {
+      backward_kernel<scalar_t, scalar_t>(grad_out, out_expert_major, x, s, data_or_null<scalar_t>(weight),
+                                          data_or_null<scalar_t>(bias), mean_x.data_ptr<double>(),
+                                          var.data_ptr<double>(), eps, training, relu, grad_x.data_ptr<scalar_t>(),
+                                          grad_linear_bias.data_ptr<scalar_t>(), grad_weight.data_ptr<scalar_t>(),
+                                          grad_bias.data_ptr<scalar_t>());
+    });
+  }
   return {grad_x, grad_linear_bias, grad_weight, grad_bias};
 }
 

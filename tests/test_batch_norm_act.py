@@ -1,4 +1,4 @@
-"""The C++ batch_norm_act op against PyTorch (Linear bias + BatchNorm1d + ReLU), float64 and float32."""
+"""The C++ batch_norm_act op against PyTorch (Linear bias + BatchNorm1d + ReLU), float64, float32 and bfloat16."""
 from __future__ import annotations
 
 import itertools
@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from nextrec_fast.ops import batch_norm_act as op
+from nextrec_generation import assert_as_accurate
 
 pytestmark = pytest.mark.skipif(not op.is_available(), reason="nextrec_fast C++ extension not built")
 
@@ -145,6 +146,50 @@ def test_float32_at_least_as_accurate_as_pytorch():
             assert err_ours <= 2 * err_torch + 1e-6 * scale, f"batch {batch} {name}: {err_ours:.3g} vs {err_torch:.3g}"
 
 
+@pytest.mark.parametrize("training,relu", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("shape,x_expert_major,out_expert_major", [
+    ((3, 17, 5), False, False), ((8, 64, 40), True, False), ((2, 300, 24), False, True), ((4, 2, 6), True, True)])
+def test_bfloat16_as_accurate_as_pytorch_autocast(training, relu, shape, x_expert_major, out_expert_major):
+    """A bfloat16 x (what autocast's GEMMs give) with float32 parameters: the output and x's
+    gradient in bfloat16, the parameters' gradients in float32, as close to float64 as PyTorch's
+    own BatchNorm1d + ReLU under bfloat16 autocast (within 2x: both round each value to
+    bfloat16 once; ours computes in float32 and double, PyTorch in float32)."""
+    experts, batch, width = shape
+    gen = torch.Generator().manual_seed(hash((training, relu, shape)) % 2**31)
+    x, lb, w, b, rm, rv = random_case(gen, torch.float32, experts, batch, width)
+    x = x.bfloat16()  # the values all three runs see
+    grad = torch.randn(batch, experts * width, generator=gen).bfloat16()
+
+    def run(fn, dtype):
+        x_ = x.to(dtype).requires_grad_()
+        params = [t.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_() for t in (lb, w, b)]
+        y = fn(x_, *params)
+        grads = torch.autograd.grad(y, [x_, *params], grad.to(y.dtype))
+        return {"out": y.detach().double(), **{n: g.double() for n, g in zip(["x", "lb", "w", "b"], grads)}}, y, grads
+
+    def pytorch(x_, lb_, w_, b_):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=x_.dtype == torch.bfloat16):
+            # nextrec's MLP: the Linear's bias is added inside its bfloat16 GEMM, then BatchNorm1d
+            z = (x_ + lb_).to(x_.dtype)
+            y = F.batch_norm(z, rm.to(lb_.dtype), rv.to(lb_.dtype), w_, b_, training, 0.0, 1e-5)
+            return torch.relu(y) if relu else y
+
+    def ours(x_, lb_, w_, b_):
+        poison_allocator(x_.numel(), x_.dtype)
+        out, _, _ = op.batch_norm_act(to_layout(x_, experts, x_expert_major), experts=experts, linear_bias=lb_,
+                                      weight=w_, bias=b_, running_mean=rm, running_var=rv, training=training,
+                                      eps=1e-5, relu=relu, out_expert_major=out_expert_major)
+        return from_layout(out, experts, out_expert_major)
+
+    truth, _, _ = run(pytorch, torch.float64)
+    plain, y_plain, _ = run(pytorch, torch.bfloat16)
+    got, y, grads = run(ours, torch.bfloat16)
+    assert y.dtype == y_plain.dtype == torch.bfloat16
+    assert [g.dtype for g in grads] == [torch.bfloat16] + [torch.float32] * 3
+    assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)  # no poison read back
+    assert_as_accurate(got, plain, truth, factor=2.0)
+
+
 def test_relu_mask_matches_forward_exactly():
     """The backward recomputes the ReLU mask: it must agree with the forward's output bit for bit,
     including values that round to zero."""
@@ -193,6 +238,11 @@ def test_opcheck():
         args = (x.requires_grad_(), lb.requires_grad_(), w.requires_grad_(), b.requires_grad_(), rm, rv, 3, training,
                 1e-5, relu, out_em)
         torch.library.opcheck(torch.ops.nextrec_fast.batch_norm_act_forward.default, args)
+    x, lb, w, b, rm, rv = random_case(gen, torch.float32, 3, 12, 4)  # bfloat16 x, float32 parameters
+    for training in (True, False):
+        args = (x.bfloat16().requires_grad_(), lb.requires_grad_(), w.requires_grad_(), b.requires_grad_(), rm, rv, 3,
+                training, 1e-5, True, False)
+        torch.library.opcheck(torch.ops.nextrec_fast.batch_norm_act_forward.default, args)
 
 
 def test_compiles_fullgraph():
@@ -213,11 +263,14 @@ def test_compiles_fullgraph():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(x=torch.zeros(4, 6, dtype=torch.int64)), "float32 or float64"),
+    (dict(x=torch.zeros(4, 6, dtype=torch.int64)), "float32, float64 or bfloat16"),
+    (dict(x=torch.zeros(4, 6, dtype=torch.float16)), "float32, float64 or bfloat16"),
+    (dict(x=torch.zeros(4, 6, dtype=torch.bfloat16), weight=torch.ones(6, dtype=torch.bfloat16)),
+     "weight is BFloat16 but must be Float for x of BFloat16"),
     (dict(x=torch.zeros(4, 7)), "do not split into 3 experts"),
     (dict(x=torch.zeros(2, 4, 2)), "G=2, which does not divide experts=3"),
     (dict(weight=torch.ones(5)), r"weight must be \[6\]"),
-    (dict(weight=torch.ones(6, dtype=torch.float64)), "weight is Double but x is Float"),
+    (dict(weight=torch.ones(6, dtype=torch.float64)), "weight is Double but must be Float for x of Float"),
     (dict(x=torch.zeros(1, 6)), "more than one sample"),
     (dict(training=False), "running_mean and running_var are needed"),
 ])

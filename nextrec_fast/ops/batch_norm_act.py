@@ -27,7 +27,10 @@ def batch_norm_act(x: Tensor, *, experts: int, linear_bias: Tensor | None, weigh
 
     ``x``: ``[B, C]``, ``[E, B, N]``, or ``[G, B, M*N]`` (G groups of M = E/G experts, e.g. one bmm
     over groups of experts sharing an input); the output is ``[E, B, N]`` if ``out_expert_major``
-    else ``[B, C]``. ``training=True`` normalises with the batch statistics (``running_*`` are not
+    else ``[B, C]``, in ``x``'s dtype. dtypes: float32 or float64 throughout; or a bfloat16 ``x``
+    (what CPU autocast's GEMMs give) with float32 parameters and running statistics, computed in
+    float32 as ``nn.BatchNorm1d`` does under autocast (the parameters' gradients are float32).
+    ``training=True`` normalises with the batch statistics (``running_*`` are not
     touched: the caller updates them from the returned statistics); ``False`` with
     ``running_mean``/``running_var``. ``act`` is ReLU if ``relu`` else the identity.
 
@@ -35,6 +38,9 @@ def batch_norm_act(x: Tensor, *, experts: int, linear_bias: Tensor | None, weigh
     ``linear_bias`` (add it for BatchNorm's running mean), ``var`` the biased variance, both
     float64 whatever ``x``'s dtype (the backward forms its input gradient in double: it cancels
     heavily when the variance is near ``eps``, e.g. in small batches).
+
+    Raises ``TypeError`` for another dtype (float16 included) or parameters of the wrong dtype,
+    ``ValueError`` for shapes that do not split into ``experts`` or a training batch of one row.
     """
     if not _OPS_REGISTERED:
         raise RuntimeError(f"nextrec_fast batch_norm_act is unavailable: {_extension.unavailable_reason()}")
@@ -63,7 +69,13 @@ def _register_fakes():
     def _backward_fake(grad_out, x, linear_bias, weight, bias, mean_x, var, experts, training, eps, relu,
                        out_expert_major):
         channels = mean_x.shape[0]
-        return (x.new_empty(x.shape), x.new_empty(channels), x.new_empty(channels), x.new_empty(channels))
+        dtype = _param_dtype(x.dtype)
+        return (x.new_empty(x.shape), *(x.new_empty(channels, dtype=dtype) for _ in range(3)))
+
+
+def _param_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The parameters' dtype for activations of ``dtype``: float32 under bfloat16 (autocast's master weights)."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
 def _setup_context(ctx, inputs, output):
