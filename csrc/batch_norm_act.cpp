@@ -176,6 +176,8 @@ NEXTREC_FAST_INLINE S store(T v) {
 // z = x * scale + shift, written once for the forward and both backward passes: the backward
 // recomputes the ReLU mask instead of storing it, so it must match the forward bit for bit
 // (the extension is compiled with -ffp-contract=off: no FMA in one place and not the other).
+// With bfloat16 storage the mask is z > 0 before rounding: a z below bfloat16's smallest
+// subnormal stores +0 yet passes its gradient (torch masks on the stored output).
 template <typename T>
 NEXTREC_FAST_INLINE T affine(T x, T scale, T shift) {
   return x * scale + shift;
@@ -308,18 +310,16 @@ NEXTREC_FAST_INLINE void run_rows(const Pass<S, T>& p, int64_t b0, int64_t b1, d
     else                                                                                                   \
       run_rows<S, T, false, kind>(p, b0, b1, acc1, acc2, scratch);                                         \
   }
-NEXTREC_FAST_PASS_ENTRY(moments_float, kMoments, float, float)
-NEXTREC_FAST_PASS_ENTRY(moments_double, kMoments, double, double)
-NEXTREC_FAST_PASS_ENTRY(moments_bf16, kMoments, c10::BFloat16, float)
-NEXTREC_FAST_PASS_ENTRY(normalize_float, kNormalize, float, float)
-NEXTREC_FAST_PASS_ENTRY(normalize_double, kNormalize, double, double)
-NEXTREC_FAST_PASS_ENTRY(normalize_bf16, kNormalize, c10::BFloat16, float)
-NEXTREC_FAST_PASS_ENTRY(reduce_float, kReduce, float, float)
-NEXTREC_FAST_PASS_ENTRY(reduce_double, kReduce, double, double)
-NEXTREC_FAST_PASS_ENTRY(reduce_bf16, kReduce, c10::BFloat16, float)
-NEXTREC_FAST_PASS_ENTRY(input_grad_float, kInputGrad, float, float)
-NEXTREC_FAST_PASS_ENTRY(input_grad_double, kInputGrad, double, double)
-NEXTREC_FAST_PASS_ENTRY(input_grad_bf16, kInputGrad, c10::BFloat16, float)
+// The four passes for one (storage, compute) type pair.
+#define NEXTREC_FAST_PASS_ENTRIES(suffix, S, T)                  \
+  NEXTREC_FAST_PASS_ENTRY(moments_##suffix, kMoments, S, T)      \
+  NEXTREC_FAST_PASS_ENTRY(normalize_##suffix, kNormalize, S, T)  \
+  NEXTREC_FAST_PASS_ENTRY(reduce_##suffix, kReduce, S, T)        \
+  NEXTREC_FAST_PASS_ENTRY(input_grad_##suffix, kInputGrad, S, T)
+NEXTREC_FAST_PASS_ENTRIES(float, float, float)
+NEXTREC_FAST_PASS_ENTRIES(double, double, double)
+NEXTREC_FAST_PASS_ENTRIES(bf16, c10::BFloat16, float)
+#undef NEXTREC_FAST_PASS_ENTRIES
 #undef NEXTREC_FAST_PASS_ENTRY
 
 template <typename S, typename T>

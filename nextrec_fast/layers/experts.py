@@ -361,7 +361,7 @@ class ExpertBank:
         acts = layer.acts
         if layer.norms is not None and _is_layer_norm(layer):
             h = self._layer_norm(layer.norms, h)
-        elif layer.norms is not None and h.dtype == torch.bfloat16 and _bfloat16_op_usable(h):
+        elif layer.norms is not None and h.dtype == torch.bfloat16 and _bfloat16_op_usable(h, layer.norms):
             # bfloat16 autocast GEMM output: BatchNorm (+ ReLU) as one op reading bfloat16 with the
             # float32 parameters, as nn.BatchNorm1d does there. PyTorch's bfloat16 BatchNorm, ReLU
             # and their backward took ~30% of a bfloat16 PLE training step.
@@ -508,10 +508,14 @@ def _cpu_autocast_dtype() -> torch.dtype | None:
     return torch.get_autocast_dtype("cpu") if _cpu_autocast_enabled() else None  # torch >= 2.4 (pyproject)
 
 
-def _bfloat16_op_usable(h: torch.Tensor) -> bool:
-    """The C++ batch_norm_act op can take this bfloat16 activation (CPU, extension built, the
-    auto or triton backend)."""
-    return h.device.type == "cpu" and get_backend() in ("auto", "triton") and _batch_norm_act_op() is not None
+def _bfloat16_op_usable(h: torch.Tensor, norms: list[nn.BatchNorm1d]) -> bool:
+    """The C++ batch_norm_act op can take this bfloat16 activation: CPU, extension built, the auto
+    or triton backend, and float32 BatchNorm tensors (autocast's master weights; a model converted
+    with ``.bfloat16()`` has bfloat16 ones, which the op does not take: the PyTorch path runs it)."""
+    first = norms[0]
+    tensors = [t for t in (first.weight, first.bias, first.running_mean, first.running_var) if t is not None]
+    return (h.device.type == "cpu" and all(t.dtype == torch.float32 for t in tensors)
+            and get_backend() in ("auto", "triton") and _batch_norm_act_op() is not None)
 
 
 def _batch_norm_act_op():
