@@ -46,8 +46,9 @@ def shard_model(model: nn.Module, *, sharding: str | dict[str, str] | None = Non
     Returns:
         DistributedModelParallel holding the model's weights: call it like the model (its batch dict with ``KJTCollate``'s
         ``"kjt"``). ``dmp.fused_optimizer`` holds the table optimiser's state; give
-        ``dense_parameters(dmp)`` your own optimiser. Each rank's table gradients are summed
-        over ranks (TorchRec's rule) while DDP averages the dense ones.
+        ``dense_parameters(dmp)`` your own optimiser. Table and dense gradients are both the
+        mean over ranks (TorchRec divides the tables' by the world size in its backward,
+        ``torchrec.distributed.comm_ops.GRADIENT_DIVISION``; DDP averages the dense ones).
 
     Raises:
         RuntimeError: torch.distributed is not initialised. ValueError: an unknown sharding type
