@@ -363,8 +363,9 @@ class ExpertBank:
             h = self._layer_norm(layer.norms, h)
         elif layer.norms is not None and h.dtype == torch.bfloat16 and _bfloat16_op_usable(h, layer.norms):
             # bfloat16 autocast GEMM output: BatchNorm (+ ReLU) as one op reading bfloat16 with the
-            # float32 parameters, as nn.BatchNorm1d does there. PyTorch's bfloat16 BatchNorm, ReLU
-            # and their backward took ~30% of a bfloat16 PLE training step.
+            # float32 parameters, as nn.BatchNorm1d does there, instead of PyTorch's separate bf16
+            # passes. It saves 2-3.5% of a bf16 PLE training step (docs/benchmarks.md; the
+            # profiler's ~30% share for those passes overstated what replacing them saves).
             relu = acts is not None and type(acts[0]) is nn.ReLU
             h = self._batch_norm_act(_batch_norm_act_op(), layer, h, None, relu=relu, out_expert_major=False)
             acts = None if relu else acts
