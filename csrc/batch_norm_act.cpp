@@ -4,9 +4,10 @@
 // nextrec's MLP runs Linear -> BatchNorm1d -> activation per hidden layer. PyTorch makes four
 // full passes over the [B, C] activations for that forward (bias broadcast inside addmm, the
 // statistics, normalisation, ReLU) and four for the backward. Here the Linear runs without its
-// bias (the batch mean absorbs it; it is folded into the statistics), the forward is one
-// statistics pass and one normalise+ReLU pass, the backward one reduction pass and one
-// input-gradient pass that recomputes the ReLU mask.
+// bias (the batch mean absorbs it; it is folded into the statistics), the forward is two
+// statistics passes (the mean, then moments about it, as PyTorch's own two-pass statistics)
+// and one normalise+ReLU pass, the backward one reduction pass and one input-gradient pass
+// that recomputes the ReLU mask.
 //
 // Layouts: x is [B, C] (batch-major, what one GEMM over concatenated weights gives), [E, B, N]
 // (expert-major, what a bmm gives) or [G, B, M*N] (G groups of M experts, a bmm over groups of
@@ -132,7 +133,7 @@ struct Pass {
   Blocks<const S> x;
   Blocks<const S> grad_out;  // backward
   Blocks<S> out;             // forward: the output; backward: grad_x (x's layout)
-  const T* x0;               // forward statistics: the shift (row 0 of x)
+  const T* x0;               // forward statistics: the shift (x's batch mean, rounded to T)
   const T* scale;            // z = x * scale + shift (rounded to T: the forward's arithmetic)
   const T* shift;
   // Backward, in double: the input gradient cancels heavily when the variance is near eps
@@ -201,6 +202,11 @@ NEXTREC_FAST_INLINE void moments_row(const S* __restrict x, const T* __restrict 
   }
 }
 
+template <typename S, typename T>
+NEXTREC_FAST_INLINE void sum_row(const S* __restrict x, T* __restrict s1, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) s1[j] += load<T>(x[j]);
+}
+
 template <typename S, typename T, bool kRelu>
 NEXTREC_FAST_INLINE void normalize_row(const S* __restrict x, const T* __restrict scale, const T* __restrict shift,
                                        S* __restrict out, int64_t n) {
@@ -262,15 +268,25 @@ NEXTREC_FAST_INLINE void flush(T* __restrict part, double* __restrict acc, int64
   }
 }
 
-// The four passes over rows [b0, b1). Column sums go to acc (one or two [C] double arrays of
+// The five passes over rows [b0, b1). Column sums go to acc (one or two [C] double arrays of
 // this chunk); `scratch` holds 2 * C values of T.
-enum PassKind { kMoments, kNormalize, kReduce, kInputGrad };
+enum PassKind { kMoments, kNormalize, kReduce, kInputGrad, kSum };
 
 template <typename S, typename T, bool kRelu, int kKind>
 NEXTREC_FAST_INLINE void run_rows(const Pass<S, T>& p, int64_t b0, int64_t b1, double* acc1, double* acc2,
                                   T* scratch) {
   const int64_t E = p.experts, N = p.width, C = E * N;
-  if constexpr (kKind == kMoments) {
+  if constexpr (kKind == kSum) {
+    // Column sums, kFlushRows rows at a time in T, flushed into double.
+    T* part1 = scratch;
+    for (int64_t c = 0; c < C; ++c) part1[c] = T(0);
+    for (int64_t f0 = b0; f0 < b1; f0 += kFlushRows) {
+      const int64_t f1 = std::min(b1, f0 + kFlushRows);
+      for (int64_t b = f0; b < f1; ++b)
+        for (int64_t e = 0; e < E; ++e) sum_row(p.x.at(e, b, 0), part1 + e * N, N);
+      flush(part1, acc1, C);
+    }
+  } else if constexpr (kKind == kMoments) {
     // Shifted sums, kFlushRows rows at a time in T, flushed into double.
     T* part1 = scratch;
     T* part2 = scratch + C;
@@ -310,8 +326,9 @@ NEXTREC_FAST_INLINE void run_rows(const Pass<S, T>& p, int64_t b0, int64_t b1, d
     else                                                                                                   \
       run_rows<S, T, false, kind>(p, b0, b1, acc1, acc2, scratch);                                         \
   }
-// The four passes for one (storage, compute) type pair.
+// The five passes for one (storage, compute) type pair.
 #define NEXTREC_FAST_PASS_ENTRIES(suffix, S, T)                  \
+  NEXTREC_FAST_PASS_ENTRY(sum_##suffix, kSum, S, T)              \
   NEXTREC_FAST_PASS_ENTRY(moments_##suffix, kMoments, S, T)      \
   NEXTREC_FAST_PASS_ENTRY(normalize_##suffix, kNormalize, S, T)  \
   NEXTREC_FAST_PASS_ENTRY(reduce_##suffix, kReduce, S, T)        \
@@ -328,13 +345,14 @@ using PassFn = void (*)(const Pass<S, T>&, bool, int64_t, int64_t, double*, doub
 template <typename S, typename T>
 PassFn<S, T> pass_fn(PassKind kind) {
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    const PassFn<c10::BFloat16, float> fns[] = {moments_bf16, normalize_bf16, reduce_bf16, input_grad_bf16};
+    const PassFn<c10::BFloat16, float> fns[] = {moments_bf16, normalize_bf16, reduce_bf16, input_grad_bf16, sum_bf16};
     return fns[kind];
   } else if constexpr (std::is_same_v<T, float>) {
-    const PassFn<float, float> fns[] = {moments_float, normalize_float, reduce_float, input_grad_float};
+    const PassFn<float, float> fns[] = {moments_float, normalize_float, reduce_float, input_grad_float, sum_float};
     return fns[kind];
   } else {
-    const PassFn<double, double> fns[] = {moments_double, normalize_double, reduce_double, input_grad_double};
+    const PassFn<double, double> fns[] = {moments_double, normalize_double, reduce_double, input_grad_double,
+                                                  sum_double};
     return fns[kind];
   }
 }
@@ -398,9 +416,12 @@ void forward_kernel(const at::Tensor& x, const Shape& s, const T* weight, const 
   p.out = blocks_of<S>(out, out_expert_major ? E : 1, E, B, N);
   std::vector<T> x0(C);
   if (training) {
-    // One pass, shifted by the first row against cancellation: sums of (x - x0) and (x - x0)^2.
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t n = 0; n < N; ++n) x0[e * N + n] = load<T>(p.x.at(e, 0, 0)[n]);
+    // Two passes: the mean, then sums of (x - x0) and (x - x0)^2 about x0 = the mean rounded
+    // to T (the second sum corrects for that rounding). A one-pass shift by the first row lost
+    // up to 30x float32 nextrec's accuracy when that row was an outlier in a small batch:
+    // E[(x - x0)^2] - E[x - x0]^2 then cancels, summed in T.
+    const auto total = run_pass<S, T>(kSum, p, B, relu, 1);
+    for (int64_t c = 0; c < C; ++c) x0[c] = static_cast<T>(total[0][c] / static_cast<double>(B));
     p.x0 = x0.data();
     const auto sums = run_pass<S, T>(kMoments, p, B, relu, 2);
     for (int64_t c = 0; c < C; ++c) {

@@ -121,13 +121,18 @@ def test_optional_parameters(affine, with_linear_bias):
                                rtol=1e-10, atol=1e-11)
 
 
-def test_float32_at_least_as_accurate_as_pytorch():
+@pytest.mark.parametrize("first_row", ["typical", "outlier"])
+def test_float32_at_least_as_accurate_as_pytorch(first_row):
     """float32: as close to the float64 result as PyTorch's float32 BatchNorm, or closer (the
-    statistics and the input gradient are formed in double)."""
+    statistics and the input gradient are formed in double). ``outlier``: row 0 far from the
+    rest, as after a saturating activation in a small batch; statistics shifted by the first
+    row lost up to 30x PyTorch's accuracy there (a PLE run, test_nextrec_compat)."""
     gen = torch.Generator().manual_seed(7)
-    for batch in (2, 3, 8, 256):
+    for batch in (2, 3, 8, 17, 256):
         x, lb, w, b, rm, rv = random_case(gen, torch.float64, 2, batch, 24)
         x = x * 0.01  # a spread far below the bias: cancellation-prone, as after a Linear
+        if first_row == "outlier":
+            x[0] += 1.5 * torch.sign(torch.randn(48, generator=gen, dtype=torch.float64))
         grad = torch.randn(batch, 48, generator=gen, dtype=torch.float64)
 
         def run(fn, dtype):
@@ -143,7 +148,8 @@ def test_float32_at_least_as_accurate_as_pytorch():
         for name, e, p, o in zip(["out", "x", "linear_bias", "weight", "bias"], exact, torch32, ours):
             err_ours, err_torch = (o - e).abs().max().item(), (p - e).abs().max().item()
             scale = e.abs().max().item() + grad.abs().max().item()
-            assert err_ours <= 2 * err_torch + 1e-6 * scale, f"batch {batch} {name}: {err_ours:.3g} vs {err_torch:.3g}"
+            # 1e-7 of the scale: room for a value near 0 where PyTorch happens to round exactly
+            assert err_ours <= 2 * err_torch + 1e-7 * scale, f"batch {batch} {name}: {err_ours:.3g} vs {err_torch:.3g}"
 
 
 @pytest.mark.parametrize("training,relu", [(True, True), (True, False), (False, True)])
