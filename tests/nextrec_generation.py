@@ -165,7 +165,7 @@ def assert_predicts_as_plain(fast, plain, x: dict, forward=predict_proba, what: 
     assert_as_accurate({what: got}, [{what: r} for r in ref], {what: true}, what=what)
 
 
-def skip_if_rows_collapse(model, forward, mode: str) -> None:
+def skip_if_rows_collapse(model, forward, mode: str, relative_spread: float = 1e-9) -> None:
     """Skip an ill-posed draw: in train mode, a BatchNorm channel whose input is the same on every
     row of the batch (to 1e-9 relative, in float64). BatchNorm then outputs its bias plus rounding
     noise times ``weight / sqrt(eps)``, and the next activation's kink (ReLU, PReLU, SELU at 0,
@@ -174,7 +174,17 @@ def skip_if_rows_collapse(model, forward, mode: str) -> None:
     is alike, e.g. nextrec's 1e-4-sized embeddings through a train-mode BatchNorm (eps 1e-5 does
     not normalise them) and a shrink activation zero every expert (seen: towers' BatchNorm bias
     gradient 0.7 from float64 in ours, 8e-8 in nextrec's, by the side each run's rounding took).
-    ``forward(m)`` runs ``m`` (a copy of ``model``, the float64 truth) on the test's batch."""
+    ``forward(m)`` runs ``m`` (a copy of ``model``, the float64 truth) on the test's batch.
+
+    ``relative_spread``: a channel counts as constant when its spread over the batch is at most
+    this fraction of its magnitude. 1e-9 catches exact collapse (1-4% of the parity tests'
+    draws); a test that compares one float32 output may pass 1e-5 (3-7% of draws), where
+    float32's own rounding of the channel's input (6e-8 relative) is 1% of its spread or more:
+    near-identical rows round alike in the plain model, so its error stays common to the rows
+    and the next train-mode BatchNorm subtracts it, while any other summation order's does not
+    (seen: a PLE over 3 near-identical rows, 2.5e-6 relative spread, model seed 917564219: the fast path
+    10-1000x closer to float64 at every layer but the last BatchNorm, after which the plain
+    run was 7.6e-8 off and ours 1.5e-5)."""
     if mode != "train":
         return
     probe, constant = copy.deepcopy(model), []
@@ -183,7 +193,7 @@ def skip_if_rows_collapse(model, forward, mode: str) -> None:
         def hook(module, args):
             v = args[0].detach()
             v = v.transpose(0, 1).reshape(v.shape[1], -1)  # [C, rows (x length)]
-            flat = (v.amax(1) - v.amin(1)) <= 1e-9 * (1 + v.abs().amax(1))
+            flat = (v.amax(1) - v.amin(1)) <= relative_spread * (1 + v.abs().amax(1))
             constant.extend(f"{name}[{c}]" for c in flat.nonzero().flatten().tolist())
         return hook
 
@@ -196,7 +206,8 @@ def skip_if_rows_collapse(model, forward, mode: str) -> None:
         for h in handles:
             h.remove()
     if constant:
-        pytest.skip(f"ill-posed draw: train-mode BatchNorm channels constant over the batch ({', '.join(constant[:4])}"
+        pytest.skip(f"ill-posed draw: train-mode BatchNorm channels constant over the batch to {relative_spread:g} relative "
+                    f"({', '.join(constant[:4])}"
                     f"{', ...' if len(constant) > 4 else ''}): their gradients are rounding's coin flips")
 
 
