@@ -352,7 +352,7 @@ PassFn<S, T> pass_fn(PassKind kind) {
     return fns[kind];
   } else {
     const PassFn<double, double> fns[] = {moments_double, normalize_double, reduce_double, input_grad_double,
-                                                  sum_double};
+                                          sum_double};
     return fns[kind];
   }
 }
@@ -417,7 +417,7 @@ void forward_kernel(const at::Tensor& x, const Shape& s, const T* weight, const 
   std::vector<T> x0(C);
   if (training) {
     // Two passes: the mean, then sums of (x - x0) and (x - x0)^2 about x0 = the mean rounded
-    // to T (the second sum corrects for that rounding). A one-pass shift by the first row lost
+    // to T (the sum of x - x0 corrects for that rounding). A one-pass shift by the first row lost
     // up to 30x float32 nextrec's accuracy when that row was an outlier in a small batch:
     // E[(x - x0)^2] - E[x - x0]^2 then cancels, summed in T.
     const auto total = run_pass<S, T>(kSum, p, B, relu, 1);
