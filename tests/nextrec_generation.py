@@ -94,6 +94,31 @@ def moved_by_one_ulp(model):
     return moved
 
 
+# Jittered plain runs per parity test: in the draw that showed the need, 3 of 6 jittered runs saw
+# the conditioning (errors ~1e-2, the rest ~1e-4); with 4, all four miss it 1 time in 16.
+JITTERED = 4
+
+
+def jittered_by_one_ulp(model, seed: int):
+    """A copy of ``model`` with every parameter element multiplied by ``1 + u * 2**-23``, u drawn
+    from {-1, 0, 1} (``seed``): a plain run for ``assert_as_accurate`` that, unlike
+    ``moved_by_one_ulp``, changes the weights' ratios.
+
+    Why: a normalisation is blind to a uniform move. LayerNorm (and BatchNorm) divide the scale of
+    their input out, so the weights moved all alike by one ulp leave a narrow LayerNorm's output
+    as it was, while any other rounding of its input (ours: one GEMM over all experts' weights)
+    goes through its conditioning. Seen: a 0.6 MMOE whose experts start with a 2-channel
+    LayerNorm: ours 1.0e-2 from float64 in a gradient, the three plain runs at most 6.8e-4,
+    six jittered runs 8.5e-5 to 1.1e-2."""
+    jittered = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in jittered.parameters():
+            if p.is_floating_point():
+                p.mul_(1 + torch.randint(-1, 2, p.shape, generator=gen).to(p.dtype) * 2.0**-23)
+    return jittered
+
+
 def accuracy_bounds(fast: dict, plain, truth: dict, factor: float = 10.0, relative_floor: float | None = None,
                     noise_floor: float = 1e-5) -> dict:
     """``{name: (err_fast, bound, err_plain)}`` for ``assert_as_accurate`` (its docstring: the

@@ -24,9 +24,9 @@ import nextrec_fast
 from nextrec_fast.features import v06 as features_v06
 from nextrec_fast.models import standalone_v06
 from nextrec_fast.reference import v06 as reference_v06
-from nextrec_generation import (GENERATION, assert_as_accurate, assert_predicts_as_plain, case_seed, flip_rows,
-                                moved_by_one_ulp, nextrec_float64, predict_proba, random_v06_inputs, random_v06_model,
-                                skip_if_rows_collapse)
+from nextrec_generation import (GENERATION, JITTERED, assert_as_accurate, assert_predicts_as_plain, case_seed,
+                                flip_rows, jittered_by_one_ulp, moved_by_one_ulp, nextrec_float64, predict_proba,
+                                random_v06_inputs, random_v06_model, skip_if_rows_collapse)
 
 RUN_SEED = int(os.environ.get("NEXTREC_FAST_TEST_SEED", time.time_ns() % 2**31))
 KINDS = ["esmm", "mmoe", "ple"]
@@ -124,17 +124,21 @@ def test_drop_in_matches_float64_reference(kind, norm_type, mode):
     fast, feats = _build(kind, seed, DROP_IN[kind], features_v06, norm_type)
     plain, _ = _build(kind, seed, REFERENCE[kind], features_v06, norm_type)
     truth, moved = copy.deepcopy(plain).double(), moved_by_one_ulp(plain)
+    jittered = [jittered_by_one_ulp(plain, seed + j) for j in range(JITTERED)]
     assert list(fast.state_dict()) == list(plain.state_dict())
     fast.load_state_dict(plain.state_dict())
     x = random_v06_inputs(feats, batch=random.Random(seed).randint(2, 24), generator=torch.Generator().manual_seed(seed))
-    for m in (fast, plain, moved, truth):
+    for m in (fast, plain, moved, truth, *jittered):
         m.train(mode == "train")
     x64 = {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
     with nextrec_float64():
         skip_if_rows_collapse(truth, lambda m: m(x64), mode)
     got, ref = _outputs_and_grads(fast, x), _outputs_and_grads(plain, x)
-    # float32 rounding's spread: three plain runs (rows reversed; weights moved by one ulp)
+    # float32 rounding's spread: plain runs with the rows reversed, the weights moved by one ulp,
+    # and JITTERED with each weight moved by -1, 0 or +1 ulp (a narrow LayerNorm is blind to a
+    # uniform move; nextrec_generation.jittered_by_one_ulp)
     refs = [ref, _outputs_and_grads(plain, x, flipped=True), _outputs_and_grads(moved, x)]
+    refs += [_outputs_and_grads(m, x) for m in jittered]
     with nextrec_float64():
         true = _outputs_and_grads(truth, x64)
     for what, i in (("logits", 0), ("probabilities", 1)):
