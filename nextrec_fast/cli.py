@@ -9,9 +9,12 @@ def _set_threads(threads: int | None) -> None:
     import torch
 
     from nextrec_fast.bench.common import default_threads, machine_load
+    load, cores = machine_load()
+    if load > cores:  # first, not only after the tables: a reader may stop at the first table
+        print(f"WARNING: the machine is busy (load average {load:.1f} on {cores} core(s)): timings will be slow "
+              "and ratios unreliable; rerun when it is idle", file=sys.stderr)
     if not threads:
         threads = default_threads()
-        load, cores = machine_load()
         if threads < cores:  # say why, or a user compares against 2-thread numbers unawares
             print(f"using {threads} torch thread(s): {cores} cores less the load average {load:.1f} "
                   f"(other work); --threads {cores} to override", file=sys.stderr)

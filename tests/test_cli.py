@@ -133,6 +133,23 @@ def test_reliability_warnings_and_default_threads(monkeypatch):
         assert common.default_threads() == threads, (load, cores)
 
 
+@pytest.mark.parametrize("load, busy", [(3.3, True), (1.5, False)])
+def test_busy_machine_warned_before_the_run(monkeypatch, capsys, load, busy):
+    """bench, profile and demo warn first, not only after the tables, when the load average
+    is above the cores (a new user read the first table and never reached the last line)."""
+    import torch
+    from nextrec_fast import cli
+    from nextrec_fast.bench import common
+    monkeypatch.setattr(common, "machine_load", lambda: (load, 2))
+    threads = torch.get_num_threads()
+    try:
+        cli._set_threads(2)  # an explicit --threads still warns
+        err = capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+    assert ("WARNING: the machine is busy" in err and f"{load:.1f}" in err) == busy, err
+
+
 def test_bench_table_has_legend_spread_and_names_its_baseline():
     from nextrec_fast.bench import models
     env = {"device": "cpu", "device_name": "x", "torch": "t", "triton": None, "threads": 1, "cores": 2,
