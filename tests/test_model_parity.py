@@ -181,3 +181,44 @@ def test_k_padding_rule():
         assert experts._k_padding(torch.empty(big, k)) == (-k) % experts.K_PAD_MULTIPLE
         assert experts._k_padding(torch.empty(big - 1, k)) == 0  # small batches: no copies
         assert experts._k_padding(torch.empty(big, k, dtype=torch.float64)) == 0
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("batch", [3, 200, 300])
+def test_small_batches_without_autograd(model, mode, batch, monkeypatch):
+    """Without autograd, batches up to ``PER_EXPERT_GEMM_MAX_BATCH`` run one GEMM per expert into
+    an ``[E, B, N]`` output (``experts._expert_mm``) instead of concatenating the experts' weights:
+    the same outputs and running statistics as the reference (float64), and that path runs
+    exactly at those batch sizes (ReLU experts: the C++ path, which is where it lives)."""
+    from nextrec_fast.layers import experts
+    calls = []
+    real = experts._expert_mm
+    monkeypatch.setattr(experts, "_expert_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seed = random.randrange(2**31)
+    rng = random.Random(seed)
+    dense, sparse, sequence = random_features(rng)
+    kwargs = random_model_kwargs(model, rng)
+    for key in ("expert_params", "shared_expert_params", "specific_expert_params", "ctr_params", "cvr_params"):
+        if isinstance(kwargs.get(key), dict):
+            kwargs[key] = {**kwargs[key], "activation": "relu"}
+    if isinstance(kwargs.get("specific_expert_params"), list):
+        kwargs["specific_expert_params"] = [{**d, "activation": "relu"} for d in kwargs["specific_expert_params"]]
+    ref_cls, fast_cls = MODELS[model]
+    torch.manual_seed(seed)
+    ref = ref_cls(dense, sparse, sequence, **kwargs).double()
+    fast = fast_cls(dense, sparse, sequence, **kwargs).double()
+    perturb_batchnorm(ref)
+    fast.load_state_dict(ref.state_dict(), strict=True)
+    x = random_inputs(dense, sparse, sequence, batch=batch, generator=torch.Generator().manual_seed(seed),
+                      dtype=torch.float64)
+    for m in (ref, fast):
+        m.train(mode == "train")
+    with torch.no_grad():
+        out_ref, out_fast = ref(x), fast(x)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
+    for (name, b_ref), (_, b_fast) in zip(ref.named_buffers(), fast.named_buffers()):
+        torch.testing.assert_close(b_fast, b_ref, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    from nextrec_fast.ops import batch_norm_act
+    if batch_norm_act.is_available():
+        assert bool(calls) == (batch <= experts.PER_EXPERT_GEMM_MAX_BATCH), (batch, len(calls))
