@@ -231,7 +231,7 @@ class ExpertBank:
             else:
                 if h.dim() == 2:  # batch-major after a layer without BatchNorm: bmm needs [E, B, K]
                     h = h.view(h.shape[0], experts, -1).transpose(0, 1).contiguous()
-                if _per_expert_gemms(h, layer.linears):
+                if _per_expert_gemms([h], layer.linears):
                     h = _expert_mm(list(h.unbind(0)), layer.linears, with_bias=not fold_bias)
                 else:
                     h = self._bmm(layer.linears, h, with_bias=not fold_bias)
@@ -266,7 +266,7 @@ class ExpertBank:
         if isinstance(inputs, torch.Tensor) and inputs.dim() == 3:
             return self._bmm(linears, inputs, with_bias=with_bias)
         input_of = list(input_of) if input_of is not None else [0] * len(linears)
-        if _per_expert_gemms(inputs[0], linears):
+        if _per_expert_gemms([inputs[i] for i in set(input_of)], linears):
             return _expert_mm([inputs[i] for i in input_of], linears, with_bias)
         runs = _shared_input_runs(inputs, input_of, len(linears))
         sizes = {stop - start for start, stop in runs}
@@ -480,14 +480,15 @@ K_PAD_MIN_BATCH = 512
 PER_EXPERT_GEMM_MAX_BATCH = 256
 
 
-def _per_expert_gemms(x: torch.Tensor, linears) -> bool:
-    """Whether ``_expert_mm`` should run this layer (see PER_EXPERT_GEMM_MAX_BATCH)."""
+def _per_expert_gemms(xs: list[torch.Tensor], linears) -> bool:
+    """Whether ``_expert_mm`` should run this layer on inputs ``xs`` (see PER_EXPERT_GEMM_MAX_BATCH)."""
+    x = xs[0]
     if x.device.type != "cpu" or x.shape[-2] > PER_EXPERT_GEMM_MAX_BATCH or torch.compiler.is_compiling():
         return False
     weights = [lin.weight for lin in linears]
-    if any(w.dtype != x.dtype for w in weights):
+    if any(t.dtype != x.dtype for t in [*xs, *weights]):
         return False  # mixed dtypes (autocast): the batched path casts as F.linear would
-    return not (torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)))
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in [*xs, *weights]))
 
 
 def _expert_mm(inputs: list[torch.Tensor], linears, with_bias: bool) -> torch.Tensor:
