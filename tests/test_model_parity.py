@@ -216,9 +216,9 @@ def test_small_batches_without_autograd(model, mode, batch, monkeypatch):
         m.train(mode == "train")
     with torch.no_grad():
         out_ref, out_fast = ref(x), fast(x)
-    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"{m} (seed {seed})")
     for (name, b_ref), (_, b_fast) in zip(ref.named_buffers(), fast.named_buffers()):
-        torch.testing.assert_close(b_fast, b_ref, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(b_fast, b_ref, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m} (seed {seed})")
     from nextrec_fast.ops import batch_norm_act
     if batch_norm_act.is_available():
-        assert bool(calls) == (batch <= experts.PER_EXPERT_GEMM_MAX_BATCH), (batch, len(calls))
+        assert bool(calls) == (batch <= experts.PER_EXPERT_GEMM_MAX_BATCH), (batch, len(calls), seed)
