@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+import torch.nn as nn
 
 from nextrec_fast.models import standalone
 from nextrec_fast import reference
@@ -222,3 +223,22 @@ def test_small_batches_without_autograd(model, mode, batch, monkeypatch):
     from nextrec_fast.ops import batch_norm_act
     if batch_norm_act.is_available():
         assert bool(calls) == (batch <= experts.PER_EXPERT_GEMM_MAX_BATCH), (batch, len(calls), seed)
+
+
+
+def test_per_expert_gemm_rule():
+    """When ``_expert_mm`` (one GEMM per expert, ``out=``) may replace the batched GEMM: small
+    CPU batches without autograd, one dtype, and not under autocast, which skips ops given
+    ``out=`` (the GEMMs would run in float32 instead of bfloat16). The C++ path that calls it is
+    off under autocast today; this keeps the rule right on its own."""
+    from nextrec_fast.layers import experts
+    linears = [nn.Linear(8, 4) for _ in range(3)]
+    small, large = torch.randn(experts.PER_EXPERT_GEMM_MAX_BATCH, 8), torch.randn(experts.PER_EXPERT_GEMM_MAX_BATCH + 1, 8)
+    with torch.no_grad():
+        assert experts._per_expert_gemms([small], linears)
+        assert not experts._per_expert_gemms([large], linears)
+        assert not experts._per_expert_gemms([small.double()], linears)  # mixed dtypes
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not experts._per_expert_gemms([small], linears)
+    assert not experts._per_expert_gemms([small], linears)  # autograd records the weights
+    assert experts._per_expert_gemms([small], [lin.requires_grad_(False) for lin in linears])

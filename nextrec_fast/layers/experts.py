@@ -485,6 +485,8 @@ def _per_expert_gemms(xs: list[torch.Tensor], linears) -> bool:
     x = xs[0]
     if x.device.type != "cpu" or x.shape[-2] > PER_EXPERT_GEMM_MAX_BATCH or torch.compiler.is_compiling():
         return False
+    if torch.is_autocast_enabled("cpu"):
+        return False  # autocast skips ops given out=: the GEMMs would run in float32, not bfloat16
     weights = [lin.weight for lin in linears]
     if any(t.dtype != x.dtype for t in [*xs, *weights]):
         return False  # mixed dtypes (autocast): the batched path casts as F.linear would
