@@ -487,7 +487,7 @@ def _per_expert_gemms(xs: list[torch.Tensor], linears) -> bool:
         return False
     if torch.is_autocast_enabled("cpu"):
         return False  # autocast skips ops given out=: the GEMMs would run in float32, not bfloat16
-    weights = [lin.weight for lin in linears]
+    weights = [lin.weight for lin in linears] + [lin.bias for lin in linears if lin.bias is not None]
     if any(t.dtype != x.dtype for t in [*xs, *weights]):
         return False  # mixed dtypes (autocast): the batched path casts as F.linear would
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in [*xs, *weights]))
