@@ -247,20 +247,21 @@ def test_per_expert_gemm_rule():
     assert experts._per_expert_gemms([small], [lin.requires_grad_(False) for lin in linears])
 
 
+@pytest.mark.parametrize("seed", SEEDS[1:2])
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_bias_only_training_at_small_batches(model, mode):
+def test_bias_only_training_at_small_batches(model, seed, mode):
     """Every weight and table frozen, the MLPs' biases trained (BitFit), batch 64: the first
     layer's input and weights need no gradient, so the per-expert path (no autograd) runs it
     and the BatchNorm op after it takes the bias's gradient. Outputs and bias gradients as the
     reference's, float64. (The rule's own checks, biases included: ``test_per_expert_gemm_rule``.)"""
-    ref, fast, x = build_pair(model, SEEDS[1], batch=64)
+    ref, fast, x = build_pair(model, seed, batch=64)
     for m in (ref, fast):
         m.train(mode == "train")
         for name, p in m.named_parameters():
             p.requires_grad_(name.endswith("bias") and not name.startswith("embedding."))  # the MLPs' biases
     out_ref, grads_ref = forward_backward(ref, x)
     out_fast, grads_fast = forward_backward(fast, x)
-    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"{m} (seed {SEEDS[1]})")
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
     assert {n for n, g in grads_fast.items() if g is not None} == {n for n, g in grads_ref.items() if g is not None}
     assert_same_gradients(grads_fast, grads_ref, rtol=1e-9, scale_atol=1e-11, spread=rounding_spread(ref, x, grads_ref))
