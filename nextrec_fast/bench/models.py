@@ -326,14 +326,14 @@ def format_table(result: dict) -> str:
                  for who, key in (("plain", "baseline_samples_ms"), ("accelerated", "fast_samples_ms"))]
     else:
         against = f"nextrec {env['nextrec']} (installed)" if env.get("nextrec") else "the reference (no nextrec installed)"
-        legend = (f"legend: nextrec = the installed nextrec's own model; reference = nextrec 0.3.1's math "
+        legend = (f"legend: nextrec = the installed nextrec's own model ('-': none installed); reference = nextrec 0.3.1's math "
                   f"re-implemented in plain PyTorch (nextrec_fast.reference, per-feature / per-expert loops); fast = "
                   f"{'the nextrec model after nextrec_fast.accelerate' if env.get('nextrec') else 'the drop-in model'}"
-                  f", same weights; GEMM floor = the fast step's own GEMMs alone (same shapes, threads). "
+                  f", same weights; GEMM floor = the fast step's own GEMMs alone (same shapes, threads); "
                   f"ms = median of {env.get('repeats', '?')} interleaved repeats, [min-max] beside it; speed-up "
                   f"= baseline median / fast median, the baseline being {against}; vs ref = reference / fast "
-                  f"(the reference is 0.3.1's model: BatchNorm MLPs, whatever nextrec is installed); fast/floor = "
-                  f"fast / GEMM floor (1.0: nothing but GEMMs left; lower is better). train_step: torch's Adam on "
+                  f"(the reference always models nextrec 0.3.1: BatchNorm MLPs, whichever nextrec is installed); fast/floor = "
+                  f"fast / GEMM floor (1.0: nothing but GEMMs left, lower is better); train_step: torch's Adam on "
                   f"every parameter; train_step_fused_tables / train_step_lazy_adam: Adam(fused=True), and for fast "
                   f"the tables under row-wise Adagrad / lazy Adam (SparseAdam's rule) in the pooling backward (a "
                   f"different table optimiser: nextrec_fast.optim)")
@@ -352,6 +352,7 @@ def format_table(result: dict) -> str:
             speedup_head = f"vs {base_name} bf16"
             fp32_head = f" {base_name + ' fp32 ms':>20} {'vs ' + base_name + ' fp32':>17}"
         width = max(9, len(speedup_head))
+        legend = legend.replace("; ", ";\n  ")  # a clause a line: one 900-character line went unread
         lines = [header, legend,
                  f"{'model':<6} {'mode':<23} {'batch':>6} {'nextrec ms':>20} {'reference ms':>20} {'fast ms':>20} "
                  f"{'GEMM floor ms':>20} {speedup_head:>{width}} {'vs ref':>7} {'fast/floor':>10}{fp32_head}"]
