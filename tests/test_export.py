@@ -100,6 +100,11 @@ def test_export_save_load_in_fresh_process(flavour, kind, mode, tmp_path):
 
 
 @pytest.mark.nextrec  # CI installs onnx and onnxscript in the nextrec 0.6 environment (pytest -m nextrec)
+# The TorchScript-based exporter is tested on purpose (users still call it): its deprecation
+# notices, and its tracer's notes on the shape checks in nextrec's forward, are expected here.
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning",
+                            "ignore:The feature will be removed:DeprecationWarning",
+                            "ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("dynamo", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("flavour", FLAVOURS)
