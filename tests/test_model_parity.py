@@ -18,10 +18,18 @@ MODELS = {"esmm": (reference.ESMM, standalone.ESMM), "mmoe": (reference.MMOE, st
 SEEDS = [random.randrange(2**31) for _ in range(6)]  # fresh configs each run; the seed is in the test id
 
 
-def build_pair(model: str, seed: int, dtype=torch.float64, batch: int | None = None):
+def build_pair(model: str, seed: int, dtype=torch.float64, batch: int | None = None, activation: str | None = None):
+    """Reference and fast model (same weights, reference BatchNorm statistics perturbed) and a
+    batch; ``activation``: every expert and tower MLP's, in place of the drawn one."""
     rng = random.Random(seed)
     dense, sparse, sequence = random_features(rng)
     kwargs = random_model_kwargs(model, rng)
+    if activation is not None:
+        for key in ("expert_params", "shared_expert_params", "specific_expert_params", "ctr_params", "cvr_params"):
+            if isinstance(kwargs.get(key), dict):
+                kwargs[key] = {**kwargs[key], "activation": activation}
+            elif isinstance(kwargs.get(key), list):
+                kwargs[key] = [{**d, "activation": activation} for d in kwargs[key]]
     ref_cls, fast_cls = MODELS[model]
     torch.manual_seed(seed)
     ref = ref_cls(dense_features=dense, sparse_features=sparse, sequence_features=sequence, **kwargs).to(dtype)
@@ -197,22 +205,7 @@ def test_small_batches_without_autograd(model, mode, batch, monkeypatch):
     real = experts._expert_mm
     monkeypatch.setattr(experts, "_expert_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     seed = random.randrange(2**31)
-    rng = random.Random(seed)
-    dense, sparse, sequence = random_features(rng)
-    kwargs = random_model_kwargs(model, rng)
-    for key in ("expert_params", "shared_expert_params", "specific_expert_params", "ctr_params", "cvr_params"):
-        if isinstance(kwargs.get(key), dict):
-            kwargs[key] = {**kwargs[key], "activation": "relu"}
-    if isinstance(kwargs.get("specific_expert_params"), list):
-        kwargs["specific_expert_params"] = [{**d, "activation": "relu"} for d in kwargs["specific_expert_params"]]
-    ref_cls, fast_cls = MODELS[model]
-    torch.manual_seed(seed)
-    ref = ref_cls(dense, sparse, sequence, **kwargs).double()
-    fast = fast_cls(dense, sparse, sequence, **kwargs).double()
-    perturb_batchnorm(ref)
-    fast.load_state_dict(ref.state_dict(), strict=True)
-    x = random_inputs(dense, sparse, sequence, batch=batch, generator=torch.Generator().manual_seed(seed),
-                      dtype=torch.float64)
+    ref, fast, x = build_pair(model, seed, batch=batch, activation="relu")
     for m in (ref, fast):
         m.train(mode == "train")
     with torch.no_grad():
@@ -223,7 +216,6 @@ def test_small_batches_without_autograd(model, mode, batch, monkeypatch):
     from nextrec_fast.ops import batch_norm_act
     if batch_norm_act.is_available():
         assert bool(calls) == (batch <= experts.PER_EXPERT_GEMM_MAX_BATCH), (batch, len(calls), seed)
-
 
 
 def test_per_expert_gemm_rule():

@@ -485,11 +485,11 @@ def _per_expert_gemms(xs: list[torch.Tensor], linears) -> bool:
     x = xs[0]
     if x.device.type != "cpu" or x.shape[-2] > PER_EXPERT_GEMM_MAX_BATCH or torch.compiler.is_compiling():
         return False
-    if torch.is_autocast_enabled("cpu"):
+    if _cpu_autocast_enabled():
         return False  # autocast skips ops given out=: the GEMMs would run in float32, not bfloat16
     weights = [lin.weight for lin in linears] + [lin.bias for lin in linears if lin.bias is not None]
     if any(t.dtype != x.dtype for t in [*xs, *weights]):
-        return False  # mixed dtypes (autocast): the batched path casts as F.linear would
+        return False  # mixed dtypes: mm(out=) would raise; left to the batched path, as before
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in [*xs, *weights]))
 
 
