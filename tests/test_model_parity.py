@@ -257,3 +257,115 @@ def test_bias_only_training_at_small_batches(model, seed, mode):
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
     assert {n for n, g in grads_fast.items() if g is not None} == {n for n, g in grads_ref.items() if g is not None}
     assert_same_gradients(grads_fast, grads_ref, rtol=1e-9, scale_atol=1e-11, spread=rounding_spread(ref, x, grads_ref))
+
+
+def _poison_allocations(monkeypatch):
+    """``torch.empty``, ``torch.empty_strided`` and ``Tensor.new_empty`` return NaN-filled
+    floating-point tensors: a GEMM slice that an ``out=`` loop never wrote shows up as NaN."""
+    real_empty, real_strided, real_new_empty = torch.empty, torch.empty_strided, torch.Tensor.new_empty
+
+    def poisoned(make):
+        def allocate(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return allocate
+    monkeypatch.setattr(torch, "empty", poisoned(real_empty))
+    monkeypatch.setattr(torch, "empty_strided", poisoned(real_strided))
+    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(real_new_empty))
+
+
+@pytest.mark.parametrize("experts_count", [1, 3, 5])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("layout", ["expert_major", "batch_major_view"])
+def test_expert_bmm_one_gemm_per_expert(experts_count, with_bias, layout, monkeypatch):
+    """``experts.expert_bmm`` with the experts not dividing over the threads (one GEMM per
+    expert, ``_PerExpertBmm``) against ``torch.bmm`` / ``baddbmm`` in float64: output, the
+    input's, every stacked weight's and bias's gradient, each weight's gradient in the weight's
+    own strides, and the double backward (``create_graph=True``). Outputs poisoned with NaN."""
+    from nextrec_fast.layers import experts
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    batch, k, n = experts.PER_EXPERT_BMM_MIN_ROWS + 3, 7, 5
+    weights = [torch.randn(n, k, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(experts_count)]
+    biases = [torch.randn(n, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(experts_count)]
+    shape = (batch, experts_count, k) if layout == "batch_major_view" else (experts_count, batch, k)
+    x_leaf = torch.randn(shape, dtype=torch.float64, generator=gen).requires_grad_()
+    upstream = torch.randn(experts_count, batch, n, dtype=torch.float64, generator=gen)
+    params = [x_leaf, *weights, *(biases if with_bias else [])]
+
+    def run(bmm):
+        x = x_leaf.transpose(0, 1) if layout == "batch_major_view" else x_leaf  # [E, B, K]
+        weight_t = torch.stack(weights).transpose(1, 2)  # [E, K, N], as ExpertBank._bmm builds it
+        bias = torch.stack(biases).unsqueeze(1) if with_bias else None
+        out = bmm(x, weight_t, bias)
+        grads = torch.autograd.grad((out * upstream).sum(), params, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads if g.requires_grad), params, allow_unused=True)
+        first = torch.autograd.grad((bmm(x, weight_t, bias) * upstream).sum(), params)  # no graph: the mm path
+        return out, first, grads, second
+
+    expected = run(lambda x, w, b: torch.bmm(x, w) if b is None else torch.baddbmm(b, x, w))
+    calls = []
+    real_apply = experts._PerExpertBmm.apply
+    monkeypatch.setattr(experts._PerExpertBmm, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    monkeypatch.setattr(experts, "_cpu_threads", lambda: experts_count + 1)  # never a multiple of E
+    _poison_allocations(monkeypatch)
+    got = run(experts.expert_bmm)
+    monkeypatch.undo()
+    assert calls, "the per-expert path did not run"
+    out, first, grads, second = got
+    torch.testing.assert_close(out, expected[0], rtol=1e-12, atol=1e-12, msg=lambda m: f"output: {m} (seed {seed})")
+    for name, g, e in zip(["x"] + [f"weight/bias {i}" for i in range(len(params) - 1)], first, expected[1]):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m} (seed {seed})")
+    for w, g in zip(weights, first[1:1 + experts_count]):
+        assert g.stride() == w.stride(), (g.stride(), w.stride())
+    for g, e in zip(second, expected[3]):
+        if e is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"double backward: {m} (seed {seed})")
+
+
+def test_per_expert_bmm_rule(monkeypatch):
+    """When ``expert_bmm`` runs one GEMM per expert: CPU, experts not a multiple of the threads
+    (bmm gives each expert one thread: 3 experts on 2 threads take as long as 4), at least
+    ``PER_EXPERT_BMM_MIN_ROWS`` rows, one float32/float64 dtype, not under autocast (out= skips its
+    casts) and not while tracing (out= into slices does not trace)."""
+    from nextrec_fast.layers import experts
+    rows = experts.PER_EXPERT_BMM_MIN_ROWS
+    x, w = torch.randn(3, rows, 4), torch.randn(3, 4, 2)
+    monkeypatch.setattr(experts, "_cpu_threads", lambda: 2)
+    assert experts._per_expert_bmm(x, w)
+    assert experts._per_expert_bmm(x.double(), w.double())
+    assert not experts._per_expert_bmm(torch.randn(4, rows, 4), torch.randn(4, 4, 2))  # 4 experts, 2 threads: bmm
+    assert not experts._per_expert_bmm(x[:, :rows - 1], w)  # few rows: bmm
+    assert not experts._per_expert_bmm(x, w.double())  # mixed dtypes
+    assert not experts._per_expert_bmm(x.bfloat16(), w.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not experts._per_expert_bmm(x, w)
+    monkeypatch.setattr(experts, "_cpu_threads", lambda: 1)
+    assert not experts._per_expert_bmm(x, w)  # one thread: bmm is as fast
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_models_with_one_gemm_per_expert(model, mode, monkeypatch):
+    """Whole models with every batched expert GEMM run one GEMM per expert (the thread count
+    made a multiple of no expert count, batch 200 >= ``PER_EXPERT_BMM_MIN_ROWS``): outputs,
+    every gradient and the running statistics as the reference's, float64 (the path is what
+    PLE's grouped upper levels and odd expert counts get on a multi-core CPU)."""
+    from nextrec_fast.layers import experts
+    calls = []
+    real_apply = experts._PerExpertBmm.apply
+    monkeypatch.setattr(experts._PerExpertBmm, "apply", lambda *a: calls.append(1) or real_apply(*a))
+    monkeypatch.setattr(experts, "_cpu_threads", lambda: 1009)  # a prime above any expert count drawn
+    seed = random.randrange(2**31)
+    ref, fast, x = build_pair(model, seed, batch=200, activation="relu")
+    for m in (ref, fast):
+        m.train(mode == "train")
+    out_ref, grads_ref = forward_backward(ref, x)
+    out_fast, grads_fast = forward_backward(fast, x)
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"{m} (seed {seed})")
+    assert_same_gradients(grads_fast, grads_ref, rtol=1e-9, scale_atol=1e-11, spread=rounding_spread(ref, x, grads_ref))
+    for (name, b_ref), (_, b_fast) in zip(ref.named_buffers(), fast.named_buffers()):
+        torch.testing.assert_close(b_fast, b_ref, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m} (seed {seed})")
+    assert calls, f"no batched expert GEMM ran one GEMM per expert (seed {seed})"

@@ -275,8 +275,8 @@ class ExpertBank:
             weight = torch.stack([torch.cat([lin.weight for lin in linears[start:stop]]) for start, stop in runs])
             if with_bias and linears[0].bias is not None:
                 bias = torch.stack([torch.cat([lin.bias for lin in linears[start:stop]]) for start, stop in runs])
-                return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-            return torch.bmm(x, weight.transpose(1, 2))
+                return expert_bmm(x, weight.transpose(1, 2), bias.unsqueeze(1))
+            return expert_bmm(x, weight.transpose(1, 2))
         return self._first_linear(inputs, input_of, with_bias=with_bias)
 
     @staticmethod
@@ -358,9 +358,9 @@ class ExpertBank:
         else:
             weight_t = torch.stack([lin.weight for lin in linears]).transpose(1, 2)  # [E, K, N]
         if linears[0].bias is None or not with_bias:
-            return torch.bmm(x, weight_t)
+            return expert_bmm(x, weight_t)
         bias = torch.stack([lin.bias for lin in linears]).unsqueeze(1)  # [E, 1, N]
-        return torch.baddbmm(bias, x, weight_t)
+        return expert_bmm(x, weight_t, bias)
 
     # -- BatchNorm, activation, dropout ------------------------------------------------------
     def _post_linear(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
@@ -506,6 +506,46 @@ def _expert_mm(inputs: list[torch.Tensor], linears, with_bias: bool) -> torch.Te
     return out
 
 
+# PyTorch's CPU bmm runs each batch entry's GEMM on one thread, in parallel over the entries, so
+# E experts on T threads take ceil(E / T) single-thread GEMMs: with E % T != 0 some threads
+# idle (2 threads, [E, 2048, 256] @ [E, 256, 128]: E = 3 took as long as E = 4, 1.32x one GEMM
+# per expert on all threads; E = 5 1.22x, 7 1.15x; E = 2, 4, 6, 8 no difference; at 1 thread
+# none). nextrec's per-expert nn.Linear never idles threads this way; with more threads than
+# experts (8 experts on 16 cores) bmm would leave half of them idle. Then each expert gets one
+# GEMM on all threads instead. Below PER_EXPERT_BMM_MIN_ROWS rows a GEMM is too small to share
+# out over threads and bmm stays (2 threads, E = 3: bmm 0.75x the loop's time at 16 rows, equal
+# at 64, 1.17x at 128, 1.29x at 1024).
+PER_EXPERT_BMM_MIN_ROWS = 128
+
+
+def _per_expert_bmm(x: torch.Tensor, weight_t: torch.Tensor) -> bool:
+    """Whether ``expert_bmm`` should run one GEMM per expert (see PER_EXPERT_BMM_MIN_ROWS)."""
+    # Tracing first: out= into slices does not trace (compile, export and the tracer get the bmm),
+    # and torch.get_num_threads() would break a fullgraph compile.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    experts, rows = x.shape[0], x.shape[1]
+    if x.device.type != "cpu" or rows < PER_EXPERT_BMM_MIN_ROWS or experts % _cpu_threads() == 0:
+        return False
+    if _cpu_autocast_enabled():
+        return False  # out= skips autocast's casts: bmm keeps its bfloat16 GEMMs
+    return x.dtype in (torch.float32, torch.float64) and weight_t.dtype == x.dtype
+
+
+def _cpu_threads() -> int:
+    return torch.get_num_threads()
+
+
+def expert_bmm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.baddbmm(bias, x, weight_t)`` (``torch.bmm`` without ``bias``): ``x`` ``[E, B, K]``,
+    ``weight_t`` ``[E, K, N]``, ``bias`` ``[E, 1, N]``; returns ``[E, B, N]``. On CPU, when the
+    experts do not divide evenly over the threads (``_per_expert_bmm``), one GEMM per expert on
+    all threads, forward and backward, with the same result up to float rounding."""
+    if _per_expert_bmm(x, weight_t):
+        return _PerExpertBmm.apply(x, weight_t, bias)
+    return torch.bmm(x, weight_t) if bias is None else torch.baddbmm(bias, x, weight_t)
+
+
 def _k_padding(x: torch.Tensor) -> int:
     """Zero columns to append to the first layer's ``[B, K]`` input (0: none)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[0] < K_PAD_MIN_BATCH
@@ -597,6 +637,44 @@ class _ExpertBlockLinear(torch.autograd.Function):
             grad_w.append(g.t().mm(x[:, e * in_f:(e + 1) * in_f]) if ctx.needs_input_grad[2 + e] else None)
             grad_b.append(g.sum(0) if ctx.needs_input_grad[2 + experts + e] else None)
         return (grad_x, None, *grad_w, *grad_b)
+
+
+class _PerExpertBmm(torch.autograd.Function):
+    """``expert_bmm`` as one ``mm`` per expert, written into its slice of the output (and, in
+    backward, of the input and weight gradients; the weight gradient takes ``weight_t``'s strides,
+    so the stacked weights' backward hands each parameter a gradient in its own layout)."""
+
+    @staticmethod
+    def forward(ctx, x, weight_t, bias):
+        out = x.new_empty(x.shape[0], x.shape[1], weight_t.shape[2])
+        for e in range(x.shape[0]):
+            if bias is None:
+                torch.mm(x[e], weight_t[e], out=out[e])
+            else:
+                torch.addmm(bias[e], x[e], weight_t[e], out=out[e])
+        ctx.save_for_backward(x, weight_t)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight_t = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_b = grad.sum(1, keepdim=True) if need_b else None
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward
+            return (torch.bmm(grad, weight_t.transpose(1, 2)) if need_x else None,
+                    torch.bmm(x.transpose(1, 2), grad) if need_w else None, grad_b)
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+        grad_w = None
+        if need_w:
+            dense = weight_t.is_contiguous() or weight_t.transpose(1, 2).is_contiguous()
+            grad_w = (torch.empty_strided(weight_t.shape, weight_t.stride(), dtype=weight_t.dtype, device=weight_t.device)
+                      if dense else torch.empty(weight_t.shape, dtype=weight_t.dtype, device=weight_t.device))
+        for e in range(x.shape[0]):
+            if need_x:
+                torch.mm(grad[e], weight_t[e].t(), out=grad_x[e])
+            if need_w:
+                torch.mm(x[e].t(), grad[e], out=grad_w[e])
+        return grad_x, grad_w, grad_b
 
 
 def build_banks(mlps: Sequence[nn.Module]) -> list[tuple[int, int, ExpertBank]]:
