@@ -203,3 +203,41 @@ def test_a_missing_path_says_where_it_came_from(monkeypatch, tmp_path):
         find_movielens_100k()
     with pytest.raises(ValueError, match="at least 1000"):
         movielens_100k("mmoe", path=SOURCE, sample=10)
+
+
+@pytest.mark.nextrec
+@needs_data
+@pytest.mark.parametrize("bf16_runs", [True, False])
+def test_bf16_fit_variant_runs_nextrecs_fit_under_autocast(bf16_runs, monkeypatch):
+    """``accelerated_bf16``: the accelerated model's own nextrec ``fit`` inside
+    ``torch.autocast("cpu", torch.bfloat16)``: its training forwards run the fast path under
+    autocast, the result is scored like the others; where bf16 matmuls are emulated (the measured
+    slowdown, set here) the variant is skipped and the table says why."""
+    pytest.importorskip("nextrec")
+    import math
+
+    from nextrec_fast.bench import common
+    from nextrec_fast.bench.demo import format_demo, run_demo
+    from nextrec_fast.models import forwards
+    monkeypatch.setattr(common, "bf16_matmul_slowdown", lambda: 1.0 if bf16_runs else 80.0)
+    seen = []
+    real = forwards.run_experts
+
+    def recording(*args, **kwargs):
+        if torch.is_grad_enabled():  # training forwards (scoring runs under no_grad)
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(forwards, "run_experts", recording)  # what the fast forwards call
+    result = run_demo(models=["mmoe"], epochs=1, batch_size=1024, sample=5000, seed=0, rounding_runs=0,
+                      variants=("accelerated", "accelerated_bf16"), progress=False)
+    entry = result["models"]["mmoe"]
+    table = format_demo(result)
+    if bf16_runs:
+        assert set(entry["runs"]) == {"accelerated", "accelerated_bf16"}
+        assert all(math.isfinite(m["auc"]) for m in entry["runs"]["accelerated_bf16"]["final"].values())
+        assert True in seen and False in seen, "no training forward under bf16 autocast, or none without"
+        assert "accelerated, nextrec's fit in bf16 autocast" in table
+    else:
+        assert set(entry["runs"]) == {"accelerated"} and "accelerated_bf16" in entry["skipped"]
+        assert seen and not any(seen)
+        assert "skipped" in table and "80x slower" in table

@@ -3,6 +3,8 @@
 Per model, from the same initial weights and the same batch order, one after the other:
   - ``nextrec``: plain nextrec, its own ``fit``;
   - ``accelerated``: ``nextrec_fast.accelerate(model)``, nextrec's own ``fit``;
+  - ``accelerated_bf16``: the same ``fit`` called inside ``torch.autocast("cpu", torch.bfloat16)``
+    (float32 weights, bf16 GEMMs: what a user gets by wrapping their ``fit``; where bf16 runs);
   - ``drop_in``: nextrec_fast's drop-in class in a plain PyTorch loop (Adam, BCE per task);
   - ``drop_in_bf16``: that loop under ``torch.autocast("cpu", torch.bfloat16)`` (where bf16 runs).
 Each epoch is one ``fit(epochs=1)`` call (nextrec prepares its data in each call, as a user who
@@ -32,6 +34,7 @@ __all__ = ["VARIANTS", "TABLE_OPTIMIZERS", "default_table_lr", "run_demo", "form
 VARIANTS = {
     "nextrec": "plain nextrec, its fit",
     "accelerated": "nextrec_fast.accelerate, nextrec's fit",
+    "accelerated_bf16": "accelerated, nextrec's fit in bf16 autocast",
     "drop_in": "nextrec_fast drop-in, PyTorch loop",
     "drop_in_bf16": "drop-in, PyTorch loop, bf16 autocast",
     # Opt-in (--variants): another optimiser for the tables, so its AUC is compared, not its identity.
@@ -52,7 +55,8 @@ def default_table_lr(table_optimizer: str, lr: float) -> float:
     return lr if table_optimizer == "sparse_adam" else 0.1
 
 
-DEFAULT_VARIANTS = ("nextrec", "accelerated", "drop_in", "drop_in_bf16")
+DEFAULT_VARIANTS = ("nextrec", "accelerated", "accelerated_bf16", "drop_in", "drop_in_bf16")
+BF16_VARIANTS = ("accelerated_bf16", "drop_in_bf16")  # skipped where bf16 matmuls are emulated
 FIT_VARIANTS = ("nextrec", "accelerated")  # the rounding-yardstick pair
 
 
@@ -131,10 +135,11 @@ def _bar(progress: bool, total: int, label: str, stream):
 
 
 def _fit_run(model, generation, data, train_dict, test_batch, test_labels, epochs, batch_size, seed, label,
-             progress, stream):
-    """Epochs of nextrec's ``fit``: (seconds per epoch, [(elapsed s, metrics)] with the untrained point)."""
+             progress, stream, autocast: bool = False):
+    """Epochs of nextrec's ``fit``: (seconds per epoch, [(elapsed s, metrics)] with the untrained point).
+    ``autocast``: each ``fit`` call (and the scoring) inside ``torch.autocast("cpu", torch.bfloat16)``."""
     n = len(data.train)
-    curve = [(0.0, _evaluate(model, generation, test_batch, test_labels, data.targets, False))]
+    curve = [(0.0, _evaluate(model, generation, test_batch, test_labels, data.targets, autocast))]
     seconds, bar_ref = [], {}
     step = model.optimizer_fn.step
 
@@ -150,11 +155,12 @@ def _fit_run(model, generation, data, train_dict, test_batch, test_labels, epoch
             bar_ref["bar"] = bar = _bar(progress, n, f"{label} epoch {epoch + 1}/{epochs}", stream)
             torch.manual_seed(seed + epoch)  # the same shuffle for every variant
             start = time.perf_counter()
-            with _quiet():
+            with _quiet(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 model.fit(train_dict, epochs=1, batch_size=batch_size, shuffle=True, metrics=["auc", "logloss"])
             seconds.append(time.perf_counter() - start)
             bar.close()
-            curve.append((sum(seconds), _evaluate(model, generation, test_batch, test_labels, data.targets, False)))
+            curve.append((sum(seconds), _evaluate(model, generation, test_batch, test_labels, data.targets,
+                                                  autocast)))
     finally:
         model.optimizer_fn.step = step
     return seconds, curve
@@ -237,6 +243,8 @@ def run_demo(models=("mmoe", "ple", "esmm"), epochs: int = 3, batch_size: int = 
     ``accelerated_tables``: ``accelerate(embedding_optimizer=(cls, {"lr": table_lr}))`` with the
     class ``table_optimizer`` names (``TABLE_OPTIMIZERS``; ``table_lr`` None: ``default_table_lr``),
     nextrec's Adam on the rest (issue #16's quality check: its AUC against plain nextrec's).
+    ``accelerated_bf16`` and ``drop_in_bf16`` are skipped (``result["models"][kind]["skipped"]``
+    says why) where bf16 matmuls run more than 2x slower than float32 (emulated).
 
     Raises ``FileNotFoundError`` without the data (saying how to get it), ``ImportError`` without
     nextrec, ``ValueError`` for an unknown model or variant."""
@@ -286,7 +294,15 @@ def run_demo(models=("mmoe", "ple", "esmm"), epochs: int = 3, batch_size: int = 
             try:
                 for variant, ulp_seed in schedule:
                     label = f"[{kind}] {variant}" + (f" (weights 1 ulp moved, #{ulp_seed})" if ulp_seed else "")
-                    if variant in FIT_VARIANTS or variant == "accelerated_tables":
+                    if variant in BF16_VARIANTS:
+                        slowdown = bf16_matmul_slowdown()
+                        if slowdown > 2:  # emulated bf16: the variant would only show the CPU's lack of it
+                            skipped[variant] = (f"bf16 matmuls run {slowdown:.0f}x slower than float32 on this "
+                                                "CPU (no AMX / AVX512-BF16): skipped")
+                            if progress:
+                                print(f"{label}: {skipped[variant]}", file=stream, flush=True)
+                            continue
+                    if variant in FIT_VARIANTS or variant in ("accelerated_tables", "accelerated_bf16"):
                         model_kwargs = kwargs
                         if variant == "accelerated_tables" and generation.name == "0.3":
                             # 0.3.1 regularises tables by default (L1 1e-6, L2 1e-5): that needs their
@@ -298,22 +314,15 @@ def run_demo(models=("mmoe", "ple", "esmm"), epochs: int = 3, batch_size: int = 
                             _move_one_ulp(model, seed * 1000 + ulp_seed)
                         with _quiet():
                             model.compile(optimizer="adam", optimizer_params={"lr": lr}, loss="bce")
-                        if variant == "accelerated":
+                        if variant in ("accelerated", "accelerated_bf16"):
                             nextrec_fast.accelerate(model)
                         elif variant == "accelerated_tables":
                             nextrec_fast.accelerate(model, embedding_optimizer=(table_optimizer_class(table_optimizer),
                                                                                 {"lr": table_lr}))
                         seconds, curve = _fit_run(model, generation, data, train_dict, test_batch, test_labels, epochs,
-                                                  batch_size, seed, label, progress, stream)
+                                                  batch_size, seed, label, progress, stream,
+                                                  autocast=variant == "accelerated_bf16")
                     else:
-                        if variant == "drop_in_bf16":
-                            slowdown = bf16_matmul_slowdown()
-                            if slowdown > 2:  # emulated bf16: the variant would only show the CPU's lack of it
-                                skipped[variant] = (f"bf16 matmuls run {slowdown:.0f}x slower than float32 on this "
-                                                    "CPU (no AMX / AVX512-BF16): skipped")
-                                if progress:
-                                    print(f"{label}: {skipped[variant]}", file=stream, flush=True)
-                                continue
                         with _quiet():
                             model = getattr(nextrec_fast, kind.upper())(*copy.deepcopy(features), **kwargs)
                         model.load_state_dict(initial)
