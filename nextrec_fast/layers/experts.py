@@ -679,6 +679,7 @@ class _PerExpertBmm(torch.autograd.Function):
 
 def build_banks(mlps: Sequence[nn.Module]) -> list[tuple[int, int, ExpertBank]]:
     """Split a list of MLPs into runs of equal signature: [(start, stop, bank), ...]."""
+    mlps = list(mlps)  # slicing an nn.ModuleList builds a new ModuleList (module init + add_module per item)
     banks, start = [], 0
     blocks = [_split_blocks(m) for m in mlps]
     signatures = [_blocks_signature(b) for b in blocks]
@@ -697,6 +698,7 @@ def run_experts(mlps: Sequence[nn.Module], inputs, input_of: Sequence[int] | Non
     An MLP with a hook or a parametrised weight (``nextrec_fast.layers.hooks``) is called as a
     module instead, on its own, so its hooks fire and its weights are computed as it would; the
     others stay batched."""
+    mlps = list(mlps)  # nn.ModuleList slices are new ModuleLists: list slices are free
     stacked = isinstance(inputs, torch.Tensor) and inputs.dim() == 3
     input_of = None if input_of is None else list(input_of)
     called = [needs_module_call(m) for m in mlps]
