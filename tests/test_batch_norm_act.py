@@ -367,3 +367,25 @@ def test_output_buffers_reused_only_when_unreferenced():
         del fourth
     assert len(pointers) == 1
     torch.testing.assert_close(view, expected[:2], rtol=1e-5, atol=1e-5)  # untouched
+
+
+def test_inference_call_skips_autograd_but_training_call_records_it():
+    """Without anything to differentiate the wrapper calls the kernel below the Autograd key;
+    the results must be the same bits, and inputs that need a gradient must still get a graph."""
+    gen = torch.Generator().manual_seed(11)
+    x, lb, w, b, rm, rv = random_case(gen, torch.float64, 3, 6, 5)
+    kwargs = dict(experts=3, running_mean=None, running_var=None, training=True, eps=1e-5, relu=True,
+                  out_expert_major=False)
+    plain = op.batch_norm_act(x, linear_bias=lb, weight=w, bias=b, **kwargs)
+    assert all(t.grad_fn is None and not t.requires_grad for t in plain)
+    params = [t.clone().requires_grad_() for t in (x, lb, w, b)]
+    with torch.no_grad():
+        below = op.batch_norm_act(params[0], linear_bias=params[1], weight=params[2], bias=params[3], **kwargs)
+    assert all(t.grad_fn is None for t in below)
+    trained = op.batch_norm_act(params[0], linear_bias=params[1], weight=params[2], bias=params[3], **kwargs)
+    assert trained[0].requires_grad and trained[0].grad_fn is not None
+    for a, c, d in zip(plain, below, trained):
+        torch.testing.assert_close(c, a, rtol=0, atol=0)
+        torch.testing.assert_close(d.detach(), a, rtol=0, atol=0)
+    trained[0].sum().backward()
+    assert all(p.grad is not None for p in params)
