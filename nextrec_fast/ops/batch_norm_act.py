@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from nextrec_fast import _extension
+from nextrec_fast.ops._dispatch import call_op
 
 __all__ = ["batch_norm_act", "is_available"]
 
@@ -46,27 +47,9 @@ def batch_norm_act(x: Tensor, *, experts: int, linear_bias: Tensor | None, weigh
         raise RuntimeError(f"nextrec_fast batch_norm_act is unavailable: {_extension.unavailable_reason()}")
     args = (x, linear_bias, weight, bias, running_mean, running_var, int(experts), bool(training), float(eps),
             bool(relu), bool(out_expert_major))
-    if _needs_autograd(x, linear_bias, weight, bias):
-        return torch.ops.nextrec_fast.batch_norm_act_forward(*args)
-    # Nothing to differentiate (inference, no_grad): the kernel below the Autograd key, as
-    # torch.library's autograd wrapper would call it after its Python round trip (as the pooling
-    # op's wrapper does; this op runs 2-3 times per expert bank and forward).
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.nextrec_fast.batch_norm_act_forward(*args)
-
-
-# Private torch API: where it is missing, assume a transform may be active (the safe answer).
-_functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
-
-
-def _needs_autograd(*tensors: Tensor | None) -> bool:
-    """Whether the call must go through the op's autograd formula: some input needs a gradient,
-    or torch.compile / a functorch transform is active (they trace or wrap the Autograd key)."""
-    if torch.compiler.is_compiling() or _functorch_transforms_active():
-        return True
-    if not torch.is_grad_enabled():
-        return False
-    return any(t is not None and t.requires_grad for t in tensors)
+    # Below the Autograd key when nothing needs a gradient (ops._dispatch): this op runs 2-3
+    # times per expert bank and forward.
+    return call_op(torch.ops.nextrec_fast.batch_norm_act_forward, args, (x, linear_bias, weight, bias))
 
 
 def _shape(x: Tensor, experts: int) -> tuple[int, int, int]:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from nextrec_fast import _extension, huge_pages
+from nextrec_fast.ops._dispatch import call_op
 
 __all__ = ["pooled_embedding", "is_available", "unavailable_reason", "COMBINERS"]
 
@@ -102,26 +103,8 @@ def pooled_embedding(
     args = (list(tables), list(ids), offsets, weights, weighted_features, [int(t) for t in table_index], codes,
             [int(m) for m in mask_ids], [int(m) for m in max_lens], list(feature_names), grad_padding_idx,
             bool(check_ids), bool(deterministic), bool(sparse_grad))
-    if _needs_autograd(tables, weights):
-        return torch.ops.nextrec_fast.pooled_embedding_forward(*args)
-    # Nothing to differentiate: call the kernel below the Autograd key, as torch.library's own
-    # autograd wrapper would after a Python round trip (about 30 us of a 100 us call at batch 1).
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.nextrec_fast.pooled_embedding_forward(*args)
-
-
-# Private torch API: where it is missing, assume a transform may be active (the safe answer).
-_functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
-
-
-def _needs_autograd(tables, weights) -> bool:
-    """Whether the call must go through the op's autograd formula. Under torch.compile and
-    functorch transforms always (they trace or wrap the dispatcher's Autograd key)."""
-    if torch.compiler.is_compiling() or _functorch_transforms_active():
-        return True
-    if not torch.is_grad_enabled():
-        return False
-    return any(t.requires_grad for t in tables) or any(w.requires_grad for w in weights)
+    # Below the Autograd key when nothing needs a gradient (ops._dispatch).
+    return call_op(torch.ops.nextrec_fast.pooled_embedding_forward, args, [*tables, *weights])
 
 
 # ---------------------------------------------------------------------------------------------
