@@ -499,11 +499,16 @@ def _expert_mm(inputs: list[torch.Tensor], linears, with_bias: bool) -> torch.Te
     out = torch.empty(len(linears), inputs[0].shape[0], first.shape[0], dtype=inputs[0].dtype,
                       device=inputs[0].device)
     for e, (x, lin) in enumerate(zip(inputs, linears)):
-        if with_bias and lin.bias is not None:
-            torch.addmm(lin.bias, x, lin.weight.t(), out=out[e])
-        else:
-            torch.mm(x, lin.weight.t(), out=out[e])
+        _gemm_into(out[e], x, lin.weight.t(), lin.bias if with_bias else None)
     return out
+
+
+def _gemm_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """``out = x @ weight_t (+ bias)`` written in place (``out=``: no allocation, no autograd)."""
+    if bias is None:
+        torch.mm(x, weight_t, out=out)
+    else:
+        torch.addmm(bias, x, weight_t, out=out)
 
 
 # PyTorch's CPU bmm runs each batch entry's GEMM on one thread, in parallel over the entries, so
@@ -648,10 +653,7 @@ class _PerExpertBmm(torch.autograd.Function):
     def forward(ctx, x, weight_t, bias):
         out = x.new_empty(x.shape[0], x.shape[1], weight_t.shape[2])
         for e in range(x.shape[0]):
-            if bias is None:
-                torch.mm(x[e], weight_t[e], out=out[e])
-            else:
-                torch.addmm(bias[e], x[e], weight_t[e], out=out[e])
+            _gemm_into(out[e], x[e], weight_t[e], None if bias is None else bias[e])
         ctx.save_for_backward(x, weight_t)
         return out
 
