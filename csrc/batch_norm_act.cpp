@@ -216,49 +216,6 @@ NEXTREC_FAST_INLINE void normalize_row(const S* __restrict x, const T* __restric
   }
 }
 
-// dz = grad_out * relu'(z), in T: the select vectorises there (next to a widening to double,
-// GCC gives up: "control flow in loop").
-template <typename S, typename T, bool kRelu>
-NEXTREC_FAST_INLINE void masked_grad_row(const S* __restrict x, const S* __restrict g, const T* __restrict scale,
-                                         const T* __restrict shift, T* __restrict dz, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dz[j] = masked_grad<T, kRelu>(load<T>(g[j]), load<T>(x[j]), scale[j], shift[j]);
-}
-
-template <typename S, typename T>
-NEXTREC_FAST_INLINE void reduce_row(const S* __restrict x, const T* __restrict dz, const double* __restrict mean,
-                                    double* __restrict sum_dz, double* __restrict sum_dz_xc, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const double d = static_cast<double>(dz[j]);
-    sum_dz[j] += d;
-    sum_dz_xc[j] += d * (static_cast<double>(load<T>(x[j])) - mean[j]);
-  }
-}
-
-// dz is the row's scratch: the bfloat16 case reuses it for the float32 values before rounding.
-template <typename S, typename T>
-NEXTREC_FAST_INLINE void input_grad_row(const S* __restrict x, T* __restrict dz, const double* __restrict mean,
-                                        const double* __restrict scale, const double* __restrict k_mean,
-                                        const double* __restrict k_xc, S* __restrict dx, double* __restrict sum_dx,
-                                        int64_t n) {
-  if constexpr (std::is_same_v<S, T>) {
-    for (int64_t j = 0; j < n; ++j) {
-      const double v =
-          scale[j] * (static_cast<double>(dz[j]) - k_mean[j] - (static_cast<double>(x[j]) - mean[j]) * k_xc[j]);
-      const T r = static_cast<T>(v);
-      dx[j] = r;
-      sum_dx[j] += static_cast<double>(r);  // the sum of what grad_x holds
-    }
-  } else {
-    // Three loops: in one (double, float and 16-bit lanes together) GCC vectorised nothing, and
-    // the bfloat16 backward ran 2.7x slower than the float32 one.
-    for (int64_t j = 0; j < n; ++j)
-      dz[j] = static_cast<T>(scale[j] * (static_cast<double>(dz[j]) - k_mean[j] -
-                                         (static_cast<double>(load<T>(x[j])) - mean[j]) * k_xc[j]));
-    for (int64_t j = 0; j < n; ++j) dx[j] = store<S>(dz[j]);
-    for (int64_t j = 0; j < n; ++j) sum_dx[j] += static_cast<double>(load<T>(dx[j]));
-  }
-}
-
 // acc[j] += part[j] (in double), then part[j] = 0.
 template <typename T>
 NEXTREC_FAST_INLINE void flush(T* __restrict part, double* __restrict acc, int64_t n) {
@@ -268,9 +225,75 @@ NEXTREC_FAST_INLINE void flush(T* __restrict part, double* __restrict acc, int64
   }
 }
 
+// The five passes over rows (run_rows).
+enum PassKind { kMoments, kNormalize, kReduce, kInputGrad, kSum };
+
+// Channels per block of the backward passes.
+constexpr int64_t kBlock = 32;
+
+// One backward pass over rows [b0, b1) of expert e's channels n0 .. n0 + width. Rows one at a
+// time over the whole [C] (as the forward does) kept two double column sums per channel in
+// memory, a load and a store per element and sum: the backward ran 4-5x the forward's time, at
+// 1 thread and at 2 alike (compute-bound, not memory-bound). A block's sums live in registers
+// for the chunk instead. Each channel still adds its rows in row order from zero into the
+// chunk's partial, so the results are the bits the row-at-a-time loops gave. kWidth: the block
+// width as a constant (kBlock), or 0 for a narrower last block (width at run time).
+template <typename S, typename T, bool kRelu, int kKind, int64_t kWidth>
+NEXTREC_FAST_INLINE void backward_block(const Pass<S, T>& p, int64_t e, int64_t n0, int64_t width, int64_t b0,
+                                        int64_t b1, double* acc1, double* acc2) {
+  const int64_t w = kWidth > 0 ? kWidth : width;
+  const int64_t c = e * p.width + n0;
+  const T* __restrict scale = p.scale + c;
+  const T* __restrict shift = p.shift + c;
+  const double* __restrict mean = p.mean + c;
+  T dz[kBlock];
+  double s1[kBlock], s2[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) s1[j] = s2[j] = 0.0;
+  for (int64_t b = b0; b < b1; ++b) {
+    const S* __restrict x = p.x.at(e, b, n0);
+    const S* __restrict g = p.grad_out.at(e, b, n0);
+    // dz = grad_out * relu'(z) in T: the select vectorises on its own (next to a widening to
+    // double GCC gives up: "control flow in loop").
+    for (int64_t j = 0; j < w; ++j) dz[j] = masked_grad<T, kRelu>(load<T>(g[j]), load<T>(x[j]), scale[j], shift[j]);
+    if constexpr (kKind == kReduce) {
+      // sum(dz), sum(dz * (x - mean))
+      for (int64_t j = 0; j < w; ++j) {
+        const double d = static_cast<double>(dz[j]);
+        s1[j] += d;
+        s2[j] += d * (static_cast<double>(load<T>(x[j])) - mean[j]);
+      }
+    } else {
+      // grad_x = scale * (dz - mean(dz) - (x - mean) * k_xc), formed in double; its column sum
+      // (the sum of what grad_x holds) is the linear bias's gradient.
+      const double* __restrict scale_d = p.scale_d + c;
+      const double* __restrict k_mean = p.k_mean + c;
+      const double* __restrict k_xc = p.k_xc + c;
+      S* __restrict dx = p.out.at(e, b, n0);
+      if constexpr (std::is_same_v<S, T>) {
+        for (int64_t j = 0; j < w; ++j) {
+          const T r = static_cast<T>(scale_d[j] * (static_cast<double>(dz[j]) - k_mean[j] -
+                                                   (static_cast<double>(x[j]) - mean[j]) * k_xc[j]));
+          dx[j] = r;
+          s1[j] += static_cast<double>(r);
+        }
+      } else {
+        // Three loops: in one (double, float and 16-bit lanes together) GCC vectorised nothing,
+        // and the bfloat16 backward ran 2.7x slower than the float32 one.
+        for (int64_t j = 0; j < w; ++j)
+          dz[j] = static_cast<T>(scale_d[j] * (static_cast<double>(dz[j]) - k_mean[j] -
+                                               (static_cast<double>(load<T>(x[j])) - mean[j]) * k_xc[j]));
+        for (int64_t j = 0; j < w; ++j) dx[j] = store<S>(dz[j]);
+        for (int64_t j = 0; j < w; ++j) s1[j] += static_cast<double>(load<T>(dx[j]));
+      }
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) acc1[c + j] += s1[j];
+  if constexpr (kKind == kReduce)
+    for (int64_t j = 0; j < w; ++j) acc2[c + j] += s2[j];
+}
+
 // The five passes over rows [b0, b1). Column sums go to acc (one or two [C] double arrays of
 // this chunk); `scratch` holds 2 * C values of T.
-enum PassKind { kMoments, kNormalize, kReduce, kInputGrad, kSum };
 
 template <typename S, typename T, bool kRelu, int kKind>
 NEXTREC_FAST_INLINE void run_rows(const Pass<S, T>& p, int64_t b0, int64_t b1, double* acc1, double* acc2,
@@ -303,17 +326,12 @@ NEXTREC_FAST_INLINE void run_rows(const Pass<S, T>& p, int64_t b0, int64_t b1, d
       for (int64_t e = 0; e < E; ++e)
         normalize_row<S, T, kRelu>(p.x.at(e, b, 0), p.scale + e * N, p.shift + e * N, p.out.at(e, b, 0), N);
   } else {
-    T* dz = scratch;  // one row of one expert
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t c = e * N;
-        const S* x = p.x.at(e, b, 0);
-        masked_grad_row<S, T, kRelu>(x, p.grad_out.at(e, b, 0), p.scale + c, p.shift + c, dz, N);
-        if constexpr (kKind == kReduce)
-          reduce_row(x, dz, p.mean + c, acc1 + c, acc2 + c, N);
-        else
-          input_grad_row(x, dz, p.mean + c, p.scale_d + c, p.k_mean + c, p.k_xc + c, p.out.at(e, b, 0), acc1 + c, N);
-      }
+    // Column blocks of kBlock channels, walked down the chunk's rows, so that the block's column
+    // sums stay in registers (see backward_block); a narrower last block per expert.
+    for (int64_t e = 0; e < E; ++e) {
+      int64_t n0 = 0;
+      for (; n0 + kBlock <= N; n0 += kBlock) backward_block<S, T, kRelu, kKind, kBlock>(p, e, n0, kBlock, b0, b1, acc1, acc2);
+      if (n0 < N) backward_block<S, T, kRelu, kKind, 0>(p, e, n0, N - n0, b0, b1, acc1, acc2);
     }
   }
 }
