@@ -241,3 +241,29 @@ def test_bf16_fit_variant_runs_nextrecs_fit_under_autocast(bf16_runs, monkeypatc
         assert set(entry["runs"]) == {"accelerated"} and "accelerated_bf16" in entry["skipped"]
         assert seen and not any(seen)
         assert "skipped" in table and "80x slower" in table
+
+
+def test_bf16_tables_variant_trains_with_bfloat16_tables(monkeypatch):
+    """``accelerated_bf16_tables``: nextrec's ``fit`` on the accelerated model whose tables were
+    cast to bfloat16 (``embedding.cast_tables``) before the first step: the pooling op reads
+    bfloat16 tables during training, nextrec's Adam moves them, and the run is scored."""
+    pytest.importorskip("nextrec")
+    import math
+
+    from nextrec_fast.bench.demo import format_demo, run_demo
+    from nextrec_fast.ops import pooled_embedding
+    seen = []
+    real = pooled_embedding.pooled_embedding
+
+    def recording(tables, *args, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append(tables[0].dtype)
+        return real(tables, *args, **kwargs)
+    monkeypatch.setattr(pooled_embedding, "pooled_embedding", recording)
+    result = run_demo(models=["mmoe"], epochs=1, batch_size=1024, sample=5000, seed=0, rounding_runs=0,
+                      variants=("accelerated", "accelerated_bf16_tables"), progress=False)
+    runs = result["models"]["mmoe"]["runs"]
+    assert set(runs) == {"accelerated", "accelerated_bf16_tables"}
+    assert all(math.isfinite(m["auc"]) for m in runs["accelerated_bf16_tables"]["final"].values())
+    assert torch.bfloat16 in seen and torch.float32 in seen, f"training pooled tables of {set(seen)}"
+    assert "accelerated, bf16 tables, nextrec's fit" in format_demo(result)

@@ -6,7 +6,10 @@ Per model, from the same initial weights and the same batch order, one after the
   - ``accelerated_bf16``: the same ``fit`` called inside ``torch.autocast("cpu", torch.bfloat16)``
     (float32 weights, bf16 GEMMs: what a user gets by wrapping their ``fit``; where bf16 runs);
   - ``drop_in``: nextrec_fast's drop-in class in a plain PyTorch loop (Adam, BCE per task);
-  - ``drop_in_bf16``: that loop under ``torch.autocast("cpu", torch.bfloat16)`` (where bf16 runs).
+  - ``drop_in_bf16``: that loop under ``torch.autocast("cpu", torch.bfloat16)`` (where bf16 runs);
+  - opt-in (``variants=``): ``accelerated_tables`` (a table optimiser in the pooling backward) and
+    ``accelerated_bf16_tables`` (tables stored in bf16, ``embedding.cast_tables``; nextrec's Adam
+    then keeps their state in bf16 too).
 Each epoch is one ``fit(epochs=1)`` call (nextrec prepares its data in each call, as a user who
 evaluates every epoch sees it); the test set is scored after each epoch, outside the timed part.
 
@@ -39,6 +42,8 @@ VARIANTS = {
     "drop_in_bf16": "drop-in, PyTorch loop, bf16 autocast",
     # Opt-in (--variants): another optimiser for the tables, so its AUC is compared, not its identity.
     "accelerated_tables": "accelerated + tables optimised in bwd",
+    # Opt-in: tables stored in bf16 (embedding.cast_tables), the rest float32, nextrec's fit.
+    "accelerated_bf16_tables": "accelerated, bf16 tables, nextrec's fit",
 }
 # --table-optimizer (accelerated_tables): name -> what the table says
 TABLE_OPTIMIZERS = {
@@ -302,7 +307,8 @@ def run_demo(models=("mmoe", "ple", "esmm"), epochs: int = 3, batch_size: int = 
                             if progress:
                                 print(f"{label}: {skipped[variant]}", file=stream, flush=True)
                             continue
-                    if variant in FIT_VARIANTS or variant in ("accelerated_tables", "accelerated_bf16"):
+                    if variant in FIT_VARIANTS or variant in ("accelerated_tables", "accelerated_bf16",
+                                                              "accelerated_bf16_tables"):
                         model_kwargs = kwargs
                         if variant == "accelerated_tables" and generation.name == "0.3":
                             # 0.3.1 regularises tables by default (L1 1e-6, L2 1e-5): that needs their
@@ -314,8 +320,10 @@ def run_demo(models=("mmoe", "ple", "esmm"), epochs: int = 3, batch_size: int = 
                             _move_one_ulp(model, seed * 1000 + ulp_seed)
                         with _quiet():
                             model.compile(optimizer="adam", optimizer_params={"lr": lr}, loss="bce")
-                        if variant in ("accelerated", "accelerated_bf16"):
+                        if variant in ("accelerated", "accelerated_bf16", "accelerated_bf16_tables"):
                             nextrec_fast.accelerate(model)
+                            if variant == "accelerated_bf16_tables":  # before Adam's first step: state in bf16
+                                model.embedding.cast_tables(torch.bfloat16)
                         elif variant == "accelerated_tables":
                             nextrec_fast.accelerate(model, embedding_optimizer=(table_optimizer_class(table_optimizer),
                                                                                 {"lr": table_lr}))

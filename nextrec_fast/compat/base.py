@@ -126,8 +126,8 @@ class NextrecGeneration:
         """A dense input column cast as nextrec casts it (``.float()``), except that a float64
         model keeps float64 (the precision tests run whole models in float64)."""
         param = next(layer.parameters(), None)
-        dtype = param.dtype if param is not None and param.dtype == torch.float64 else torch.float32
-        return value.to(dtype)
+        model_dtype = getattr(layer, "table_output_dtype", None) or (param.dtype if param is not None else None)
+        return value.to(torch.float64 if model_dtype == torch.float64 else torch.float32)
 
     # -- nextrec's training loop ----------------------------------------------------------
     # (module, function) of nextrec's per-row sequence-column padding, and its rule for a feature:

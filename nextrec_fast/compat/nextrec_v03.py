@@ -51,8 +51,12 @@ class NextrecV03(NextrecGeneration):
     def dense_value(self, layer, value):
         # 0.3 casts with .float(); the drop-in models cast to their own floating dtype (the same
         # for float32 models; float64 models stay float64, half models stay half).
-        param = next(layer.parameters(), None)
-        return value.to(param.dtype if param is not None and param.is_floating_point() else torch.float32)
+        # 16-bit tables (cast_tables) leave the layer's output in the model's dtype.
+        dtype = getattr(layer, "table_output_dtype", None)
+        if dtype is None:
+            param = next(layer.parameters(), None)
+            dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        return value.to(dtype)
 
     def regularization_groups(self, model):
         return [(model._embedding_params, model._embedding_l1_reg, model._embedding_l2_reg),

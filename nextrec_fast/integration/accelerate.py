@@ -202,7 +202,8 @@ def _undo_classes(model, model_class, embedding, embedding_class, undo_embedding
 
 
 def restore(model):
-    """Undo ``accelerate``: nextrec's classes and optimiser settings again; returns the model.
+    """Undo ``accelerate``: nextrec's classes and optimiser settings again, and tables cast to 16
+    bits (``embedding.cast_tables``) back to the model's dtype; returns the model.
     A drop-in (``nextrec_fast.models.v03`` / ``v06``) becomes an instance of nextrec's own class,
     so that it pickles without any reference to nextrec_fast."""
     if not is_accelerated(model):
@@ -212,6 +213,8 @@ def restore(model):
         optim.remove_optimizer_in_backward(model.embedding.tables())
     unfuse_optimizer(getattr(model, "optimizer_fn", None))
     embedding = model.embedding
+    if getattr(embedding, "table_output_dtype", None) is not None:  # nextrec's forward needs them in its dtype
+        embedding.cast_tables(embedding.table_output_dtype)
     embedding_class = getattr(type(embedding), "_nextrec_fast_original", None) or type(embedding)
     original = type(model)._nextrec_fast_original
     _undo_classes(model, getattr(original, "_nextrec_fast_drop_in_base", original), embedding, embedding_class)

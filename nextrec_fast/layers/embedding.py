@@ -85,6 +85,12 @@ class FastEmbeddingMixin:
         if (get_backend() == "reference" or not squeeze or kwargs.get("sequence_output", "pooled") != "pooled"
                 or torch.onnx.is_in_onnx_export() or (features is not None and list(features) != self.features)
                 or needs_module_call(self.children())):
+            if self.table_output_dtype is not None:
+                raise NotImplementedError(
+                    f"this call takes nextrec's own embedding forward (the reference backend, squeeze_dim=False, "
+                    f"sequence_output other than 'pooled', a subset of features, ONNX export, or a hook or "
+                    f"parametrisation on a table), which does not handle {self.tables()[0].dtype} tables; "
+                    f"call embedding.cast_tables({self.table_output_dtype}) first")
             return super().forward(x, self.features if features is None else features, squeeze, **kwargs)
         param = next(self.parameters(), None)
         op = _pooling_backend() if self._op_slots else None
@@ -94,7 +100,10 @@ class FastEmbeddingMixin:
             check_batch_inputs(x, self._check_spec, param.device, check_ranges=self.check_inputs and op is None)
         pieces = []
         if self.slots:
-            pieces.append(self.pool(x, op))
+            pooled = self.pool(x, op)
+            if self.table_output_dtype is not None:  # 16-bit tables: the layer still gives the model's dtype
+                pooled = pooled.to(self.table_output_dtype)
+            pieces.append(pooled)
         pieces += [self._dense_column(spec, x) for spec in self.dense_specs]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
@@ -109,6 +118,56 @@ class FastEmbeddingMixin:
 
     def tables(self) -> list[torch.Tensor]:
         return [table.weight for table in self.embed_dict.values()]
+
+    # The dtype the layer gives while its tables are stored in 16 bits (cast_tables), else None.
+    table_output_dtype: torch.dtype | None = None
+
+    def cast_tables(self, dtype: torch.dtype) -> None:
+        """Stores every embedding table in ``dtype``, in place.
+
+        ``torch.bfloat16`` or ``torch.float16``: half the bytes of float32, so half the memory
+        and half the table bytes the pooling reads (FBGEMM's fp16 ``weights_precision``). The
+        pooling op reads the 16-bit rows and sums them in float32; the pooled ``[B, D]`` values
+        are rounded to ``dtype`` (the op's output dtype is its tables'), then the layer returns
+        them in the dtype the tables had before (float32), so the rest of the model, its
+        parameters and its optimiser are unchanged. What this costs in accuracy is measured in
+        docs/models.md ("16-bit tables"). ``torch.float32`` / ``torch.float64`` casts back (the
+        values stay rounded).
+
+        The table Parameters stay the same objects (optimisers and ``apply_optimizer_in_backward``
+        keep them); their gradients come in ``dtype``. Cast before an optimiser's first step: its
+        state is created in the dtype of the parameter it first sees. Tables on 2 MiB pages are
+        placed there again. ``nextrec_fast.restore`` casts 16-bit tables back.
+
+        Raises:
+            TypeError: ``dtype`` is not one of the four above.
+            NotImplementedError: a feature is pooled by a module of its own (nextrec 0.6's
+                attention poolings), which would get 16-bit rows; and, once cast, any call that
+                takes nextrec's own embedding forward (see ``forward``).
+        """
+        allowed = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+        if dtype not in allowed:
+            raise TypeError(f"cast_tables: dtype must be one of {', '.join(map(str, allowed))}, got {dtype}")
+        tables = self.tables()
+        if not tables:
+            return
+        sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+        if sixteen_bit:
+            own = [s.name for s in self.slots if s.pooling_module is not None]
+            if own:
+                raise NotImplementedError(
+                    f"cast_tables: feature(s) {', '.join(own)} are pooled by a module of their own (attention "
+                    f"pooling), which needs tables in the model's dtype; keep float32 tables for this model")
+        output = self.table_output_dtype or tables[0].dtype
+        for table in tables:
+            if table.dtype != dtype:
+                table.data = table.data.to(dtype)
+                table.grad = None  # a gradient of the old dtype could not be accumulated into
+        if sixteen_bit:
+            self.table_output_dtype = output
+        else:
+            self.__dict__.pop("table_output_dtype", None)
+        self.place_tables_on_huge_pages()
 
     def place_tables_on_huge_pages(self) -> int:
         """Moves large CPU tables onto 2 MiB pages (``nextrec_fast.huge_pages``): random row reads
