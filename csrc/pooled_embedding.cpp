@@ -770,10 +770,10 @@ void scatter_feature_block(const FeatureMeta& f, const scalar_t* grad_out, int64
   }
 }
 
-// Calls fn(id) for every id of feature f whose gradient scatter_feature_block adds into rows
-// [row_begin, row_end) (once per occurrence: the same ids in the same order).
-template <typename index_t, typename Fn>
-void for_each_scattered_id(const FeatureMeta& f, int64_t batch, int64_t row_begin, int64_t row_end, Fn&& fn) {
+// Calls visit(id) for every kept position of `f` whose id receives gradient, in bag then
+// position order: the order of backward_sparse's entries (and of the dense backward's scatter).
+template <typename index_t, typename Visit>
+void for_each_grad_entry(const FeatureMeta& f, int64_t batch, Visit&& visit) {
   const index_t* ids = static_cast<const index_t*>(f.ids);
   for (int64_t b = 0; b < batch; ++b) {
     int64_t begin, end;
@@ -781,7 +781,7 @@ void for_each_scattered_id(const FeatureMeta& f, int64_t batch, int64_t row_begi
     begin = kept_begin(begin, end, f.max_len);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t id = static_cast<int64_t>(ids[p]);
-      if (id >= row_begin && id < row_end && receives_grad(f, id)) fn(id);
+      if (receives_grad(f, id)) visit(id);
     }
   }
 }
@@ -918,10 +918,13 @@ void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out,
       // Every id this block receives, in the scatter's order (half types).
       auto visit_ids = [&](auto&& fn) {
         for (const FeatureMeta* f : readers[blk.table]) {
+          auto in_block = [&](int64_t id) {
+            if (id >= blk.row_begin && id < blk.row_end) fn(id);
+          };
           if (f->ids_int64)
-            for_each_scattered_id<int64_t>(*f, batch, blk.row_begin, blk.row_end, fn);
+            for_each_grad_entry<int64_t>(*f, batch, in_block);
           else
-            for_each_scattered_id<int32_t>(*f, batch, blk.row_begin, blk.row_end, fn);
+            for_each_grad_entry<int32_t>(*f, batch, in_block);
         }
       };
       acc_t* block;
@@ -1188,22 +1191,6 @@ class RowSlots {
   uint64_t mask_ = 0;
   int shift_ = 0;
 };
-
-// Calls visit(id) for every kept position of `f` whose id receives gradient, in bag then
-// position order: the order of backward_sparse's entries.
-template <typename index_t, typename Visit>
-void for_each_grad_entry(const FeatureMeta& f, int64_t batch, Visit&& visit) {
-  const index_t* ids = static_cast<const index_t*>(f.ids);
-  for (int64_t b = 0; b < batch; ++b) {
-    int64_t begin, end;
-    bag_bounds(f, b, &begin, &end);
-    begin = kept_begin(begin, end, f.max_len);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t id = static_cast<int64_t>(ids[p]);
-      if (receives_grad(f, id)) visit(id);
-    }
-  }
-}
 
 // Adds one feature's entries into their rows' sums `acc` ([U, D]), entry by entry in
 // backward_sparse's order (k: the running entry index, fresh: the next slot not yet written).

@@ -163,11 +163,18 @@ def test_cast_tables_keeps_parameters_trains_copies_and_casts_back(flavour):
 
 def test_cast_tables_errors_name_the_fix():
     _, fast, x64 = model_pair("standalone", "esmm", case_seed(RUN_SEED, "cast_tables_errors"))
-    with pytest.raises(TypeError, match="dtype must be one of"):
-        fast.embedding.cast_tables(torch.int8)
     fast = fast.float()
+    for wrong in (torch.int8, torch.float64):  # float64: not the model's dtype, which model.to() changes
+        with pytest.raises(TypeError, match=r"torch.bfloat16 or torch.float16, or torch.float32 \(the model's dtype\)"):
+            fast.embedding.cast_tables(wrong)
+    fast.embedding.cast_tables(torch.float32)  # the model's dtype: nothing to do
+    assert fast.embedding.table_output_dtype is None
     fast.embedding.cast_tables(torch.bfloat16)
-    with nextrec_fast.use_backend("reference"), pytest.raises(NotImplementedError, match=r"cast_tables\(torch.float32\)"):
+    with nextrec_fast.use_backend("reference"), pytest.raises(
+            NotImplementedError, match=r"^the reference backend is active: .*cast_tables\(torch.float32\) first"):
+        output_of(fast, _float32(x64))
+    fast.embedding.embed_dict[next(iter(fast.embedding.embed_dict))].register_forward_hook(lambda *args: None)
+    with pytest.raises(NotImplementedError, match=r"^a hook or parametrisation on a table"):
         output_of(fast, _float32(x64))
 
 

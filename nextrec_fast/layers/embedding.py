@@ -82,15 +82,12 @@ class FastEmbeddingMixin:
         forward, as do the ``reference`` backend, ONNX export, and a layer whose tables or
         projections have hooks or parametrised weights (the op reads tables without calling them)."""
         squeeze = self._compat.squeeze_dim_default if squeeze_dim is None else squeeze_dim
-        if (get_backend() == "reference" or not squeeze or kwargs.get("sequence_output", "pooled") != "pooled"
-                or torch.onnx.is_in_onnx_export() or (features is not None and list(features) != self.features)
-                or needs_module_call(self.children())):
+        own_forward = self._own_forward_reason(features, squeeze, kwargs.get("sequence_output", "pooled"))
+        if own_forward is not None:
             if self.table_output_dtype is not None:
                 raise NotImplementedError(
-                    f"this call takes nextrec's own embedding forward (the reference backend, squeeze_dim=False, "
-                    f"sequence_output other than 'pooled', a subset of features, ONNX export, or a hook or "
-                    f"parametrisation on a table), which does not handle {self.tables()[0].dtype} tables; "
-                    f"call embedding.cast_tables({self.table_output_dtype}) first")
+                    f"{own_forward}: this call takes nextrec's own embedding forward, which does not handle "
+                    f"{self.tables()[0].dtype} tables; call embedding.cast_tables({self.table_output_dtype}) first")
             return super().forward(x, self.features if features is None else features, squeeze, **kwargs)
         param = next(self.parameters(), None)
         op = _pooling_backend() if self._op_slots else None
@@ -106,6 +103,22 @@ class FastEmbeddingMixin:
             pieces.append(pooled)
         pieces += [self._dense_column(spec, x) for spec in self.dense_specs]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    def _own_forward_reason(self, features, squeeze: bool, sequence_output) -> str | None:
+        """Why a call must run nextrec's own forward (see ``forward``), or None for the fast path."""
+        if get_backend() == "reference":
+            return "the reference backend is active"
+        if not squeeze:
+            return "squeeze_dim=False"
+        if sequence_output != "pooled":
+            return f"sequence_output={sequence_output!r}"
+        if torch.onnx.is_in_onnx_export():
+            return "ONNX export"
+        if features is not None and list(features) != self.features:
+            return "a subset of the features"
+        if needs_module_call(self.children()):
+            return "a hook or parametrisation on a table or projection"
+        return None
 
     def _dense_column(self, spec: DenseFeatureSpec, x: dict) -> torch.Tensor:
         if spec.name not in x:
@@ -131,34 +144,38 @@ class FastEmbeddingMixin:
         are rounded to ``dtype`` (the op's output dtype is its tables'), then the layer returns
         them in the dtype the tables had before (float32), so the rest of the model, its
         parameters and its optimiser are unchanged. What this costs in accuracy is measured in
-        docs/models.md ("16-bit tables"). ``torch.float32`` / ``torch.float64`` casts back (the
-        values stay rounded).
+        docs/models.md ("16-bit tables"). The model's own dtype (float32) casts back (the values
+        stay rounded).
 
         The table Parameters stay the same objects (optimisers and ``apply_optimizer_in_backward``
-        keep them); their gradients come in ``dtype``. Cast before an optimiser's first step: its
-        state is created in the dtype of the parameter it first sees. Tables on 2 MiB pages are
-        placed there again. ``nextrec_fast.restore`` casts 16-bit tables back.
+        keep them); their gradients come in ``dtype``. Cast before an optimiser's first step (with
+        nextrec: after ``accelerate``, before the first ``fit``): its state is created in the
+        dtype of the parameter it first sees, and a later cast makes torch's Adam fail ("expected
+        scalar type BFloat16 but found Float"). Tables on 2 MiB pages are placed there again.
+        ``nextrec_fast.restore`` casts 16-bit tables back; ``load_state_dict`` keeps the receiving
+        model's table dtype.
 
         Raises:
-            TypeError: ``dtype`` is not one of the four above.
+            TypeError: ``dtype`` is neither 16-bit nor the model's dtype.
             NotImplementedError: a feature is pooled by a module of its own (nextrec 0.6's
                 attention poolings), which would get 16-bit rows; and, once cast, any call that
                 takes nextrec's own embedding forward (see ``forward``).
         """
-        allowed = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-        if dtype not in allowed:
-            raise TypeError(f"cast_tables: dtype must be one of {', '.join(map(str, allowed))}, got {dtype}")
         tables = self.tables()
         if not tables:
             return
+        output = self.table_output_dtype or tables[0].dtype  # the model's dtype
         sixteen_bit = dtype in (torch.bfloat16, torch.float16)
+        if not sixteen_bit and dtype != output:
+            raise TypeError(
+                f"cast_tables: dtype must be torch.bfloat16 or torch.float16, or {output} (the model's dtype) to "
+                f"cast back; got {dtype}. To change the whole model's dtype, use model.to({dtype}) instead")
         if sixteen_bit:
             own = [s.name for s in self.slots if s.pooling_module is not None]
             if own:
                 raise NotImplementedError(
                     f"cast_tables: feature(s) {', '.join(own)} are pooled by a module of their own (attention "
                     f"pooling), which needs tables in the model's dtype; keep float32 tables for this model")
-        output = self.table_output_dtype or tables[0].dtype
         for table in tables:
             if table.dtype != dtype:
                 table.data = table.data.to(dtype)
