@@ -122,11 +122,10 @@ class NextrecGeneration:
         """The layer's features in its output order (pooled ones first, then dense ones)."""
         raise NotImplementedError
 
-    def dense_value(self, layer: nn.Module, value: torch.Tensor) -> torch.Tensor:
+    def dense_value(self, value: torch.Tensor, model_dtype: torch.dtype | None) -> torch.Tensor:
         """A dense input column cast as nextrec casts it (``.float()``), except that a float64
-        model keeps float64 (the precision tests run whole models in float64)."""
-        param = next(layer.parameters(), None)
-        model_dtype = getattr(layer, "table_output_dtype", None) or (param.dtype if param is not None else None)
+        model keeps float64 (the precision tests run whole models in float64). ``model_dtype``:
+        the embedding layer's parameters' dtype (its output's with 16-bit tables), None without."""
         return value.to(torch.float64 if model_dtype == torch.float64 else torch.float32)
 
     # -- nextrec's training loop ----------------------------------------------------------

@@ -48,15 +48,10 @@ class NextrecV03(NextrecGeneration):
         ctr, cvr = model.prediction_layer(logits).chunk(2, dim=1)
         return torch.cat([ctr, ctr * cvr], dim=1)
 
-    def dense_value(self, layer, value):
+    def dense_value(self, value, model_dtype):
         # 0.3 casts with .float(); the drop-in models cast to their own floating dtype (the same
         # for float32 models; float64 models stay float64, half models stay half).
-        # 16-bit tables (cast_tables) leave the layer's output in the model's dtype.
-        dtype = getattr(layer, "table_output_dtype", None)
-        if dtype is None:
-            param = next(layer.parameters(), None)
-            dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-        return value.to(dtype)
+        return value.to(model_dtype if model_dtype is not None and model_dtype.is_floating_point else torch.float32)
 
     def regularization_groups(self, model):
         return [(model._embedding_params, model._embedding_l1_reg, model._embedding_l2_reg),

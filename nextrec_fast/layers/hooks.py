@@ -34,11 +34,17 @@ def _intercepted(module: nn.Module) -> bool:
 
 
 def _subtree_intercepted(module: nn.Module) -> bool:
-    # A plain walk of _modules: Module.modules() builds names and a memo set, which made this
-    # check a tenth of a small batch's forward (it runs for every expert and tower per call).
-    if _intercepted(module):
-        return True
-    return any(child is not None and _subtree_intercepted(child) for child in module._modules.values())
+    # A plain walk of _modules in one list: Module.modules() builds names and a memo set, and a
+    # recursive generator a frame per module (1.6x this loop's time); either made this check a
+    # tenth of a small batch's forward (it runs for every expert and tower per call).
+    modules = [module]
+    for current in modules:  # grows while it is walked (breadth first)
+        if current is None:
+            continue
+        if _intercepted(current):
+            return True
+        modules.extend(current._modules.values())
+    return False
 
 
 def needs_module_call(modules: nn.Module | Iterable[nn.Module], recurse: bool = True) -> bool:
