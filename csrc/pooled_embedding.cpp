@@ -932,9 +932,8 @@ void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out,
         zero_stale_rows();
         block = grad;
       } else {
-        // An fp32 scratch of the block's rows, rounded once into the gradient. Only the rows the
-        // batch touches are zeroed, summed and rounded: zeroing and rounding the whole block
-        // (every row of the table) cost 8x the fp32 tables' backward on the default bench tables.
+        // An fp32 scratch of the block's rows, rounded once into the gradient: only the rows the
+        // batch touches are zeroed, summed and rounded (see block_bytes above).
         zero_stale_rows();
         if (static_cast<int64_t>(scratch.size()) < n) scratch.resize(n);
         block = scratch.data();
