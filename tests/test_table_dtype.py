@@ -127,8 +127,15 @@ def test_sixteen_bit_tables_forward_and_gradients(flavour, kind, dtype):
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_cast_tables_keeps_parameters_trains_copies_and_casts_back(flavour):
     seed = case_seed(RUN_SEED, "cast_tables", flavour)
-    _, fast, x64, _ = _castable_pair(flavour, "mmoe", seed)
-    x = _float32(x64)
+    for attempt in range(10):  # a draw whose tables get a gradient at all (a tower may end in a dead ReLU)
+        _, fast, x64, _ = _castable_pair(flavour, "mmoe", seed + 100 * attempt)
+        x = _float32(x64)
+        probe = copy.deepcopy(fast)
+        output_of(probe, x).sum().backward()
+        if any(t.grad is not None and t.grad.any() for t in probe.embedding.tables()):
+            break
+    else:
+        pytest.skip("10 draws in a row gave the tables no gradient")
     params = fast.embedding.tables()
     before = [p.detach().clone() for p in params]
     fast.embedding.cast_tables(torch.bfloat16)
