@@ -63,6 +63,7 @@ def default_table_lr(table_optimizer: str, lr: float) -> float:
 DEFAULT_VARIANTS = ("nextrec", "accelerated", "accelerated_bf16", "drop_in", "drop_in_bf16")
 BF16_VARIANTS = ("accelerated_bf16", "drop_in_bf16")  # skipped where bf16 matmuls are emulated
 FIT_VARIANTS = ("nextrec", "accelerated")  # the rounding-yardstick pair
+LOOP_VARIANTS = ("drop_in", "drop_in_bf16")  # our own PyTorch loop; every other variant runs nextrec's fit
 
 
 def demo_model_kwargs(kind: str, targets: list[str]) -> dict:
@@ -307,8 +308,7 @@ def run_demo(models=("mmoe", "ple", "esmm"), epochs: int = 3, batch_size: int = 
                             if progress:
                                 print(f"{label}: {skipped[variant]}", file=stream, flush=True)
                             continue
-                    if variant in FIT_VARIANTS or variant in ("accelerated_tables", "accelerated_bf16",
-                                                              "accelerated_bf16_tables"):
+                    if variant not in LOOP_VARIANTS:
                         model_kwargs = kwargs
                         if variant == "accelerated_tables" and generation.name == "0.3":
                             # 0.3.1 regularises tables by default (L1 1e-6, L2 1e-5): that needs their
@@ -320,13 +320,13 @@ def run_demo(models=("mmoe", "ple", "esmm"), epochs: int = 3, batch_size: int = 
                             _move_one_ulp(model, seed * 1000 + ulp_seed)
                         with _quiet():
                             model.compile(optimizer="adam", optimizer_params={"lr": lr}, loss="bce")
-                        if variant in ("accelerated", "accelerated_bf16", "accelerated_bf16_tables"):
-                            nextrec_fast.accelerate(model)
-                            if variant == "accelerated_bf16_tables":  # before Adam's first step: state in bf16
-                                model.embedding.cast_tables(torch.bfloat16)
-                        elif variant == "accelerated_tables":
+                        if variant == "accelerated_tables":
                             nextrec_fast.accelerate(model, embedding_optimizer=(table_optimizer_class(table_optimizer),
                                                                                 {"lr": table_lr}))
+                        elif variant != "nextrec":
+                            nextrec_fast.accelerate(model)
+                        if variant == "accelerated_bf16_tables":  # before Adam's first step: state in bf16
+                            model.embedding.cast_tables(torch.bfloat16)
                         seconds, curve = _fit_run(model, generation, data, train_dict, test_batch, test_labels, epochs,
                                                   batch_size, seed, label, progress, stream,
                                                   autocast=variant == "accelerated_bf16")
