@@ -293,8 +293,7 @@ NEXTREC_FAST_INLINE void backward_block(const Pass<S, T>& p, int64_t e, int64_t 
 }
 
 // The five passes over rows [b0, b1). Column sums go to acc (one or two [C] double arrays of
-// this chunk); `scratch` holds 2 * C values of T.
-
+// this chunk); `scratch` holds 2 * C values of T for the statistics passes (kSum, kMoments).
 template <typename S, typename T, bool kRelu, int kKind>
 NEXTREC_FAST_INLINE void run_rows(const Pass<S, T>& p, int64_t b0, int64_t b1, double* acc1, double* acc2,
                                   T* scratch) {
@@ -385,7 +384,7 @@ std::vector<std::vector<double>> run_pass(PassKind kind, const Pass<S, T>& p, in
   std::vector<double> partial(static_cast<size_t>(num_sums > 0 ? chunks * num_sums * C : 0), 0.0);
   const PassFn<S, T> fn = pass_fn<S, T>(kind);
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<T> scratch(num_sums > 0 ? 2 * C : 0);
+    std::vector<T> scratch(kind == kSum || kind == kMoments ? 2 * C : 0);  // the backward's sums are local
     for (int64_t k = k0; k < k1; ++k) {
       double* acc1 = num_sums > 0 ? partial.data() + (k * num_sums) * C : nullptr;
       double* acc2 = num_sums > 1 ? acc1 + C : nullptr;
