@@ -130,9 +130,10 @@ class TorchRecEmbedding(nn.Module):
             own = self._own.pool(x).split([s.out_dim for s in self._own.slots], dim=1)
             pooled.update(zip([s.name for s in self._own.slots], own))
         pieces = [pooled[s.name] for s in self.slots]
-        param = next(self.parameters(), None)  # dense inputs take the model's dtype
-        model_dtype = param.dtype if param is not None else None
-        pieces += [FastEmbeddingMixin._dense_column(self, spec, x, model_dtype) for spec in self.dense_specs]
+        if self.dense_specs:
+            param = next(self.parameters(), None)  # dense inputs take the model's dtype
+            model_dtype = param.dtype if param is not None else None
+            pieces += [FastEmbeddingMixin._dense_column(self, spec, x, model_dtype) for spec in self.dense_specs]
         return torch.cat(pieces, dim=1)
 
 
