@@ -243,6 +243,8 @@ def test_bf16_fit_variant_runs_nextrecs_fit_under_autocast(bf16_runs, monkeypatc
         assert "skipped" in table and "80x slower" in table
 
 
+@pytest.mark.nextrec
+@needs_data
 def test_bf16_tables_variant_trains_with_bfloat16_tables(monkeypatch):
     """``accelerated_bf16_tables``: nextrec's ``fit`` on the accelerated model whose tables were
     cast to bfloat16 (``embedding.cast_tables``) before the first step: the pooling op reads
