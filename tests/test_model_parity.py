@@ -274,14 +274,42 @@ def _poison_allocations(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(real_new_empty))
 
 
+def _cpu_gemm_path(monkeypatch, gemm: str, experts_count: int) -> list:
+    """Send ``expert_bmm`` down ``gemm``: "per_expert" (threads a multiple of no expert count) or
+    "reused_bmm" (threads dividing every count, every output size pooled); returns the list that
+    records each ``_ExpertBmm`` call's ``per_expert`` flag."""
+    from nextrec_fast.layers import experts
+    from nextrec_fast.ops import reusable_buffer
+    if gemm == "reused_bmm":
+        if not reusable_buffer.is_available():
+            pytest.skip("the C++ extension is not built: no reusable buffers")
+        monkeypatch.setattr(experts, "_cpu_threads", lambda: 1)
+        monkeypatch.setattr(reusable_buffer, "MIN_BYTES", 0)
+    else:
+        monkeypatch.setattr(experts, "_cpu_threads", lambda: 1009)  # a prime above any expert count drawn
+    calls = []
+    real_apply = experts._ExpertBmm.apply
+    monkeypatch.setattr(experts._ExpertBmm, "apply", lambda *a: calls.append(a[-1]) or real_apply(*a))
+    return calls
+
+
+def _poison_reusable_buffers(monkeypatch):
+    """Reused buffers hold the last step's values: NaN-fill them as ``_poison_allocations`` does."""
+    from nextrec_fast.ops import reusable_buffer
+    real = reusable_buffer.reusable_empty
+    monkeypatch.setattr(reusable_buffer, "reusable_empty", lambda like, shape: real(like, shape).fill_(float("nan")))
+
+
 @pytest.mark.parametrize("experts_count", [1, 3, 5])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("layout", ["expert_major", "batch_major_view"])
-def test_expert_bmm_one_gemm_per_expert(experts_count, with_bias, layout, monkeypatch):
-    """``experts.expert_bmm`` with the experts not dividing over the threads (one GEMM per
-    expert, ``_PerExpertBmm``) against ``torch.bmm`` / ``baddbmm`` in float64: output, the
-    input's, every stacked weight's and bias's gradient, each weight's gradient in the weight's
-    own strides, and the double backward (``create_graph=True``). Outputs poisoned with NaN."""
+@pytest.mark.parametrize("gemm", ["per_expert", "reused_bmm"])
+def test_expert_bmm_out_paths(experts_count, with_bias, layout, gemm, monkeypatch):
+    """``experts.expert_bmm`` through ``_ExpertBmm`` (one GEMM per expert when the experts do not
+    divide over the threads; else one bmm into reused buffers) against ``torch.bmm`` / ``baddbmm``
+    in float64: output, the input's, every stacked weight's and bias's gradient, each weight's
+    gradient in the weight's own strides (per expert), and the double backward
+    (``create_graph=True``). Outputs poisoned with NaN."""
     from nextrec_fast.layers import experts
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
@@ -304,14 +332,12 @@ def test_expert_bmm_one_gemm_per_expert(experts_count, with_bias, layout, monkey
         return out, first, grads, second
 
     expected = run(lambda x, w, b: torch.bmm(x, w) if b is None else torch.baddbmm(b, x, w))
-    calls = []
-    real_apply = experts._PerExpertBmm.apply
-    monkeypatch.setattr(experts._PerExpertBmm, "apply", lambda *a: calls.append(1) or real_apply(*a))
-    monkeypatch.setattr(experts, "_cpu_threads", lambda: experts_count + 1)  # never a multiple of E
+    calls = _cpu_gemm_path(monkeypatch, gemm, experts_count)
     _poison_allocations(monkeypatch)
+    _poison_reusable_buffers(monkeypatch)
     got = run(experts.expert_bmm)
     monkeypatch.undo()
-    assert calls, "the per-expert path did not run"
+    assert calls and all(per_expert == (gemm == "per_expert") for per_expert in calls), calls
     out, first, grads, second = got
     torch.testing.assert_close(out, expected[0], rtol=1e-12, atol=1e-12, msg=lambda m: f"output: {m} (seed {seed})")
     for name, g, e in zip(["x"] + [f"weight/bias {i}" for i in range(len(params) - 1)], first, expected[1]):
@@ -325,39 +351,73 @@ def test_expert_bmm_one_gemm_per_expert(experts_count, with_bias, layout, monkey
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"double backward: {m} (seed {seed})")
 
 
-def test_per_expert_bmm_rule(monkeypatch):
-    """When ``expert_bmm`` runs one GEMM per expert: CPU, experts not a multiple of the threads
+def test_cpu_gemm_mode_rule(monkeypatch):
+    """How ``expert_bmm`` runs. One GEMM per expert: CPU, experts not a multiple of the threads
     (bmm gives each expert one thread: 3 experts on 2 threads take as long as 4), at least
-    ``PER_EXPERT_BMM_MIN_ROWS`` rows, one float32/float64 dtype, not under autocast (out= skips its
-    casts) and not while tracing (out= into slices does not trace)."""
+    ``PER_EXPERT_BMM_MIN_ROWS`` rows. One bmm into a reused buffer: otherwise, with an output of
+    at least ``reusable_buffer.MIN_BYTES``. Both only for one float32/float64 dtype, not under
+    autocast (out= skips its casts) and not while tracing (out= into slices does not trace)."""
     from nextrec_fast.layers import experts
+    from nextrec_fast.ops import reusable_buffer
     rows = experts.PER_EXPERT_BMM_MIN_ROWS
     x, w = torch.randn(3, rows, 4), torch.randn(3, 4, 2)
     monkeypatch.setattr(experts, "_cpu_threads", lambda: 2)
-    assert experts._per_expert_bmm(x, w)
-    assert experts._per_expert_bmm(x.double(), w.double())
-    assert not experts._per_expert_bmm(torch.randn(4, rows, 4), torch.randn(4, 4, 2))  # 4 experts, 2 threads: bmm
-    assert not experts._per_expert_bmm(x[:, :rows - 1], w)  # few rows: bmm
-    assert not experts._per_expert_bmm(x, w.double())  # mixed dtypes
-    assert not experts._per_expert_bmm(x.bfloat16(), w.bfloat16())
+    assert experts._cpu_gemm_mode(x, w) == "per_expert"
+    assert experts._cpu_gemm_mode(x.double(), w.double()) == "per_expert"
+    assert experts._cpu_gemm_mode(torch.randn(4, rows, 4), torch.randn(4, 4, 2)) is None  # 4 experts, 2 threads, small
+    assert experts._cpu_gemm_mode(x[:, :rows - 1], w) is None  # few rows, small
+    assert experts._cpu_gemm_mode(x, w.double()) is None  # mixed dtypes
+    assert experts._cpu_gemm_mode(x.bfloat16(), w.bfloat16()) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not experts._per_expert_bmm(x, w)
+        assert experts._cpu_gemm_mode(x, w) is None
     monkeypatch.setattr(experts, "_cpu_threads", lambda: 1)
-    assert not experts._per_expert_bmm(x, w)  # one thread: bmm is as fast
+    assert experts._cpu_gemm_mode(x, w) is None  # one thread: bmm is as fast; the output is small
+    big_rows = reusable_buffer.MIN_BYTES // (4 * 4 * 2) + 1  # [4, big_rows, 2] float32 >= MIN_BYTES
+    big = torch.randn(4, big_rows, 2), torch.randn(4, 2, 2)
+    expected = "bmm" if reusable_buffer.is_available() else None
+    assert experts._cpu_gemm_mode(*big) == expected
+    assert experts._cpu_gemm_mode(big[0][:, :big_rows // 2], big[1]) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert experts._cpu_gemm_mode(*big) is None
+
+
+def test_reusable_empty_reuses_only_unreferenced_buffers():
+    """``reusable_empty`` hands a pooled buffer out again only once nothing references it: not
+    while a tensor, a view or a tensor saved for backward holds it."""
+    from nextrec_fast.ops import reusable_buffer
+    if not reusable_buffer.is_available():
+        pytest.skip("the C++ extension is not built: no reusable buffers")
+    like = torch.empty(0)
+    shape = (3, reusable_buffer.MIN_BYTES // 4 // 3 + 7)  # an unusual size: no other test's buffer
+    a = reusable_buffer.reusable_empty(like, shape)
+    assert a.shape == shape and a.dtype == like.dtype and a.is_contiguous()
+    pointer = a.data_ptr()
+    view = a[1:]
+    del a
+    b = reusable_buffer.reusable_empty(like, shape)
+    assert b.data_ptr() != pointer, "a buffer still referenced by a view was handed out"
+    del view
+    c = reusable_buffer.reusable_empty(like, shape)
+    assert c.data_ptr() == pointer, "a free pooled buffer was not reused"
+    w = torch.randn(shape[1], 2, requires_grad=True)
+    y = (c @ w).sum()  # saves c for backward
+    del c
+    d = reusable_buffer.reusable_empty(like, shape)
+    assert d.data_ptr() != pointer, "a buffer saved for backward was handed out"
+    y.backward()
 
 
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_models_with_one_gemm_per_expert(model, mode, monkeypatch):
-    """Whole models with every batched expert GEMM run one GEMM per expert (the thread count
-    made a multiple of no expert count, batch 200 >= ``PER_EXPERT_BMM_MIN_ROWS``): outputs,
-    every gradient and the running statistics as the reference's, float64 (the path is what
-    PLE's grouped upper levels and odd expert counts get on a multi-core CPU)."""
-    from nextrec_fast.layers import experts
-    calls = []
-    real_apply = experts._PerExpertBmm.apply
-    monkeypatch.setattr(experts._PerExpertBmm, "apply", lambda *a: calls.append(1) or real_apply(*a))
-    monkeypatch.setattr(experts, "_cpu_threads", lambda: 1009)  # a prime above any expert count drawn
+@pytest.mark.parametrize("gemm", ["per_expert", "reused_bmm"])
+def test_models_with_one_gemm_per_expert(model, mode, gemm, monkeypatch):
+    """Whole models with every batched expert GEMM through ``_ExpertBmm``: one GEMM per expert
+    (the thread count made a multiple of no expert count, batch 200 >= ``PER_EXPERT_BMM_MIN_ROWS``;
+    what PLE's grouped upper levels and odd expert counts get on a multi-core CPU), or one bmm
+    into reused, NaN-poisoned buffers (what large batches get). Outputs, every gradient and the
+    running statistics as the reference's, float64."""
+    calls = _cpu_gemm_path(monkeypatch, gemm, 0)
+    _poison_reusable_buffers(monkeypatch)
     seed = random.randrange(2**31)
     ref, fast, x = build_pair(model, seed, batch=200, activation="relu")
     for m in (ref, fast):
@@ -368,4 +428,4 @@ def test_models_with_one_gemm_per_expert(model, mode, monkeypatch):
     assert_same_gradients(grads_fast, grads_ref, rtol=1e-9, scale_atol=1e-11, spread=rounding_spread(ref, x, grads_ref))
     for (name, b_ref), (_, b_fast) in zip(ref.named_buffers(), fast.named_buffers()):
         torch.testing.assert_close(b_fast, b_ref, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m} (seed {seed})")
-    assert calls, f"no batched expert GEMM ran one GEMM per expert (seed {seed})"
+    assert calls, f"no batched expert GEMM ran through _ExpertBmm (seed {seed})"

@@ -27,6 +27,7 @@ from nextrec_fast.activations import activation_name
 from nextrec_fast.backend import get_backend, use_triton
 from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
+from nextrec_fast.ops import reusable_buffer
 
 
 @dataclass
@@ -324,6 +325,10 @@ class ExpertBank:
             bias = None
             if group[0].bias is not None and with_bias:
                 bias = torch.cat([lin.bias for lin in group]) if len(group) > 1 else group[0].bias
+            if start == 0 and stop == len(linears) and _cpu_gemm_mode(x.unsqueeze(0), weight.t().unsqueeze(0)):
+                # One GEMM for all experts: into a reused buffer (expert_bmm over one "expert").
+                out = expert_bmm(x.unsqueeze(0), weight.t().unsqueeze(0), None if bias is None else bias.view(1, 1, -1))
+                return out.view(out.shape[1], -1)  # a view, not [0]: select's backward copies into zeros
             outputs.append(F.linear(x, weight, bias))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
@@ -523,18 +528,24 @@ def _gemm_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias:
 PER_EXPERT_BMM_MIN_ROWS = 128
 
 
-def _per_expert_bmm(x: torch.Tensor, weight_t: torch.Tensor) -> bool:
-    """Whether ``expert_bmm`` should run one GEMM per expert (see PER_EXPERT_BMM_MIN_ROWS)."""
+def _cpu_gemm_mode(x: torch.Tensor, weight_t: torch.Tensor) -> str | None:
+    """How ``expert_bmm`` runs: ``"per_expert"`` (one GEMM per expert on all threads, see
+    PER_EXPERT_BMM_MIN_ROWS), ``"bmm"`` (one bmm into a reused buffer, see
+    ``nextrec_fast.ops.reusable_buffer``), both through ``_ExpertBmm``; None: torch's bmm."""
     # Tracing first: out= into slices does not trace (compile, export and the tracer get the bmm),
     # and torch.get_num_threads() would break a fullgraph compile.
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return False
+        return None
+    if x.device.type != "cpu" or _cpu_autocast_enabled():
+        return None  # out= skips autocast's casts: bmm keeps its bfloat16 GEMMs
+    if x.dtype not in (torch.float32, torch.float64) or weight_t.dtype != x.dtype:
+        return None
     experts, rows = x.shape[0], x.shape[1]
-    if x.device.type != "cpu" or rows < PER_EXPERT_BMM_MIN_ROWS or experts % _cpu_threads() == 0:
-        return False
-    if _cpu_autocast_enabled():
-        return False  # out= skips autocast's casts: bmm keeps its bfloat16 GEMMs
-    return x.dtype in (torch.float32, torch.float64) and weight_t.dtype == x.dtype
+    if rows >= PER_EXPERT_BMM_MIN_ROWS and experts % _cpu_threads() != 0:
+        return "per_expert"
+    if experts * rows * weight_t.shape[2] * x.element_size() >= reusable_buffer.MIN_BYTES and reusable_buffer.is_available():
+        return "bmm"
+    return None
 
 
 def _cpu_threads() -> int:
@@ -544,11 +555,21 @@ def _cpu_threads() -> int:
 def expert_bmm(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.baddbmm(bias, x, weight_t)`` (``torch.bmm`` without ``bias``): ``x`` ``[E, B, K]``,
     ``weight_t`` ``[E, K, N]``, ``bias`` ``[E, 1, N]``; returns ``[E, B, N]``. On CPU, when the
-    experts do not divide evenly over the threads (``_per_expert_bmm``), one GEMM per expert on
-    all threads, forward and backward, with the same result up to float rounding."""
-    if _per_expert_bmm(x, weight_t):
-        return _PerExpertBmm.apply(x, weight_t, bias)
+    experts do not divide evenly over the threads, one GEMM per expert on all threads, forward
+    and backward, with the same result up to float rounding; large outputs and input gradients
+    go into reused buffers (``_cpu_gemm_mode``)."""
+    mode = _cpu_gemm_mode(x, weight_t)
+    if mode is not None:
+        return _ExpertBmm.apply(x, weight_t, bias, mode == "per_expert")
     return torch.bmm(x, weight_t) if bias is None else torch.baddbmm(bias, x, weight_t)
+
+
+def batched_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``torch.bmm(x, y)``, with the output and both gradients in reused CPU buffers when the
+    output is large (``_cpu_gemm_mode``'s ``"bmm"``; never one GEMM per batch entry)."""
+    if _cpu_gemm_mode(x, y) is not None:
+        return _ExpertBmm.apply(x, y, None, False)
+    return torch.bmm(x, y)
 
 
 def _k_padding(x: torch.Tensor) -> int:
@@ -620,7 +641,7 @@ class _ExpertBlockLinear(torch.autograd.Function):
     def forward(ctx, x, experts: int, *params):
         weights, biases = params[:experts], params[experts:]
         out_f, in_f = weights[0].shape
-        out = x.new_empty(x.shape[0], experts * out_f)
+        out = reusable_buffer.reusable_empty(x, (x.shape[0], experts * out_f))
         for e in range(experts):
             torch.addmm(biases[e], x[:, e * in_f:(e + 1) * in_f], weights[e].t(), out=out[:, e * out_f:(e + 1) * out_f])
         ctx.save_for_backward(x, *weights)
@@ -633,7 +654,7 @@ class _ExpertBlockLinear(torch.autograd.Function):
         experts = ctx.experts
         out_f, in_f = weights[0].shape
         need_x = ctx.needs_input_grad[0]
-        grad_x = x.new_empty(x.shape) if need_x else None
+        grad_x = reusable_buffer.reusable_empty(x, x.shape) if need_x else None
         grad_w, grad_b = [], []
         for e in range(experts):
             g = grad[:, e * out_f:(e + 1) * out_f]
@@ -644,28 +665,45 @@ class _ExpertBlockLinear(torch.autograd.Function):
         return (grad_x, None, *grad_w, *grad_b)
 
 
-class _PerExpertBmm(torch.autograd.Function):
-    """``expert_bmm`` as one ``mm`` per expert, written into its slice of the output (and, in
-    backward, of the input and weight gradients; the weight gradient takes ``weight_t``'s strides,
-    so the stacked weights' backward hands each parameter a gradient in its own layout)."""
+class _ExpertBmm(torch.autograd.Function):
+    """``expert_bmm`` on CPU with its output and input gradient in reused buffers
+    (``reusable_empty``): one bmm, or with ``per_expert`` one ``mm`` per expert written into its
+    slice (and, in backward, of the input and weight gradients; the weight gradient then takes
+    ``weight_t``'s strides, so the stacked weights' backward hands each parameter a gradient in
+    its own layout)."""
 
     @staticmethod
-    def forward(ctx, x, weight_t, bias):
-        out = x.new_empty(x.shape[0], x.shape[1], weight_t.shape[2])
-        for e in range(x.shape[0]):
-            _gemm_into(out[e], x[e], weight_t[e], None if bias is None else bias[e])
+    def forward(ctx, x, weight_t, bias, per_expert: bool):
+        out = reusable_buffer.reusable_empty(x, (x.shape[0], x.shape[1], weight_t.shape[2]))
+        if per_expert:
+            for e in range(x.shape[0]):
+                _gemm_into(out[e], x[e], weight_t[e], None if bias is None else bias[e])
+        elif bias is None:
+            torch.bmm(x, weight_t, out=out)
+        else:
+            torch.baddbmm(bias, x, weight_t, out=out)
         ctx.save_for_backward(x, weight_t)
+        ctx.per_expert = per_expert
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, weight_t = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
         grad_b = grad.sum(1, keepdim=True) if need_b else None
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward
             return (torch.bmm(grad, weight_t.transpose(1, 2)) if need_x else None,
-                    torch.bmm(x.transpose(1, 2), grad) if need_w else None, grad_b)
-        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+                    torch.bmm(x.transpose(1, 2), grad) if need_w else None, grad_b, None)
+        grad_x = reusable_buffer.reusable_empty(x, x.shape) if need_x else None
+        if not ctx.per_expert:
+            if need_x:
+                torch.bmm(grad, weight_t.transpose(1, 2), out=grad_x)
+            grad_w = None
+            if need_w and weight_t.transpose(1, 2).is_contiguous():  # stacked [E, N, K] weights, transposed
+                grad_w = torch.bmm(grad.transpose(1, 2), x).transpose(1, 2)  # in the weights' own layout
+            elif need_w:  # an activation (the gates' mixture): as large as x
+                grad_w = torch.bmm(x.transpose(1, 2), grad, out=reusable_buffer.reusable_empty(x, weight_t.shape))
+            return grad_x, grad_w, grad_b, None
         grad_w = None
         if need_w:
             dense = weight_t.is_contiguous() or weight_t.transpose(1, 2).is_contiguous()
@@ -676,7 +714,7 @@ class _PerExpertBmm(torch.autograd.Function):
                 torch.mm(grad[e], weight_t[e].t(), out=grad_x[e])
             if need_w:
                 torch.mm(x[e].t(), grad[e], out=grad_w[e])
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
 def build_banks(mlps: Sequence[nn.Module]) -> list[tuple[int, int, ExpertBank]]:

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nextrec_fast.backend import use_triton
+from nextrec_fast.layers.experts import batched_matmul
 from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
 
@@ -74,7 +75,7 @@ def mix_expert_weights(weights: Sequence[torch.Tensor], experts: torch.Tensor,
         else:
             where = index_tensor(idx, w.device).expand(batch, -1)
             rows.append(w.new_zeros(batch, num_experts).scatter(1, where, w))
-    return torch.bmm(torch.stack(rows, dim=1), experts)
+    return batched_matmul(torch.stack(rows, dim=1), experts)
 
 
 def gated_mixture(gates: Sequence[nn.Module], inputs: Sequence[torch.Tensor], experts: torch.Tensor,
