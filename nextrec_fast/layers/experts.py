@@ -27,7 +27,6 @@ from nextrec_fast.activations import activation_name
 from nextrec_fast.backend import get_backend, use_triton
 from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
-from nextrec_fast.ops import reusable_buffer
 
 
 @dataclass
@@ -325,8 +324,10 @@ class ExpertBank:
             bias = None
             if group[0].bias is not None and with_bias:
                 bias = torch.cat([lin.bias for lin in group]) if len(group) > 1 else group[0].bias
-            if start == 0 and stop == len(linears) and _cpu_gemm_mode(x.unsqueeze(0), weight.t().unsqueeze(0)):
-                # One GEMM for all experts: into a reused buffer (expert_bmm over one "expert").
+            if (start == 0 and stop == len(linears) and x.device.type == "cpu"
+                    and x.shape[0] * weight.shape[0] * x.element_size() >= _reusable_buffers().MIN_BYTES
+                    and _cpu_gemm_mode(x.unsqueeze(0), weight.t().unsqueeze(0))):
+                # One large GEMM for all experts: into a reused buffer (expert_bmm over one "expert").
                 out = expert_bmm(x.unsqueeze(0), weight.t().unsqueeze(0), None if bias is None else bias.view(1, 1, -1))
                 return out.view(out.shape[1], -1)  # a view, not [0]: select's backward copies into zeros
             outputs.append(F.linear(x, weight, bias))
@@ -543,7 +544,7 @@ def _cpu_gemm_mode(x: torch.Tensor, weight_t: torch.Tensor) -> str | None:
     experts, rows = x.shape[0], x.shape[1]
     if rows >= PER_EXPERT_BMM_MIN_ROWS and experts % _cpu_threads() != 0:
         return "per_expert"
-    if experts * rows * weight_t.shape[2] * x.element_size() >= reusable_buffer.MIN_BYTES and reusable_buffer.is_available():
+    if experts * rows * weight_t.shape[2] * x.element_size() >= _reusable_buffers().MIN_BYTES and _reusable_buffers().is_available():
         return "bmm"
     return None
 
@@ -626,6 +627,13 @@ def _bfloat16_op_usable(h: torch.Tensor, norms: list[nn.BatchNorm1d]) -> bool:
             and get_backend() in ("auto", "triton") and _batch_norm_act_op() is not None)
 
 
+def _reusable_buffers():
+    """The ``reusable_buffer`` op module, imported on first use (as ``_batch_norm_act_op``:
+    importing it may build the extension, which ``import nextrec_fast`` must not wait for)."""
+    from nextrec_fast.ops import reusable_buffer
+    return reusable_buffer
+
+
 def _batch_norm_act_op():
     """The C++ ``batch_norm_act`` op module, or None when the extension is unavailable."""
     from nextrec_fast.ops import batch_norm_act as op
@@ -641,7 +649,7 @@ class _ExpertBlockLinear(torch.autograd.Function):
     def forward(ctx, x, experts: int, *params):
         weights, biases = params[:experts], params[experts:]
         out_f, in_f = weights[0].shape
-        out = reusable_buffer.reusable_empty(x, (x.shape[0], experts * out_f))
+        out = _reusable_buffers().reusable_empty(x, (x.shape[0], experts * out_f))
         for e in range(experts):
             torch.addmm(biases[e], x[:, e * in_f:(e + 1) * in_f], weights[e].t(), out=out[:, e * out_f:(e + 1) * out_f])
         ctx.save_for_backward(x, *weights)
@@ -654,7 +662,7 @@ class _ExpertBlockLinear(torch.autograd.Function):
         experts = ctx.experts
         out_f, in_f = weights[0].shape
         need_x = ctx.needs_input_grad[0]
-        grad_x = reusable_buffer.reusable_empty(x, x.shape) if need_x else None
+        grad_x = _reusable_buffers().reusable_empty(x, x.shape) if need_x else None
         grad_w, grad_b = [], []
         for e in range(experts):
             g = grad[:, e * out_f:(e + 1) * out_f]
@@ -674,7 +682,7 @@ class _ExpertBmm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_t, bias, per_expert: bool):
-        out = reusable_buffer.reusable_empty(x, (x.shape[0], x.shape[1], weight_t.shape[2]))
+        out = _reusable_buffers().reusable_empty(x, (x.shape[0], x.shape[1], weight_t.shape[2]))
         if per_expert:
             for e in range(x.shape[0]):
                 _gemm_into(out[e], x[e], weight_t[e], None if bias is None else bias[e])
@@ -694,7 +702,7 @@ class _ExpertBmm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward
             return (torch.bmm(grad, weight_t.transpose(1, 2)) if need_x else None,
                     torch.bmm(x.transpose(1, 2), grad) if need_w else None, grad_b, None)
-        grad_x = reusable_buffer.reusable_empty(x, x.shape) if need_x else None
+        grad_x = _reusable_buffers().reusable_empty(x, x.shape) if need_x else None
         if not ctx.per_expert:
             if need_x:
                 torch.bmm(grad, weight_t.transpose(1, 2), out=grad_x)
@@ -702,7 +710,7 @@ class _ExpertBmm(torch.autograd.Function):
             if need_w and weight_t.transpose(1, 2).is_contiguous():  # stacked [E, N, K] weights, transposed
                 grad_w = torch.bmm(grad.transpose(1, 2), x).transpose(1, 2)  # in the weights' own layout
             elif need_w:  # an activation (the gates' mixture): as large as x
-                grad_w = torch.bmm(x.transpose(1, 2), grad, out=reusable_buffer.reusable_empty(x, weight_t.shape))
+                grad_w = torch.bmm(x.transpose(1, 2), grad, out=_reusable_buffers().reusable_empty(x, weight_t.shape))
             return grad_x, grad_w, grad_b, None
         grad_w = None
         if need_w:
