@@ -60,6 +60,18 @@ class OutputCache {
     return fresh;
   }
 
+  // Drops every entry (a buffer still in use stays with its tensors) and returns the bytes of
+  // those nothing else referenced: they go back to the allocator now.
+  int64_t clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    int64_t released = 0;
+    for (const c10::Storage& s : entries_)
+      if (s.use_count() == 1) released += static_cast<int64_t>(s.nbytes());
+    entries_.clear();
+    bytes_ = 0;
+    return released;
+  }
+
   static OutputCache& instance() {
     static OutputCache cache;
     return cache;

@@ -14,11 +14,16 @@ at::Tensor reusable_empty_cpu(const at::Tensor& like, at::IntArrayRef size) {
   return OutputCache::instance().empty(size, like.options());
 }
 
+int64_t release_cached_buffers() { return OutputCache::instance().clear(); }
+
 }  // namespace nextrec_fast
 
 TORCH_LIBRARY_FRAGMENT(nextrec_fast, m) {
   // A contiguous tensor of `size` with `like`'s dtype and device; contents undefined.
   m.def("reusable_empty(Tensor like, int[] size) -> Tensor");
+  // Empties the pool (nextrec_fast.empty_cache); returns the bytes let go of. No tensor argument:
+  // one kernel for every dispatch key.
+  m.def("release_cached_buffers() -> int", &nextrec_fast::release_cached_buffers);
 }
 
 TORCH_LIBRARY_IMPL(nextrec_fast, CPU, m) {

@@ -19,6 +19,7 @@ API) with nextrec 0.3, ``nextrec_fast.features.v06`` without nextrec. Version-pi
 from nextrec_fast.backend import get_backend, set_backend, use_backend
 from nextrec_fast.compat import UnsupportedModelError
 from nextrec_fast.integration import accelerate, is_accelerated, patch_nextrec, restore, unpatch_nextrec
+from nextrec_fast.ops import empty_cache
 from nextrec_fast.ops import register_ops as _register_ops
 from nextrec_fast.validation import MissingFeatureError
 
@@ -32,6 +33,7 @@ __all__ = [
     "MissingFeatureError", "UnsupportedModelError",
     "get_backend", "set_backend", "use_backend",
     "accelerate", "restore", "is_accelerated", "patch_nextrec", "unpatch_nextrec",
+    "empty_cache",
     "__version__",
 ]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import nextrec_fast
 from nextrec_fast.models import standalone
 from nextrec_fast import reference
 from model_factory import random_features, random_inputs, random_model_kwargs
@@ -379,6 +380,76 @@ def test_cpu_gemm_mode_rule(monkeypatch):
     assert experts._cpu_gemm_mode(big[0][:, :big_rows // 2], big[1]) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert experts._cpu_gemm_mode(*big) is None
+
+
+def test_torch_backend_calls_no_extension_op():
+    """``NEXTREC_FAST_BACKEND=torch`` means no C++ extension: the expert bank and the gates'
+    mixture at a batch whose GEMM outputs the pool would take call none of our ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from nextrec_fast.layers.experts import ExpertBank
+    from nextrec_fast.layers.gates import mix_experts
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    mlps = [nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU())
+            for _ in range(4)]
+    x = torch.randn(2048, 64, requires_grad=True)
+    with nextrec_fast.use_backend("torch"), Ops() as ops:
+        y = ExpertBank(mlps)([x])
+        mixed = mix_experts([torch.randn(2048, 4)], y)
+        (mixed.sum() + y.sum()).backward()
+    assert not [n for n in ops.names if n.startswith("nextrec_fast")], sorted(ops.names)
+
+
+def test_empty_cache_releases_free_buffers_only():
+    """``nextrec_fast.empty_cache`` drops the pool: it reports the bytes of the buffers nothing
+    used, and a buffer still in use stays valid (and is not counted)."""
+    from nextrec_fast.ops import reusable_buffer
+    if not reusable_buffer.is_available():
+        assert nextrec_fast.empty_cache() == 0
+        pytest.skip("the C++ extension is not built: no pool")
+    like = torch.empty(0)
+    shape = (5, reusable_buffer.MIN_BYTES // 4 // 5 + 11)
+    nextrec_fast.empty_cache()
+    a = reusable_buffer.reusable_empty(like, shape)
+    nbytes = a.numel() * a.element_size()  # not untyped_storage(): its Python object would pin the buffer
+    del a
+    assert nextrec_fast.empty_cache() >= nbytes
+    b = reusable_buffer.reusable_empty(like, shape).fill_(3.0)
+    assert nextrec_fast.empty_cache() == 0
+    assert torch.equal(b, torch.full(shape, 3.0))
+
+
+def test_export_with_a_dynamic_batch():
+    """``torch.export`` of an expert bank with a dynamic batch: no size test of ours (the pooled
+    first linear's, the small-batch GEMMs', the K padding's) may become a guard on it; the
+    program matches eager at two batch sizes."""
+    from torch.export import Dim
+    from nextrec_fast.layers.experts import ExpertBank
+
+    class Bank(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8)) for _ in range(2))
+
+        def forward(self, x):
+            return ExpertBank(list(self.mlps))([x])
+
+    torch.manual_seed(0)
+    module = Bank().eval().double()
+    program = torch.export.export(module, (torch.randn(2000, 16, dtype=torch.float64),),
+                                  dynamic_shapes=({0: Dim("batch", min=2, max=100000)},))
+    for batch in (300, 20000):
+        x = torch.randn(batch, 16, dtype=torch.float64)
+        torch.testing.assert_close(program.module()(x), module(x), rtol=1e-12, atol=1e-12)
 
 
 def test_reusable_empty_reuses_only_unreferenced_buffers():

@@ -324,7 +324,7 @@ class ExpertBank:
             bias = None
             if group[0].bias is not None and with_bias:
                 bias = torch.cat([lin.bias for lin in group]) if len(group) > 1 else group[0].bias
-            if (start == 0 and stop == len(linears) and x.device.type == "cpu"
+            if (start == 0 and stop == len(linears) and x.device.type == "cpu" and not _tracing()
                     and x.shape[0] * weight.shape[0] * x.element_size() >= _reusable_buffers().MIN_BYTES
                     and _cpu_gemm_mode(x.unsqueeze(0), weight.t().unsqueeze(0))):
                 # One large GEMM for all experts: into a reused buffer (expert_bmm over one "expert").
@@ -489,7 +489,8 @@ PER_EXPERT_GEMM_MAX_BATCH = 256
 def _per_expert_gemms(xs: list[torch.Tensor], linears) -> bool:
     """Whether ``_expert_mm`` should run this layer on inputs ``xs`` (see PER_EXPERT_GEMM_MAX_BATCH)."""
     x = xs[0]
-    if x.device.type != "cpu" or x.shape[-2] > PER_EXPERT_GEMM_MAX_BATCH or torch.compiler.is_compiling():
+    # Tracing first: under torch.compile / export a size test on a symbolic batch becomes a guard.
+    if _tracing() or x.device.type != "cpu" or x.shape[-2] > PER_EXPERT_GEMM_MAX_BATCH:
         return False
     if _cpu_autocast_enabled():
         return False  # autocast skips ops given out=: the GEMMs would run in float32, not bfloat16
@@ -529,13 +530,18 @@ def _gemm_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias:
 PER_EXPERT_BMM_MIN_ROWS = 128
 
 
+def _tracing() -> bool:
+    """torch.compile, export or the JIT tracer is tracing: no out=, and no size tests (guards)."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _cpu_gemm_mode(x: torch.Tensor, weight_t: torch.Tensor) -> str | None:
     """How ``expert_bmm`` runs: ``"per_expert"`` (one GEMM per expert on all threads, see
     PER_EXPERT_BMM_MIN_ROWS), ``"bmm"`` (one bmm into a reused buffer, see
     ``nextrec_fast.ops.reusable_buffer``), both through ``_ExpertBmm``; None: torch's bmm."""
     # Tracing first: out= into slices does not trace (compile, export and the tracer get the bmm),
     # and torch.get_num_threads() would break a fullgraph compile.
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if _tracing():
         return None
     if x.device.type != "cpu" or _cpu_autocast_enabled():
         return None  # out= skips autocast's casts: bmm keeps its bfloat16 GEMMs
@@ -544,7 +550,8 @@ def _cpu_gemm_mode(x: torch.Tensor, weight_t: torch.Tensor) -> str | None:
     experts, rows = x.shape[0], x.shape[1]
     if rows >= PER_EXPERT_BMM_MIN_ROWS and experts % _cpu_threads() != 0:
         return "per_expert"
-    if experts * rows * weight_t.shape[2] * x.element_size() >= _reusable_buffers().MIN_BYTES and _reusable_buffers().is_available():
+    if (experts * rows * weight_t.shape[2] * x.element_size() >= _reusable_buffers().MIN_BYTES
+            and get_backend() in ("auto", "triton") and _reusable_buffers().is_available()):
         return "bmm"
     return None
 
@@ -575,8 +582,8 @@ def batched_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _k_padding(x: torch.Tensor) -> int:
     """Zero columns to append to the first layer's ``[B, K]`` input (0: none)."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or x.shape[0] < K_PAD_MIN_BATCH
-            or torch.compiler.is_compiling() or _cpu_autocast_enabled()):
+    if (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2
+            or x.shape[0] < K_PAD_MIN_BATCH or _cpu_autocast_enabled()):
         return 0
     return (-x.shape[1]) % K_PAD_MULTIPLE
 
@@ -627,6 +634,14 @@ def _bfloat16_op_usable(h: torch.Tensor, norms: list[nn.BatchNorm1d]) -> bool:
             and get_backend() in ("auto", "triton") and _batch_norm_act_op() is not None)
 
 
+def _reusable_empty(like: torch.Tensor, shape) -> torch.Tensor:
+    """An uninitialised buffer for ``out=``: from the extension's pool (``reusable_buffer``) unless
+    the backend is ``torch`` or ``reference`` (no C++ extension), else ``like.new_empty``."""
+    if get_backend() in ("auto", "triton"):
+        return _reusable_buffers().reusable_empty(like, shape)
+    return like.new_empty(shape)
+
+
 def _reusable_buffers():
     """The ``reusable_buffer`` op module, imported on first use (as ``_batch_norm_act_op``:
     importing it may build the extension, which ``import nextrec_fast`` must not wait for)."""
@@ -649,7 +664,7 @@ class _ExpertBlockLinear(torch.autograd.Function):
     def forward(ctx, x, experts: int, *params):
         weights, biases = params[:experts], params[experts:]
         out_f, in_f = weights[0].shape
-        out = _reusable_buffers().reusable_empty(x, (x.shape[0], experts * out_f))
+        out = _reusable_empty(x, (x.shape[0], experts * out_f))
         for e in range(experts):
             torch.addmm(biases[e], x[:, e * in_f:(e + 1) * in_f], weights[e].t(), out=out[:, e * out_f:(e + 1) * out_f])
         ctx.save_for_backward(x, *weights)
@@ -662,7 +677,7 @@ class _ExpertBlockLinear(torch.autograd.Function):
         experts = ctx.experts
         out_f, in_f = weights[0].shape
         need_x = ctx.needs_input_grad[0]
-        grad_x = _reusable_buffers().reusable_empty(x, x.shape) if need_x else None
+        grad_x = _reusable_empty(x, x.shape) if need_x else None
         grad_w, grad_b = [], []
         for e in range(experts):
             g = grad[:, e * out_f:(e + 1) * out_f]
@@ -682,7 +697,7 @@ class _ExpertBmm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_t, bias, per_expert: bool):
-        out = _reusable_buffers().reusable_empty(x, (x.shape[0], x.shape[1], weight_t.shape[2]))
+        out = _reusable_empty(x, (x.shape[0], x.shape[1], weight_t.shape[2]))
         if per_expert:
             for e in range(x.shape[0]):
                 _gemm_into(out[e], x[e], weight_t[e], None if bias is None else bias[e])
@@ -702,7 +717,7 @@ class _ExpertBmm(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward
             return (torch.bmm(grad, weight_t.transpose(1, 2)) if need_x else None,
                     torch.bmm(x.transpose(1, 2), grad) if need_w else None, grad_b, None)
-        grad_x = _reusable_buffers().reusable_empty(x, x.shape) if need_x else None
+        grad_x = _reusable_empty(x, x.shape) if need_x else None
         if not ctx.per_expert:
             if need_x:
                 torch.bmm(grad, weight_t.transpose(1, 2), out=grad_x)
@@ -710,7 +725,7 @@ class _ExpertBmm(torch.autograd.Function):
             if need_w and weight_t.transpose(1, 2).is_contiguous():  # stacked [E, N, K] weights, transposed
                 grad_w = torch.bmm(grad.transpose(1, 2), x).transpose(1, 2)  # in the weights' own layout
             elif need_w:  # an activation (the gates' mixture): as large as x
-                grad_w = torch.bmm(x.transpose(1, 2), grad, out=_reusable_buffers().reusable_empty(x, weight_t.shape))
+                grad_w = torch.bmm(x.transpose(1, 2), grad, out=_reusable_empty(x, weight_t.shape))
             return grad_x, grad_w, grad_b, None
         grad_w = None
         if need_w:

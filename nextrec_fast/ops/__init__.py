@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["register_ops"]
+__all__ = ["register_ops", "empty_cache"]
 
 
 def register_ops() -> None:
@@ -27,3 +27,16 @@ def register_ops() -> None:
         modules += ["pooled_embedding", "batch_norm_act", "reusable_buffer"]
     for name in modules:
         importlib.import_module(f"nextrec_fast.ops.{name}")
+
+
+def empty_cache() -> int:
+    """Let go of the CPU buffers that the C++ ops and the expert GEMMs keep for reuse across calls
+    (at most 32 buffers and 1 GiB; ``docs/internals.md``), as ``torch.cuda.empty_cache`` does for
+    CUDA's cache: e.g. after inference at a large batch. Buffers still in use stay with their
+    tensors. Returns the bytes released (int); 0 without the extension."""
+    from nextrec_fast import _extension
+    import torch
+
+    if _extension.load(build=False) is None or not hasattr(torch.ops.nextrec_fast, "release_cached_buffers"):
+        return 0
+    return int(torch.ops.nextrec_fast.release_cached_buffers())
