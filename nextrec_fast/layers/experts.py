@@ -325,6 +325,7 @@ class ExpertBank:
             if group[0].bias is not None and with_bias:
                 bias = torch.cat([lin.bias for lin in group]) if len(group) > 1 else group[0].bias
             if (start == 0 and stop == len(linears) and x.device.type == "cpu" and not _tracing()
+                    and get_backend() in ("auto", "triton")
                     and x.shape[0] * weight.shape[0] * x.element_size() >= _reusable_buffers().MIN_BYTES
                     and _cpu_gemm_mode(x.unsqueeze(0), weight.t().unsqueeze(0))):
                 # One large GEMM for all experts: into a reused buffer (expert_bmm over one "expert").
@@ -550,8 +551,10 @@ def _cpu_gemm_mode(x: torch.Tensor, weight_t: torch.Tensor) -> str | None:
     experts, rows = x.shape[0], x.shape[1]
     if rows >= PER_EXPERT_BMM_MIN_ROWS and experts % _cpu_threads() != 0:
         return "per_expert"
-    if (experts * rows * weight_t.shape[2] * x.element_size() >= _reusable_buffers().MIN_BYTES
-            and get_backend() in ("auto", "triton") and _reusable_buffers().is_available()):
+    # The backends torch and reference never touch the extension (importing its module may build it).
+    if (get_backend() in ("auto", "triton")
+            and experts * rows * weight_t.shape[2] * x.element_size() >= _reusable_buffers().MIN_BYTES
+            and _reusable_buffers().is_available()):
         return "bmm"
     return None
 
