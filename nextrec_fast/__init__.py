@@ -58,8 +58,7 @@ def _default_features():
     if drop_ins is standalone_v06:
         from nextrec_fast.features import v06
         return v06
-    if drop_ins.__name__.endswith(".v06"):
-        from nextrec.basic import features
-        return features
-    from nextrec_fast import features
+    # The nextrec-backed models (0.3 and 0.6) build nextrec's EmbeddingLayer, which checks the
+    # class: nextrec's own features (our 0.3.1 copies in nextrec_fast.features were refused).
+    from nextrec.basic import features
     return features

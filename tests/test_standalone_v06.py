@@ -230,14 +230,23 @@ def test_default_drop_ins_without_nextrec_are_0_6(monkeypatch):
 @pytest.mark.nextrec
 def test_top_level_features_go_with_the_top_level_models():
     """``nextrec_fast.SparseFeature`` is what ``nextrec_fast.MMOE`` takes, whichever nextrec is
-    installed: nextrec 0.6's own (its EmbeddingLayer checks the class), our 0.3.1 copies, or 0.6's
-    copies without nextrec."""
-    if GENERATION == "0.6":
+    installed: the installed nextrec's own (its EmbeddingLayer checks the class, in 0.3.1 as in
+    0.6), or 0.6's copies without nextrec. A model built from them runs."""
+    if GENERATION in ("0.6", "0.3"):
         from nextrec.basic import features as expected
-    elif GENERATION == "0.3":
-        expected = nextrec_fast.features
     else:
         expected = features_v06
     for name in ("SparseFeature", "SequenceFeature", "DenseFeature"):
         assert getattr(nextrec_fast, name) is getattr(expected, name), name
     assert {"MMOE", "PLE", "ESMM", "SparseFeature"} <= set(dir(nextrec_fast))
+    sparse = [nextrec_fast.SparseFeature("u", vocab_size=10, embedding_dim=4)]
+    if GENERATION == "0.3":
+        model = nextrec_fast.MMOE([], sparse, [], expert_params={"dims": [8]}, num_experts=2,
+                                  tower_params_list=[{"dims": [4]}] * 2, target=["a", "b"], task=["binary"] * 2)
+    else:
+        model = nextrec_fast.MMOE([], sparse, [], expert_mlp_params={"hidden_dims": [8]}, num_experts=2,
+                                  tower_mlp_params_list=[{}] * 2, target=["a", "b"])
+    model.eval()
+    with torch.no_grad():
+        out = model({"u": torch.randint(0, 10, (5,))})
+    assert out.shape == (5, 2)

@@ -33,7 +33,9 @@ def empty_cache() -> int:
     """Let go of the CPU buffers that the C++ ops and the expert GEMMs keep for reuse across calls
     (at most 32 buffers and 1 GiB; ``docs/internals.md``), as ``torch.cuda.empty_cache`` does for
     CUDA's cache: e.g. after inference at a large batch. Buffers still in use stay with their
-    tensors. Returns the bytes released (int); 0 without the extension."""
+    tensors. Returns the bytes released (int; 0 without the extension). It under-counts a buffer
+    whose storage Python has asked for (``untyped_storage()``, e.g. through ``torch.save``): that
+    one is released too, but not counted."""
     from nextrec_fast import _extension
     import torch
 
