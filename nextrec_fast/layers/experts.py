@@ -324,9 +324,8 @@ class ExpertBank:
             bias = None
             if group[0].bias is not None and with_bias:
                 bias = torch.cat([lin.bias for lin in group]) if len(group) > 1 else group[0].bias
-            if (start == 0 and stop == len(linears) and x.device.type == "cpu" and not _tracing()
-                    and get_backend() in ("auto", "triton")
-                    and x.shape[0] * weight.shape[0] * x.element_size() >= _reusable_buffers().MIN_BYTES
+            if (start == 0 and stop == len(linears) and not _tracing()
+                    and _reused_output(x, x.shape[0] * weight.shape[0])  # before building the views below
                     and _cpu_gemm_mode(x.unsqueeze(0), weight.t().unsqueeze(0))):
                 # One large GEMM for all experts: into a reused buffer (expert_bmm over one "expert").
                 out = expert_bmm(x.unsqueeze(0), weight.t().unsqueeze(0), None if bias is None else bias.view(1, 1, -1))
@@ -551,12 +550,16 @@ def _cpu_gemm_mode(x: torch.Tensor, weight_t: torch.Tensor) -> str | None:
     experts, rows = x.shape[0], x.shape[1]
     if rows >= PER_EXPERT_BMM_MIN_ROWS and experts % _cpu_threads() != 0:
         return "per_expert"
+    return "bmm" if _reused_output(x, experts * rows * weight_t.shape[2]) else None
+
+
+def _reused_output(x: torch.Tensor, numel: int) -> bool:
+    """Whether a GEMM output of ``numel`` elements of ``x``'s dtype is worth a reused buffer: on
+    CPU, at least ``reusable_buffer.MIN_BYTES``, the extension built. Ask ``_tracing()`` first: a
+    size test on a symbolic batch becomes a guard."""
     # The backends torch and reference never touch the extension (importing its module may build it).
-    if (get_backend() in ("auto", "triton")
-            and experts * rows * weight_t.shape[2] * x.element_size() >= _reusable_buffers().MIN_BYTES
-            and _reusable_buffers().is_available()):
-        return "bmm"
-    return None
+    return (x.device.type == "cpu" and get_backend() in ("auto", "triton")
+            and numel * x.element_size() >= _reusable_buffers().MIN_BYTES and _reusable_buffers().is_available())
 
 
 def _cpu_threads() -> int:

@@ -2,9 +2,9 @@
 
 A training step frees its activations and gradients and allocates the same shapes again in the
 next step. glibc gives large freed blocks back to the OS, so each step page-faults them in again
-(the kernel zero-fills every 4 KiB page on first touch). The C++ ops already take their outputs from a pool of buffers nothing
-references any more (``csrc/output_cache.h``); this op hands out the same pool's buffers to
-Python code that writes with ``out=`` (the expert GEMMs).
+(the kernel zero-fills every 4 KiB page on first touch). The C++ ops already take their outputs
+from a pool of buffers nothing references any more (``csrc/output_cache.h``); this op hands out
+the same pool's buffers to Python code that writes with ``out=`` (the expert GEMMs).
 """
 from __future__ import annotations
 
