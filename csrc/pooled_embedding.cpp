@@ -902,19 +902,16 @@ void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out,
       const int64_t D = plan.tables[blk.table].size(1);
       const int64_t n = (blk.row_end - blk.row_begin) * D;
       scalar_t* grad = static_cast<scalar_t*>(grad_of[blk.table]) + blk.row_begin * D;
-      const bool add_into = !dirty.empty() && dirty[blk.table] != nullptr;
-      // The rows of the gradient that may hold something from before: only the dirty ones when
-      // they are known, else all of them.
-      auto zero_stale_rows = [&]() {
-        if (add_into) {
-          const int64_t* rows = dirty[blk.table];
-          for (int64_t k = 0; k < dirty_count[blk.table]; ++k)
-            if (rows[k] >= blk.row_begin && rows[k] < blk.row_end)
-              std::memset(grad + (rows[k] - blk.row_begin) * D, 0, D * sizeof(scalar_t));
-        } else {
-          zero_block(grad, n * static_cast<int64_t>(sizeof(scalar_t)), true);
-        }
-      };
+      // Zero the rows of the gradient that may hold something from before: only the dirty ones
+      // when they are known, else all of them.
+      if (!dirty.empty() && dirty[blk.table] != nullptr) {
+        const int64_t* rows = dirty[blk.table];
+        for (int64_t k = 0; k < dirty_count[blk.table]; ++k)
+          if (rows[k] >= blk.row_begin && rows[k] < blk.row_end)
+            std::memset(grad + (rows[k] - blk.row_begin) * D, 0, D * sizeof(scalar_t));
+      } else {
+        zero_block(grad, n * static_cast<int64_t>(sizeof(scalar_t)), true);
+      }
       // Every id this block receives, in the scatter's order (half types).
       auto visit_ids = [&](auto&& fn) {
         for (const FeatureMeta* f : readers[blk.table]) {
@@ -929,12 +926,10 @@ void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out,
       };
       acc_t* block;
       if constexpr (in_place) {
-        zero_stale_rows();
         block = grad;
       } else {
         // An fp32 scratch of the block's rows, rounded once into the gradient: only the rows the
         // batch touches are zeroed, summed and rounded (see block_bytes above).
-        zero_stale_rows();
         if (static_cast<int64_t>(scratch.size()) < n) scratch.resize(n);
         block = scratch.data();
         visit_ids([&](int64_t id) { std::memset(block + (id - blk.row_begin) * D, 0, D * sizeof(acc_t)); });
