@@ -260,19 +260,21 @@ def test_bias_only_training_at_small_batches(model, seed, mode):
     assert_same_gradients(grads_fast, grads_ref, rtol=1e-9, scale_atol=1e-11, spread=rounding_spread(ref, x, grads_ref))
 
 
+def _poisoned(make):
+    """``make`` (an allocator), its floating-point results NaN-filled."""
+    def allocate(*args, **kwargs):
+        t = make(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    return allocate
+
+
 def _poison_allocations(monkeypatch):
     """``torch.empty``, ``torch.empty_strided`` and ``Tensor.new_empty`` return NaN-filled
     floating-point tensors: a GEMM slice that an ``out=`` loop never wrote shows up as NaN."""
     real_empty, real_strided, real_new_empty = torch.empty, torch.empty_strided, torch.Tensor.new_empty
-
-    def poisoned(make):
-        def allocate(*args, **kwargs):
-            t = make(*args, **kwargs)
-            return t.fill_(float("nan")) if t.is_floating_point() else t
-        return allocate
-    monkeypatch.setattr(torch, "empty", poisoned(real_empty))
-    monkeypatch.setattr(torch, "empty_strided", poisoned(real_strided))
-    monkeypatch.setattr(torch.Tensor, "new_empty", poisoned(real_new_empty))
+    monkeypatch.setattr(torch, "empty", _poisoned(real_empty))
+    monkeypatch.setattr(torch, "empty_strided", _poisoned(real_strided))
+    monkeypatch.setattr(torch.Tensor, "new_empty", _poisoned(real_new_empty))
 
 
 def _cpu_gemm_path(monkeypatch, gemm: str, experts_count: int) -> list:
@@ -297,8 +299,7 @@ def _cpu_gemm_path(monkeypatch, gemm: str, experts_count: int) -> list:
 def _poison_reusable_buffers(monkeypatch):
     """Reused buffers hold the last step's values: NaN-fill them as ``_poison_allocations`` does."""
     from nextrec_fast.ops import reusable_buffer
-    real = reusable_buffer.reusable_empty
-    monkeypatch.setattr(reusable_buffer, "reusable_empty", lambda like, shape: real(like, shape).fill_(float("nan")))
+    monkeypatch.setattr(reusable_buffer, "reusable_empty", _poisoned(reusable_buffer.reusable_empty))
 
 
 @pytest.mark.parametrize("experts_count", [1, 3, 5])
