@@ -231,6 +231,22 @@ enum PassKind { kMoments, kNormalize, kReduce, kInputGrad, kSum };
 // Channels per block of the backward passes.
 constexpr int64_t kBlock = 32;
 
+// Rows ahead the backward prefetches. It walks a column block down the rows, one row a page
+// (4 KiB) away from the next, and hardware prefetchers do not cross pages: without this each
+// row's block was a demand miss and the backward ran ~10x the forward's time.
+constexpr int64_t kPrefetchRows = 8;
+
+template <typename S>
+NEXTREC_FAST_INLINE void prefetch_block(const S* row, int64_t width, bool write) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < width * static_cast<int64_t>(sizeof(S)); off += 64) {
+    if (write)
+      __builtin_prefetch(bytes + off, 1);
+    else
+      __builtin_prefetch(bytes + off, 0);
+  }
+}
+
 // One backward pass over rows [b0, b1) of expert e's channels n0 .. n0 + width. Rows one at a
 // time over the whole [C] (as the forward does) kept two double column sums per channel in
 // memory, a load and a store per element and sum: the backward ran 4-5x the forward's time, at
@@ -252,6 +268,11 @@ NEXTREC_FAST_INLINE void backward_block(const Pass<S, T>& p, int64_t e, int64_t 
   for (int64_t b = b0; b < b1; ++b) {
     const S* __restrict x = p.x.at(e, b, n0);
     const S* __restrict g = p.grad_out.at(e, b, n0);
+    if (b + kPrefetchRows < b1) {
+      prefetch_block(p.x.at(e, b + kPrefetchRows, n0), w, false);
+      prefetch_block(p.grad_out.at(e, b + kPrefetchRows, n0), w, false);
+      if constexpr (kKind != kReduce) prefetch_block(p.out.at(e, b + kPrefetchRows, n0), w, true);
+    }
     // dz = grad_out * relu'(z) in T: the select vectorises on its own (next to a widening to
     // double GCC gives up: "control flow in loop").
     for (int64_t j = 0; j < w; ++j) dz[j] = masked_grad<T, kRelu>(load<T>(g[j]), load<T>(x[j]), scale[j], shift[j]);
