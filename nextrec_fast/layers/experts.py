@@ -783,8 +783,8 @@ def run_experts(mlps: Sequence[nn.Module], inputs, input_of: Sequence[int] | Non
             stop += 1
         for first, last, bank in build_banks(mlps[start:stop]):
             first, last = start + first, start + last
-            if stacked:
-                outputs.append(bank(inputs[first:last]))
+            if stacked:  # the whole stack unsliced: a slice's backward zero-fills a copy
+                outputs.append(bank(inputs if last - first == inputs.shape[0] else inputs[first:last]))
             else:
                 outputs.append(bank(inputs, None if input_of is None else input_of[first:last]))
         start = stop

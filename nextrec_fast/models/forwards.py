@@ -119,9 +119,15 @@ class FastPLEForward(_FastForward):
             index = task_gate_index + ([] if last else shared_gate_index)
             with record_function("nextrec_fast.gates"):
                 gated = gated_mixture(gates, gate_inputs, experts, index)  # [B, G, D]
-            task_inputs = list(gated[:, :tasks].unbind(1))
-            shared_input = None if last else gated[:, tasks]
-        tower_inputs = gated[:, :tasks].transpose(0, 1) if gated is not None else torch.stack(task_inputs)
+            # One unbind, not a slice and a select: their backwards each zero-fill a [B, G, D]
+            # gradient and add; unbind's stacks the parts' gradients in one pass.
+            parts = gated.unbind(1)
+            task_inputs = list(parts[:tasks])
+            shared_input = None if last else parts[tasks]
+        if gated is None:
+            tower_inputs = torch.stack(task_inputs)
+        else:  # the last level gates the tasks only: no slice (its backward zero-fills too)
+            tower_inputs = (gated if gated.shape[1] == tasks else gated[:, :tasks]).transpose(0, 1)
         with record_function("nextrec_fast.towers"):
             logits = run_experts(self.towers, tower_inputs).flatten(1)  # [B, T]
         return self._compat.multitask_output(self, logits)
