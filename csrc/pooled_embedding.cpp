@@ -719,7 +719,8 @@ struct RowBlock {
 };
 
 // Positions ahead the scatter prefetches a block row (and rows ahead the dirty-row zeroing):
-// both hit the rows of a block far larger than the caches at random, a miss per id without it.
+// both hit a block's rows at random, and an fp32 block of a large table (in place) is far larger
+// than the caches: a miss per id without it. (Half types scatter into a scratch of <= 4 MiB.)
 constexpr int64_t kScatterPrefetch = 16;
 constexpr int64_t kBagPrefetch = 8;
 
@@ -757,7 +758,9 @@ void scatter_feature_block(const FeatureMeta& f, const scalar_t* grad_out, int64
     bag_bounds(f, b, &begin, &end);
     begin = kept_begin(begin, end, f.max_len);
     const scalar_t* g = grad_out + b * out_stride;
-    // The feature's columns of grad_out, a row (all features' columns) apart: prefetched too.
+    // The first line of the feature's grad_out columns (sum / mean), bags a row (all features'
+    // columns) apart: prefetched too; in a table's later row blocks most bags own no id and
+    // their line goes unused.
     if (b + kBagPrefetch < batch && f.combiner != kConcat)
       __builtin_prefetch(grad_out + (b + kBagPrefetch) * out_stride + f.out_offset, 0);
     if (f.combiner == kConcat) {

@@ -784,7 +784,7 @@ def run_experts(mlps: Sequence[nn.Module], inputs, input_of: Sequence[int] | Non
         for first, last, bank in build_banks(mlps[start:stop]):
             first, last = start + first, start + last
             if stacked:  # the whole stack unsliced: a slice's backward zero-fills a copy
-                outputs.append(bank(inputs if last - first == inputs.shape[0] else inputs[first:last]))
+                outputs.append(bank(inputs if (first, last) == (0, inputs.shape[0]) else inputs[first:last]))
             else:
                 outputs.append(bank(inputs, None if input_of is None else input_of[first:last]))
         start = stop
