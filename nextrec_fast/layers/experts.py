@@ -245,7 +245,10 @@ class ExpertBank:
                 h = self._batch_norm_act(op, layer, h, linear_bias, relu=relu, out_expert_major=not last)
                 if relu:
                     act = None
-            if act is not None and layer.norms is None:
+            if (act is not None and layer.norms is None and not last and h.dim() == 2 and type(act) is nn.ReLU
+                    and not _dropout_active(layer) and not _tracing()):
+                h = _ReluExpertMajor.apply(h, experts)  # [B, E*N] -> [E, B, N] for the next bmm
+            elif act is not None and layer.norms is None:
                 h = self._activation(layer.acts, h)  # a fresh GEMM output: ReLU rectifies in place
             elif act is not None:
                 h = act(h)  # parameter-free (PReLU takes the PyTorch path): layout does not matter
@@ -441,6 +444,37 @@ class ExpertBank:
             slopes = torch.cat([a.weight.expand(width) if a.weight.numel() == 1 else a.weight for a in acts])
             return F.prelu(h, slopes)
         return acts[0](h)  # parameter-free: the same function for every expert
+
+
+def _dropout_active(layer: _Layer) -> bool:
+    return layer.dropouts is not None and layer.dropouts[0].p > 0 and layer.dropouts[0].training
+
+
+class _ReluExpertMajor(torch.autograd.Function):
+    """ReLU of a batch-major ``[B, E*N]`` layer output written expert-major ``[E, B, N]`` (what
+    the next layer's bmm reads) in one pass; the backward writes the input's gradient batch-major
+    in one pass. In place ReLU, ``.transpose(0, 1).contiguous()`` and autograd's view backward
+    cost a pass and a copy forward and a full clone backward (and, on a view of a reused GEMM
+    buffer, CopySlices' clone and zero-fill): MLPs without BatchNorm, nextrec 0.6's default.
+    ReLU is ``clamp_min(x, 0)`` and its backward ``threshold_backward(grad, out, 0)``, as torch's."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, experts: int) -> torch.Tensor:
+        view = h.view(h.shape[0], experts, -1).transpose(0, 1)
+        out = torch.empty(view.shape, dtype=h.dtype, device=h.device)
+        torch.clamp_min(view, 0, out=out)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out, = ctx.saved_tensors
+        experts, batch, width = out.shape
+        if torch.is_grad_enabled():  # create_graph: differentiable ops
+            return torch.ops.aten.threshold_backward(grad, out, 0).transpose(0, 1).reshape(batch, -1), None
+        grad_in = torch.empty((batch, experts, width), dtype=grad.dtype, device=grad.device)
+        torch.ops.aten.threshold_backward.grad_input(grad.transpose(0, 1), out.transpose(0, 1), 0, grad_input=grad_in)
+        return grad_in.view(batch, -1), None
 
 
 def _is_layer_norm(layer: _Layer) -> bool:
