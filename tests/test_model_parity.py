@@ -357,8 +357,8 @@ def test_expert_bmm_out_paths(experts_count, with_bias, layout, gemm, monkeypatc
 def test_relu_expert_major(experts_count, monkeypatch):
     """``experts._ReluExpertMajor`` (a batch-major layer's ReLU written expert-major, the MLPs
     without BatchNorm) against ``torch.relu(h).view(B, E, N).transpose(0, 1)`` in float64, with
-    NaN, +-0 and a strided input (a view of a wider buffer): output, gradient, and the double
-    backward (``create_graph=True``). Allocations poisoned with NaN."""
+    NaN, +-0 and a strided input (a view of a wider buffer): output, gradient, the double
+    backward (``create_graph=True``) and forward-mode AD's tangent. Allocations poisoned with NaN."""
     from nextrec_fast.layers import experts
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
@@ -384,6 +384,16 @@ def test_relu_expert_major(experts_count, monkeypatch):
     for name, g, e in zip(["output", "gradient", "gradient (create_graph)", "double backward"], got, expected):
         torch.testing.assert_close(g, e, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m} (seed {seed})")
     assert torch.equal(torch.signbit(got[0]), torch.signbit(expected[0]))  # relu(-0.0) keeps torch's sign
+    import torch.autograd.forward_ad as fwad
+    tangent = torch.randn(wide.shape, dtype=torch.float64, generator=gen)
+    tangents = []
+    for relu in (lambda h: torch.relu(h).view(batch, experts_count, width).transpose(0, 1),
+                 lambda h: experts._ReluExpertMajor.apply(h, experts_count)):
+        with fwad.dual_level():
+            dual = fwad.make_dual(wide.detach(), tangent)
+            tangents.append(fwad.unpack_dual(relu(dual[:, :experts_count * width])).tangent)
+    torch.testing.assert_close(tangents[1], tangents[0], rtol=0, atol=0, equal_nan=True,
+                               msg=lambda m: f"forward-mode tangent: {m} (seed {seed})")
 
 
 def test_cpu_gemm_mode_rule(monkeypatch):

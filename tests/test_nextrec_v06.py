@@ -105,6 +105,43 @@ def test_accelerate_matches_float64_nextrec(kind, norm_type, mode):
     assert not nextrec_fast.is_accelerated(model)
 
 
+def test_relu_experts_without_norm_take_the_expert_major_path(monkeypatch):
+    """0.6's default MLP (no norm) with ReLU, accelerated, float64: the first expert layer's ReLU
+    runs through ``experts._ReluExpertMajor`` (the one-pass layout change), and the outputs, every
+    gradient, and forward-mode AD's output tangent equal nextrec's."""
+    import torch.autograd.forward_ad as fwad
+    from nextrec.models.multitask.mmoe import MMOE
+    from nextrec_fast.layers import experts
+    calls = []
+    real = experts._ReluExpertMajor.apply
+    monkeypatch.setattr(experts._ReluExpertMajor, "apply", lambda *args: calls.append(args[1]) or real(*args))
+    seed = _seed("relu_expert_major")
+    _, feats = random_v06_model("mmoe", seed, norm_type="none")
+    mlp = {"hidden_dims": [6, 4], "activation": "relu", "norm_type": "none"}
+    torch.manual_seed(seed)
+    plain = MMOE(*feats, expert_mlp_params=mlp, num_experts=3, tower_mlp_params_list=[mlp, mlp],
+                 target=["t0", "t1"]).double()
+    model = nextrec_fast.accelerate(copy.deepcopy(plain))
+    x = random_v06_inputs(feats, batch=7, generator=torch.Generator().manual_seed(seed))
+    x = {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
+    with nextrec_float64():
+        out_plain, g_plain = _grads(plain, x)
+        out_fast, g_fast = _grads(model, x)
+        tangents = []
+        for m in (plain, model):
+            with fwad.dual_level():
+                weight = dict(m.named_parameters())["experts.0.mlp.0.weight"]
+                dual = {"experts.0.mlp.0.weight": fwad.make_dual(weight.detach(), torch.ones_like(weight))}
+                out = torch.func.functional_call(m, dual, (x,))
+                out = torch.cat(out, 1) if isinstance(out, (list, tuple)) else out
+                tangents.append(fwad.unpack_dual(out).tangent)
+    assert calls and set(calls) == {3}, calls  # the 3 experts' first layer (the towers run stacked: expert-major already)
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-12, atol=1e-14)
+    for name, g in g_plain.items():
+        torch.testing.assert_close(g_fast[name], g, rtol=1e-10, atol=1e-13, msg=lambda m: f"{name}: {m} (seed {seed})")
+    torch.testing.assert_close(tangents[1], tangents[0], rtol=1e-10, atol=1e-13)
+
+
 def test_accelerate_is_atomic():
     """A model the fast path cannot take (here: a gate that is not Linear + Softmax) is left
     exactly as it was, and the error says what is unsupported."""

@@ -246,7 +246,7 @@ class ExpertBank:
                 if relu:
                     act = None
             if (act is not None and layer.norms is None and not last and h.dim() == 2 and type(act) is nn.ReLU
-                    and not _dropout_active(layer) and not _tracing()):
+                    and not _dropout_active(layer) and not _tracing() and not _functorch_active()):
                 h = _ReluExpertMajor.apply(h, experts)  # [B, E*N] -> [E, B, N] for the next bmm
             elif act is not None and layer.norms is None:
                 h = self._activation(layer.acts, h)  # a fresh GEMM output: ReLU rectifies in place
@@ -446,6 +446,11 @@ class ExpertBank:
         return acts[0](h)  # parameter-free: the same function for every expert
 
 
+def _functorch_active() -> bool:
+    from nextrec_fast.ops._dispatch import _functorch_transforms_active
+    return _functorch_transforms_active()
+
+
 def _dropout_active(layer: _Layer) -> bool:
     return layer.dropouts is not None and layer.dropouts[0].p > 0 and layer.dropouts[0].training
 
@@ -456,7 +461,9 @@ class _ReluExpertMajor(torch.autograd.Function):
     in one pass. In place ReLU, ``.transpose(0, 1).contiguous()`` and autograd's view backward
     cost a pass and a copy forward and a full clone backward (and, on a view of a reused GEMM
     buffer, CopySlices' clone and zero-fill): MLPs without BatchNorm, nextrec 0.6's default.
-    ReLU is ``clamp_min(x, 0)`` and its backward ``threshold_backward(grad, out, 0)``, as torch's."""
+    ReLU is ``clamp_min(x, 0)`` and its backward ``threshold_backward(grad, out, 0)``, as torch's;
+    forward-mode AD (``jvp``) masks the tangent the same way. Not under functorch transforms
+    (``torch.func``), which need ``setup_context``: the bank keeps in-place ReLU there."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, experts: int) -> torch.Tensor:
@@ -464,7 +471,15 @@ class _ReluExpertMajor(torch.autograd.Function):
         out = torch.empty(view.shape, dtype=h.dtype, device=h.device)
         torch.clamp_min(view, 0, out=out)
         ctx.save_for_backward(out)
+        ctx.save_for_forward(out)
+        ctx.experts = experts
         return out
+
+    @staticmethod
+    def jvp(ctx, h_tangent: torch.Tensor, _experts_tangent) -> torch.Tensor:
+        out, = ctx.saved_tensors
+        tangent = h_tangent.view(h_tangent.shape[0], ctx.experts, -1).transpose(0, 1)
+        return torch.ops.aten.threshold_backward(tangent, out, 0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
