@@ -358,7 +358,8 @@ def test_relu_expert_major(experts_count, monkeypatch):
     """``experts._ReluExpertMajor`` (a batch-major layer's ReLU written expert-major, the MLPs
     without BatchNorm) against ``torch.relu(h).view(B, E, N).transpose(0, 1)`` in float64, with
     NaN, +-0 and a strided input (a view of a wider buffer): output, gradient, the double
-    backward (``create_graph=True``) and forward-mode AD's tangent. Allocations poisoned with NaN."""
+    backward (``create_graph=True``) and forward-mode AD's tangent. Allocations and the reused
+    buffers poisoned with NaN."""
     from nextrec_fast.layers import experts
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
@@ -378,6 +379,7 @@ def test_relu_expert_major(experts_count, monkeypatch):
 
     expected = run(lambda h: torch.relu(h).view(batch, experts_count, width).transpose(0, 1))
     _poison_allocations(monkeypatch)
+    _poison_reusable_buffers(monkeypatch)
     got = run(lambda h: experts._ReluExpertMajor.apply(h, experts_count))
     monkeypatch.undo()
     assert got[0].shape == (experts_count, batch, width) and got[0].is_contiguous()

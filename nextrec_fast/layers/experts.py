@@ -468,7 +468,7 @@ class _ReluExpertMajor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, experts: int) -> torch.Tensor:
         view = h.view(h.shape[0], experts, -1).transpose(0, 1)
-        out = torch.empty(view.shape, dtype=h.dtype, device=h.device)
+        out = _reusable_empty(h, view.shape)  # pooled as the GEMMs' outputs: no page faults per step
         torch.clamp_min(view, 0, out=out)
         ctx.save_for_backward(out)
         ctx.save_for_forward(out)
@@ -487,7 +487,7 @@ class _ReluExpertMajor(torch.autograd.Function):
         experts, batch, width = out.shape
         if torch.is_grad_enabled():  # create_graph: differentiable ops
             return torch.ops.aten.threshold_backward(grad, out, 0).transpose(0, 1).reshape(batch, -1), None
-        grad_in = torch.empty((batch, experts, width), dtype=grad.dtype, device=grad.device)
+        grad_in = _reusable_empty(grad, (batch, experts, width))
         torch.ops.aten.threshold_backward.grad_input(grad.transpose(0, 1), out.transpose(0, 1), 0, grad_input=grad_in)
         return grad_in.view(batch, -1), None
 
