@@ -27,6 +27,7 @@ from nextrec_fast.activations import activation_name
 from nextrec_fast.backend import get_backend, use_triton
 from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
+from nextrec_fast.ops._dispatch import _functorch_transforms_active  # torch only: builds nothing
 
 
 @dataclass
@@ -246,16 +247,14 @@ class ExpertBank:
                 if relu:
                     act = None
             if (act is not None and layer.norms is None and not last and h.dim() == 2 and type(act) is nn.ReLU
-                    and not _dropout_active(layer) and not _tracing() and not _functorch_active()):
+                    and not _dropout_active(layer) and not _tracing() and not _functorch_transforms_active()):
                 h = _ReluExpertMajor.apply(h, experts)  # [B, E*N] -> [E, B, N] for the next bmm
             elif act is not None and layer.norms is None:
                 h = self._activation(layer.acts, h)  # a fresh GEMM output: ReLU rectifies in place
             elif act is not None:
                 h = act(h)  # parameter-free (PReLU takes the PyTorch path): layout does not matter
-            if layer.dropouts is not None:
-                drop = layer.dropouts[0]
-                if drop.p > 0 and drop.training:
-                    h = F.dropout(h, drop.p, training=True)
+            if _dropout_active(layer):
+                h = F.dropout(h, layer.dropouts[0].p, training=True)
         if h.dim() == 3:
             return h.transpose(0, 1)  # [E, B, N] -> [B, E, N] view
         return h.view(h.shape[0], experts, -1)
@@ -446,11 +445,6 @@ class ExpertBank:
         return acts[0](h)  # parameter-free: the same function for every expert
 
 
-def _functorch_active() -> bool:
-    from nextrec_fast.ops._dispatch import _functorch_transforms_active
-    return _functorch_transforms_active()
-
-
 def _dropout_active(layer: _Layer) -> bool:
     return layer.dropouts is not None and layer.dropouts[0].p > 0 and layer.dropouts[0].training
 
@@ -472,13 +466,12 @@ class _ReluExpertMajor(torch.autograd.Function):
         torch.clamp_min(view, 0, out=out)
         ctx.save_for_backward(out)
         ctx.save_for_forward(out)
-        ctx.experts = experts
         return out
 
     @staticmethod
     def jvp(ctx, h_tangent: torch.Tensor, _experts_tangent) -> torch.Tensor:
         out, = ctx.saved_tensors
-        tangent = h_tangent.view(h_tangent.shape[0], ctx.experts, -1).transpose(0, 1)
+        tangent = h_tangent.view(h_tangent.shape[0], out.shape[0], -1).transpose(0, 1)
         return torch.ops.aten.threshold_backward(tangent, out, 0)
 
     @staticmethod
