@@ -368,6 +368,8 @@ def test_relu_expert_major(experts_count, monkeypatch):
     wide[0, 0], wide[1, 1], wide[2, 2] = float("nan"), 0.0, -0.0
     leaf = wide.requires_grad_()
     upstream = torch.randn(experts_count, batch, width, dtype=torch.float64, generator=gen)
+    reference = lambda h: torch.relu(h).view(batch, experts_count, width).transpose(0, 1)  # noqa: E731
+    fast = lambda h: experts._ReluExpertMajor.apply(h, experts_count)  # noqa: E731
 
     def run(relu):
         h = leaf[:, :experts_count * width]  # strided: row stride wider than the row
@@ -377,10 +379,10 @@ def test_relu_expert_major(experts_count, monkeypatch):
         (first,) = torch.autograd.grad((relu(h) * upstream).nansum(), leaf)  # no graph: the out= path
         return out, first, grad, second
 
-    expected = run(lambda h: torch.relu(h).view(batch, experts_count, width).transpose(0, 1))
+    expected = run(reference)
     _poison_allocations(monkeypatch)
     _poison_reusable_buffers(monkeypatch)
-    got = run(lambda h: experts._ReluExpertMajor.apply(h, experts_count))
+    got = run(fast)
     monkeypatch.undo()
     assert got[0].shape == (experts_count, batch, width) and got[0].is_contiguous()
     for name, g, e in zip(["output", "gradient", "gradient (create_graph)", "double backward"], got, expected):
@@ -389,8 +391,7 @@ def test_relu_expert_major(experts_count, monkeypatch):
     import torch.autograd.forward_ad as fwad
     tangent = torch.randn(wide.shape, dtype=torch.float64, generator=gen)
     tangents = []
-    for relu in (lambda h: torch.relu(h).view(batch, experts_count, width).transpose(0, 1),
-                 lambda h: experts._ReluExpertMajor.apply(h, experts_count)):
+    for relu in (reference, fast):
         with fwad.dual_level():
             dual = fwad.make_dual(wide.detach(), tangent)
             tangents.append(fwad.unpack_dual(relu(dual[:, :experts_count * width])).tangent)
