@@ -13,6 +13,7 @@ from nextrec_fast.backend import get_backend, use_backend
 from nextrec_fast.layers.experts import build_banks, run_experts
 from nextrec_fast.layers.gates import check_gates, gated_mixture
 from nextrec_fast.layers.hooks import global_module_hooks_active, needs_module_call
+from nextrec_fast.ops._dispatch import forward_ad_active, functorch_transforms_active
 
 __all__ = ["FastESMMForward", "FastMMOEForward", "FastPLEForward", "FAST_FORWARDS"]
 
@@ -28,10 +29,12 @@ class _FastForward:
 
     def _use_plain_forward(self) -> bool:
         """nextrec's own forward for this call: the ``reference`` backend, ONNX export, GradNorm,
-        and global module hooks (they fire on every module nextrec calls). Hooks and parametrised
-        weights on single modules are honoured part by part (``nextrec_fast.layers.hooks``)."""
-        return (get_backend() == "reference" or global_module_hooks_active()
-                or self._compat.plain_forward_needed(self))
+        ``torch.func`` transforms and forward-mode AD (our ops and autograd Functions have neither
+        batching rules nor tangent formulas), and global module hooks (they fire on every module
+        nextrec calls). Hooks and parametrised weights on single modules are honoured part by
+        part (``nextrec_fast.layers.hooks``)."""
+        return (get_backend() == "reference" or global_module_hooks_active() or forward_ad_active()
+                or functorch_transforms_active() or self._compat.plain_forward_needed(self))
 
     def _embed(self, x) -> torch.Tensor:
         with record_function("nextrec_fast.embedding"):

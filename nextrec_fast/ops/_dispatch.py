@@ -12,10 +12,35 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["call_op"]
+__all__ = ["call_op", "forward_ad_active", "functorch_transforms_active", "reject_tangents"]
 
 # Private torch API: where it is missing, assume a transform may be active (the safe answer).
 _functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, jacrev, ...) wraps this call; False
+    while torch.compile traces (it runs functorch's machinery itself)."""
+    return not torch.compiler.is_compiling() and _functorch_transforms_active()
+
+
+def forward_ad_active() -> bool:
+    """Whether forward-mode AD may be running: inside ``torch.autograd.forward_ad.dual_level()``,
+    or ``torch.func.jvp`` / ``jacfwd`` / ``hessian`` (they open a dual level too). Our ops have
+    no forward-mode formula: torch.library's autograd wrapper drops the tangents silently."""
+    # forward_ad's level counter is private; where it is missing, assume forward AD may run.
+    return getattr(torch.autograd.forward_ad, "_current_level", 0) >= 0
+
+
+def reject_tangents(op, inputs: Iterable[torch.Tensor | None]) -> None:
+    """Raise ``NotImplementedError`` if one of ``inputs`` carries a forward-mode tangent: ``op``
+    would return none (torch.library's autograd wrapper drops them without a word)."""
+    if forward_ad_active() and any(
+            t is not None and torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in inputs):
+        raise NotImplementedError(
+            f"{op} has no forward-mode AD formula (torch.autograd.forward_ad, torch.func.jvp, jacfwd): "
+            "its output would carry no tangent. Run this code under nextrec_fast.use_backend('reference'), "
+            "or call the model, which falls back to nextrec's own forward under forward-mode AD.")
 
 
 def _needs_autograd(differentiable: Iterable[torch.Tensor | None]) -> bool:
@@ -28,7 +53,11 @@ def _needs_autograd(differentiable: Iterable[torch.Tensor | None]) -> bool:
 
 def call_op(op, args: tuple, differentiable: Iterable[torch.Tensor | None]):
     """``op(*args)``; below the Autograd key when none of ``differentiable`` (the op's inputs
-    that have a gradient formula; None entries allowed) needs a gradient."""
+    that have a gradient formula; None entries allowed) needs a gradient.
+
+    Raises ``NotImplementedError`` when one of ``differentiable`` carries a forward-mode tangent
+    (:func:`reject_tangents`). The models fall back to nextrec's own math there."""
+    reject_tangents(op, differentiable)
     if _needs_autograd(differentiable):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():

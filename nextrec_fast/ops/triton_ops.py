@@ -27,6 +27,7 @@ __all__ = [
 # Backend switch (consulted by the fast models)
 # ---------------------------------------------------------------------------------------------
 from nextrec_fast.backend import BACKENDS, get_backend, set_backend  # noqa: E402,F401  (one switch for the package)
+from nextrec_fast.ops._dispatch import reject_tangents  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,6 +442,7 @@ def expert_layer(
         seed = torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
 
     params = (x, weight, bias, bn_weight, bn_bias, prelu_weight)
+    reject_tangents("nextrec_fast::expert_layer_fwd", params)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
     y, _, mean, var = torch.ops.nextrec_fast.expert_layer_fwd(
         x, weight, bias, input_index, bn_weight, bn_bias, bn_running_mean, bn_running_var, prelu_weight, seed,
@@ -470,4 +472,5 @@ def gate_mixture(logits: Tensor, experts: Tensor, expert_index: Optional[Tensor]
             raise ValueError(f"without expert_index the gate width S={S} must equal the number of experts E={E}")
     else:
         _check_index("expert_index", expert_index, (T, S), experts.device)
+    reject_tangents("nextrec_fast::gate_mixture_fwd", (logits, experts))
     return torch.ops.nextrec_fast.gate_mixture_fwd(logits, experts, expert_index)

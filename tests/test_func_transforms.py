@@ -1,0 +1,141 @@
+"""Forward-mode AD and ``torch.func`` transforms through the fast models, and through our ops.
+
+Our ops and autograd Functions have no tangent formulas and no batching rules. Before the fix,
+forward-mode AD through a fast model returned no tangent at all (or zeros under
+``torch.func.jvp``), and ``torch.func.grad`` raised. The models now run nextrec's own math under
+these transforms: tangents and gradients equal the per-module model's in float64. An op called
+directly on an input that carries a tangent raises.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwad
+from torch.func import functional_call
+
+from model_pairs import FLAVOURS, KINDS, model_pair
+from nextrec_generation import nextrec_float64
+
+SEEDS = [random.randrange(2**31) for _ in range(2)]  # fresh configurations; the seed is in the test id
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nextrec writes a session folder into the working directory
+
+
+def _output(model, params: dict, x: dict) -> torch.Tensor:
+    out = functional_call(model, params, (x,))
+    return torch.cat(out, dim=1) if isinstance(out, (list, tuple)) else out
+
+
+def _differentiated(model) -> list[str]:
+    """An embedding table, and the first weight of an expert or tower (their batched paths)."""
+    names = [n for n, _ in model.named_parameters()]
+    table = next(n for n in names if n.startswith("embedding.") and n.endswith(".weight"))
+    weight = next(n for n in names if ("expert" in n or "tower" in n) and n.endswith("weight"))
+    return [table, weight]
+
+
+def _tangents(model, names: list[str], seed: int) -> dict:
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(params[n].shape, generator=gen, dtype=params[n].dtype) for n in names}
+
+
+def _pair(flavour, kind, seed, mode):
+    plain, fast, x = model_pair(flavour, kind, seed)
+    for model in (plain, fast):
+        model.train(mode == "train")
+    return plain, fast, x
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_forward_mode_ad_tangents_equal_plain(flavour, kind, seed, mode):
+    """``forward_ad.dual_level`` and ``torch.func.jvp``: the output tangent for tangents on a
+    table and an expert (or tower) weight equals the per-module model's."""
+    plain, fast, x = _pair(flavour, kind, seed, mode)
+    names = _differentiated(plain)
+    tangents = _tangents(plain, names, seed)
+    results = {}
+    for which, model in (("plain", plain), ("fast", fast)):
+        params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+        with nextrec_float64():
+            with fwad.dual_level():
+                duals = {n: fwad.make_dual(params[n], tangents[n]) for n in names}
+                dual_out = fwad.unpack_dual(_output(model, duals, x))
+            # In train mode BatchNorm's running statistics move once per call in both models
+            # alike; torch.func refuses that in-place update for any model (nn.BatchNorm1d's too).
+            jvp_tangent = torch.func.jvp(lambda *ps: _output(model, dict(zip(names, ps)), x),
+                                         tuple(params[n] for n in names),
+                                         tuple(tangents[n] for n in names))[1] if mode == "eval" else None
+        assert dual_out.tangent is not None, f"{which}: no tangent (seed {seed})"
+        results[which] = (dual_out.primal.detach(), dual_out.tangent, jvp_tangent)
+    for got, want, what in zip(results["fast"], results["plain"], ("output", "dual tangent", "jvp tangent")):
+        if want is None:
+            continue
+        assert got.abs().max() > 0 or what == "output", f"{what} is all zeros (seed {seed})"
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m} (seed {seed})")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_torch_func_grad_equals_plain(flavour, kind, seed):
+    """``torch.func.grad`` of a weighted output sum over a table and an expert weight equals the
+    per-module model's gradient (eval mode: torch.func refuses BatchNorm's in-place statistics
+    update in train mode, for nn.BatchNorm1d too)."""
+    plain, fast, x = _pair(flavour, kind, seed, "eval")
+    names = _differentiated(plain)
+    grads = {}
+    for which, model in (("plain", plain), ("fast", fast)):
+        params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+
+        def loss(ps):
+            out = _output(model, ps, x)
+            return (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum()
+
+        with nextrec_float64():
+            grads[which] = torch.func.grad(loss)(params)
+    for name in names:
+        assert grads["plain"][name].abs().max() > 0, name
+        torch.testing.assert_close(grads["fast"][name], grads["plain"][name], rtol=1e-10, atol=1e-12,
+                                   msg=lambda m: f"{name}: {m} (seed {seed})")
+
+
+def _pooling_call(table):
+    from nextrec_fast.ops import pooled_embedding as pe
+    ids = [torch.tensor([[1, 2, 0], [3, 0, 0]])]
+    return pe.pooled_embedding([table], ids, table_index=[0], combiners=["mean"], mask_ids=[0], max_lens=[-1],
+                               feature_names=["f"])
+
+
+def _batch_norm_call(x):
+    from nextrec_fast.ops import batch_norm_act as op
+    channels = x.shape[1]
+    ones, zeros = torch.ones(channels, dtype=x.dtype), torch.zeros(channels, dtype=x.dtype)
+    return op.batch_norm_act(x, experts=2, linear_bias=zeros, weight=ones, bias=zeros, running_mean=None,
+                             running_var=None, training=True, eps=1e-5, relu=True, out_expert_major=False)[0]
+
+
+@pytest.mark.parametrize("call, shape", [(_pooling_call, (5, 4)), (_batch_norm_call, (6, 4))],
+                         ids=["pooled_embedding", "batch_norm_act"])
+def test_ops_refuse_inputs_with_tangents(call, shape):
+    """An op input carrying a tangent raises (naming the op), under ``dual_level`` and
+    ``torch.func.jvp``; without a tangent the same call runs inside both."""
+    from nextrec_fast.ops import batch_norm_act, pooled_embedding
+    if not (pooled_embedding.is_available() and batch_norm_act.is_available()):
+        pytest.skip(f"the C++ extension is unavailable: {pooled_embedding.unavailable_reason()}")
+    x = torch.randn(*shape, dtype=torch.float64)
+    with fwad.dual_level():
+        plain = call(x)  # no tangent anywhere: runs
+        with pytest.raises(NotImplementedError, match="nextrec_fast.*forward-mode AD"):
+            call(fwad.make_dual(x, torch.ones_like(x)))
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(call, (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(call(x), plain, rtol=0, atol=0)
