@@ -109,7 +109,7 @@ def test_relu_experts_without_norm_take_the_expert_major_path(monkeypatch):
     """0.6's default MLP (no norm) with ReLU, accelerated, float64: the first expert layer's ReLU
     runs through ``experts._ReluExpertMajor`` (the one-pass layout change), and the outputs, every
     gradient, and forward-mode AD's output tangent (there the model runs nextrec's own forward:
-    tests/test_func_transforms.py) equal nextrec's."""
+    tests/test_autograd_modes.py) equal nextrec's."""
     import torch.autograd.forward_ad as fwad
     from nextrec.models.multitask.mmoe import MMOE
     from nextrec_fast.layers import experts

@@ -14,5 +14,8 @@ def index_tensor(values, device: torch.device) -> torch.Tensor:
     key = (str(device), repr(values))
     cached = _index_cache.get(key)
     if cached is None:
-        cached = _index_cache[key] = torch.tensor(values, device=device)
+        # Never an inference tensor: one made by a first call under torch.inference_mode() could
+        # not be saved for backward by a later training call (scatter and index_select save it).
+        with torch.inference_mode(False):
+            cached = _index_cache[key] = torch.tensor(values, device=device)
     return cached
