@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include "output_cache.h"
+#include "prefetch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -237,16 +238,6 @@ constexpr int64_t kBlock = 32;
 // the [2048, 2048] backward ran ~10x the forward's time.
 constexpr int64_t kPrefetchRows = 8;
 
-template <typename S>
-NEXTREC_FAST_INLINE void prefetch_block(const S* row, int64_t width, bool write) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < width * static_cast<int64_t>(sizeof(S)); off += 64) {
-    if (write)
-      __builtin_prefetch(bytes + off, 1);
-    else
-      __builtin_prefetch(bytes + off, 0);
-  }
-}
 
 // One backward pass over rows [b0, b1) of expert e's channels n0 .. n0 + width. Rows one at a
 // time over the whole [C] (as the forward does) kept two double column sums per channel in
@@ -270,9 +261,9 @@ NEXTREC_FAST_INLINE void backward_block(const Pass<S, T>& p, int64_t e, int64_t 
     const S* __restrict x = p.x.at(e, b, n0);
     const S* __restrict g = p.grad_out.at(e, b, n0);
     if (b + kPrefetchRows < b1) {
-      prefetch_block(p.x.at(e, b + kPrefetchRows, n0), w, false);
-      prefetch_block(p.grad_out.at(e, b + kPrefetchRows, n0), w, false);
-      if constexpr (kKind != kReduce) prefetch_block(p.out.at(e, b + kPrefetchRows, n0), w, true);
+      prefetch_row<false>(p.x.at(e, b + kPrefetchRows, n0), w);
+      prefetch_row<false>(p.grad_out.at(e, b + kPrefetchRows, n0), w);
+      if constexpr (kKind != kReduce) prefetch_row<true>(p.out.at(e, b + kPrefetchRows, n0), w);
     }
     // dz = grad_out * relu'(z) in T: the select vectorises on its own (next to a widening to
     // double GCC gives up: "control flow in loop").

@@ -4,6 +4,7 @@
 // One call pools every feature of a model into one [B, total_dim] output, written once.
 #include "pooled_embedding.h"
 #include "output_cache.h"
+#include "prefetch.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -729,12 +730,6 @@ inline int64_t flat_positions(const FeatureMeta& f, int64_t batch) {
   return f.offsets == nullptr ? batch * f.seq_len : f.seq_len;
 }
 
-template <typename T>
-C10_ALWAYS_INLINE void prefetch_row_for_write(const T* row, int64_t dim) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t off = 0; off < dim * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(bytes + off, 1);
-}
-
 // Adds the block's contributions of one feature into `block` (rows [row_begin, row_end) of the
 // gradient, in the accumulation type).
 template <typename scalar_t, typename index_t>
@@ -751,7 +746,7 @@ void scatter_feature_block(const FeatureMeta& f, const scalar_t* grad_out, int64
   auto prefetch_ahead = [&](int64_t p) {
     if (p + kScatterPrefetch >= positions) return;
     const int64_t ahead = static_cast<int64_t>(ids[p + kScatterPrefetch]);
-    if (ahead >= row_begin && ahead < row_end) prefetch_row_for_write(block + (ahead - row_begin) * D, D);
+    if (ahead >= row_begin && ahead < row_end) prefetch_row<true>(block + (ahead - row_begin) * D, D);
   };
   for (int64_t b = 0; b < batch; ++b) {
     int64_t begin, end;
@@ -942,7 +937,7 @@ void backward_cpu_kernel(const PoolingPlan& plan, const at::Tensor& grad_out,
           if (k + kScatterPrefetch < count) {
             const int64_t ahead = rows[k + kScatterPrefetch];
             if (ahead >= blk.row_begin && ahead < blk.row_end)
-              prefetch_row_for_write(grad + (ahead - blk.row_begin) * D, D);
+              prefetch_row<true>(grad + (ahead - blk.row_begin) * D, D);
           }
           if (rows[k] >= blk.row_begin && rows[k] < blk.row_end)
             std::memset(grad + (rows[k] - blk.row_begin) * D, 0, D * sizeof(scalar_t));
