@@ -1,5 +1,11 @@
-"""Autograd modes through the fast models: ``torch.inference_mode``, forward-mode AD and
-``torch.func`` transforms (and through our ops).
+"""Autograd modes through the fast models: ``torch.inference_mode``, double backward
+(``create_graph=True``), forward-mode AD and ``torch.func`` transforms (and through our ops).
+
+Our C++ backwards have no derivative of their own. Before the fix, a second derivative through
+a fast model (a gradient penalty, GradNorm, a Hessian-vector product) silently missed their
+terms (ESMM: wrong by 100%) or raised on an ``out=`` GEMM (MMOE, PLE). Under
+``create_graph=True`` the ops now form their gradients with autograd over the same computation
+in PyTorch ops, and the expert GEMMs without ``out=``.
 
 A first call under ``torch.inference_mode()`` once cached an inference tensor (a gate's expert
 index) that a later training call of PLE could not save for backward: that call raised.
@@ -74,7 +80,12 @@ def test_forward_mode_ad_tangents_equal_plain(flavour, kind, seed, mode):
         with nextrec_float64():
             with fwad.dual_level():
                 duals = {n: fwad.make_dual(params[n], tangents[n]) for n in names}
-                dual_out = fwad.unpack_dual(_output(model, duals, x))
+                try:
+                    dual_out = fwad.unpack_dual(_output(model, duals, x))
+                except NotImplementedError as error:  # PyTorch's own CPU attention has no forward AD
+                    if which == "plain" and "forward AD" in str(error):
+                        pytest.skip(f"this configuration has no forward-mode AD in PyTorch: {error} (seed {seed})")
+                    raise
             # In train mode BatchNorm's running statistics move once per call in both models
             # alike; torch.func refuses that in-place update for any model (nn.BatchNorm1d's too).
             jvp_tangent = torch.func.jvp(lambda *ps: _output(model, dict(zip(names, ps)), x),
@@ -87,7 +98,8 @@ def test_forward_mode_ad_tangents_equal_plain(flavour, kind, seed, mode):
             continue
         # Some configurations' tangents are NaN in nextrec's own math too (forward-mode AD of a
         # norm at zero): the fast model must give the same NaNs.
-        assert (want != 0).any() or what == "output", f"{what} is all zeros (seed {seed})"
+        if what != "output" and not (want != 0).any():  # dead ReLUs over a few rows: nothing to compare
+            pytest.skip(f"the plain model's {what} is all zeros in this configuration (seed {seed})")
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=True,
                                    msg=lambda m: f"{what}: {m} (seed {seed})")
 
@@ -111,7 +123,8 @@ def test_torch_func_grad_equals_plain(flavour, kind, seed):
 
         with nextrec_float64():
             grads[which] = torch.func.grad(loss)(params)
-    assert any(grads["plain"][name].abs().max() > 0 for name in names), f"all gradients zero (seed {seed})"
+    if not any(grads["plain"][name].abs().max() > 0 for name in names):  # dead ReLUs over a few rows
+        pytest.skip(f"the plain model's gradients are all zero in this configuration (seed {seed})")
     for name in names:
         torch.testing.assert_close(grads["fast"][name], grads["plain"][name], rtol=1e-10, atol=1e-12,
                                    msg=lambda m: f"{name}: {m} (seed {seed})")
@@ -133,6 +146,52 @@ def test_training_after_inference_mode_equals_plain(flavour, kind, seed):
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-12,
                                    msg=lambda m: f"inference_mode, train={train}: {m} (seed {seed})")
     assert_same_results(forward_backward(fast, x), forward_backward(plain, x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("seed", SEEDS + [random.randrange(2**31) for _ in range(2)])
+def test_double_backward_equals_plain(flavour, kind, seed):
+    """A gradient penalty's gradient (``create_graph=True``, then backward through the
+    gradients; train mode) equals the per-module model's for every parameter, tables included.
+    Skipped where the per-module model itself has no second derivative (some of PyTorch's own
+    backwards have none: hardsigmoid's, CPU attention's)."""
+    plain, fast, x = model_pair(flavour, kind, seed)
+    results = {}
+    for which, model in (("plain", plain), ("fast", fast)):
+        names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])  # frozen tables: none
+        with nextrec_float64():
+            out = output_of(model, x)
+            loss = (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum()
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            penalty = sum(g.square().sum() for g in grads if g is not None)
+            if which == "plain" and not penalty.requires_grad:
+                pytest.skip(f"no gradient depends on a parameter in this configuration (seed {seed})")
+            try:
+                second = torch.autograd.grad(penalty, params, allow_unused=True)
+            except RuntimeError as error:
+                if which == "plain" and "is not implemented" in str(error):
+                    pytest.skip(f"this configuration has no second derivative in PyTorch: {error} (seed {seed})")
+                raise
+        results[which] = (out.detach(), {n: None if g is None else g.detach() for n, g in zip(names, second)})
+    (out_fast, g_fast), (out_plain, g_plain) = results["fast"], results["plain"]
+    torch.testing.assert_close(out_fast, out_plain, rtol=1e-10, atol=1e-12)
+    if any(g is not None and g.isnan().any() for g in g_plain.values()):
+        # nextrec's attention pooling gives NaN second derivatives (softmax over fully masked
+        # positions); they reach other rows through zero-weighted padding, differently by path.
+        pytest.skip(f"nextrec's own second derivative has NaNs in this configuration (seed {seed})")
+    # Linear biases before a training-mode BatchNorm have a zero gradient in exact arithmetic:
+    # there both are rounding noise, which the absolute tolerance (relative to the largest) covers.
+    scale = max(g.abs().max().item() for g in g_plain.values() if g is not None)
+    if scale == 0:  # dead ReLUs over a few rows
+        pytest.skip(f"the plain model's second derivatives are all zero in this configuration (seed {seed})")
+    for name, g in g_plain.items():
+        if g is None:
+            assert g_fast[name] is None or not g_fast[name].any(), name
+            continue
+        assert g_fast[name] is not None, f"{name}: no gradient"
+        torch.testing.assert_close(g_fast[name], g, rtol=1e-6, atol=1e-9 * scale,
+                                   msg=lambda m: f"{name}: {m} (seed {seed})")
 
 
 def _pooling_call(table):
@@ -166,3 +225,52 @@ def test_ops_refuse_inputs_with_tangents(call, shape):
     with pytest.raises(NotImplementedError, match="forward-mode AD"):
         torch.func.jvp(call, (x,), (torch.ones_like(x),))
     torch.testing.assert_close(call(x), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["batch_stats", "running_stats"])
+@pytest.mark.parametrize("layout", ["batch_major", "grouped_expert_major"])
+def test_batch_norm_act_gradgradcheck(training, layout):
+    """The op's first derivative is differentiable (float64 ``gradgradcheck``): x, linear bias,
+    weight and bias, with ReLU, both input layouts and both output layouts."""
+    from nextrec_fast.ops import batch_norm_act as op
+    if not op.is_available():
+        pytest.skip("the C++ extension is unavailable")
+    gen = torch.Generator().manual_seed(11)
+    experts, batch, width = 4, 6, 3
+    x = torch.randn(batch, experts * width, generator=gen, dtype=torch.float64)
+    if layout == "grouped_expert_major":  # [G, B, (E/G)*N], G = 2
+        x = x.view(batch, 2, 2 * width).transpose(0, 1).contiguous()
+    params = [torch.randn(experts * width, generator=gen, dtype=torch.float64) for _ in range(3)]
+    running = (torch.randn(experts * width, generator=gen, dtype=torch.float64),
+               torch.rand(experts * width, generator=gen, dtype=torch.float64) + 0.5)
+    for out_expert_major in (False, True):
+        def fn(x, lb, w, b):
+            return op.batch_norm_act(x, experts=experts, linear_bias=lb, weight=w, bias=b, running_mean=running[0],
+                                     running_var=running[1], training=training, eps=1e-3, relu=True,
+                                     out_expert_major=out_expert_major)[0]
+        inputs = tuple(t.clone().requires_grad_() for t in (x, *params))
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+def test_pooled_embedding_gradgradcheck():
+    """The pooling op's first derivative is differentiable (float64 ``gradgradcheck``) in the
+    tables and the per-id weights: padded and jagged bags, sum and mean, truncation, a shared
+    table; a padding row gets no gradient in either order."""
+    from nextrec_fast.ops import pooled_embedding as pe
+    if not pe.is_available():
+        pytest.skip(f"the C++ extension is unavailable: {pe.unavailable_reason()}")
+    gen = torch.Generator().manual_seed(5)
+    tables = [torch.randn(7, 3, generator=gen, dtype=torch.float64), torch.randn(5, 2, generator=gen, dtype=torch.float64)]
+    ids = [torch.tensor([[1, 0, 3], [0, 0, 0], [6, 6, 2]]), torch.tensor([4, 0, 1, 1, 3]), torch.tensor([[2], [5], [0]])]
+    offsets = [None, torch.tensor([0, 2, 2, 5]), None]
+    weights = [torch.rand(3, 3, generator=gen, dtype=torch.float64), torch.rand(5, generator=gen, dtype=torch.float64)]
+
+    def fn(t0, t1, w0, w1):
+        out = pe.pooled_embedding([t0, t1], ids, table_index=[0, 1, 0], combiners=["mean", "sum", "sum"],
+                                  mask_ids=[0, 0, -1], max_lens=[2, -1, -1], feature_names=["a", "b", "c"],
+                                  offsets=offsets, per_id_weights=[w0, w1, None], grad_padding_idx=[0, -1])
+        return out * out  # not linear in the tables: their second derivative is not zero
+    inputs = tuple(t.clone().requires_grad_() for t in (*tables, *weights))
+    assert torch.autograd.gradgradcheck(fn, inputs)
+    (grad_table,) = torch.autograd.grad(fn(*inputs).sum(), inputs[0], create_graph=True)
+    assert grad_table.requires_grad and not grad_table[0].any()  # the padding row

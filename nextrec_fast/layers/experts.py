@@ -725,6 +725,14 @@ class _ExpertBlockLinear(torch.autograd.Function):
         experts = ctx.experts
         out_f, in_f = weights[0].shape
         need_x = ctx.needs_input_grad[0]
+        if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward (no out=)
+            blocks = [grad[:, e * out_f:(e + 1) * out_f] for e in range(experts)]
+            inputs = [x[:, e * in_f:(e + 1) * in_f] for e in range(experts)]
+            grad_x = torch.cat([g.mm(w) for g, w in zip(blocks, weights)], dim=1) if need_x else None
+            grad_w = [g.t().mm(i) if ctx.needs_input_grad[2 + e] else None
+                      for e, (g, i) in enumerate(zip(blocks, inputs))]
+            grad_b = [g.sum(0) if ctx.needs_input_grad[2 + experts + e] else None for e, g in enumerate(blocks)]
+            return (grad_x, None, *grad_w, *grad_b)
         grad_x = _reusable_empty(x, x.shape) if need_x else None
         grad_w, grad_b = [], []
         for e in range(experts):

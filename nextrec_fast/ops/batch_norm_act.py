@@ -92,6 +92,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     x, linear_bias, weight, bias, mean_x, var = ctx.saved_tensors
     experts, training, eps, relu, out_expert_major = ctx.flags
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True (a gradient penalty, GradNorm, Hessian-vector products): the C++
+        # backward has no derivative of its own, so the first derivative comes from autograd
+        # over the same computation in PyTorch ops, which can be differentiated again.
+        inputs = (x, linear_bias, weight, bias)
+        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+        out = _reference_forward(x, linear_bias, weight, bias, mean_x, var, experts, training, eps, relu,
+                                 out_expert_major)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:4]), *([None] * 7))
     grad_x, grad_linear_bias, grad_weight, grad_bias = torch.ops.nextrec_fast.batch_norm_act_backward(
         grad_out, x, linear_bias, weight, bias, mean_x, var, experts, training, eps, relu,
         out_expert_major)
@@ -99,6 +109,33 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
     return (grad_x if needs[0] else None, grad_linear_bias if needs[1] else None,
             grad_weight if needs[2] else None, grad_bias if needs[3] else None,
             None, None, None, None, None, None, None)
+
+
+def _reference_forward(x: Tensor, linear_bias, weight, bias, mean_x: Tensor, var: Tensor, experts: int,
+                       training: bool, eps: float, relu: bool, out_expert_major: bool) -> Tensor:
+    """The op's output in PyTorch ops, differentiable in ``x`` and the parameters: batch
+    statistics from ``x`` when ``training``, else the forward's running statistics (``mean_x``
+    = running mean - linear bias, ``var``) as constants. Computed in the parameters' dtype."""
+    e, b, n = _shape(x, experts)
+    dtype = _param_dtype(x.dtype)
+    flat = (x.transpose(0, 1).reshape(b, e * n) if x.dim() == 3 else x).to(dtype)  # [B, C], expert-major channels
+    if linear_bias is not None:
+        flat = flat + linear_bias
+    if training:
+        mean = flat.mean(0)
+        variance = (flat - mean).square().mean(0)  # biased, as BatchNorm normalises
+    else:
+        mean = mean_x.to(dtype) + (0 if linear_bias is None else linear_bias.detach())
+        variance = var.to(dtype)
+    out = (flat - mean) * torch.rsqrt(variance + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    if relu:
+        out = torch.relu(out)
+    out = out.to(x.dtype)
+    return out.view(b, e, n).transpose(0, 1) if out_expert_major else out
 
 
 def _register() -> bool:

@@ -11,6 +11,7 @@ import threading
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from nextrec_fast import _extension, huge_pages
@@ -459,6 +460,8 @@ def _backward(ctx, grad_out):
     needs = ctx.needs_input_grad
     table_needs = _per_item(needs[0], ctx.num_tables)
     weight_needs = _per_item(needs[3], ctx.num_weights)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return _differentiable_backward(ctx, grad_out, tables, ids, offsets, weights, table_needs, weight_needs)
     grad_out = grad_out.contiguous()
     table_grads = [None] * len(tables)
     optimizers = _in_backward_optimizers(ctx, table_needs)
@@ -508,6 +511,82 @@ def _backward(ctx, grad_out):
     grads = [None if n is None else [None] * n for n in ctx.grad_structure]
     grads[0], grads[3] = table_grads, weight_grads
     return tuple(grads)
+
+
+def _differentiable_backward(ctx, grad_out, tables, ids, offsets, weights, table_needs, weight_needs):
+    """The gradients under ``create_graph=True`` (gradient penalties, GradNorm, Hessian-vector
+    products): the C++ backward has no derivative of its own, so they come from autograd over
+    :func:`reference_pooling` and can be differentiated again."""
+    names = ctx.static[4]
+    if ctx.sparse_grad or any(o is not None for o in _in_backward_optimizers(ctx, table_needs)):
+        raise NotImplementedError(
+            f"pooled_embedding (features {', '.join(map(repr, names))}): create_graph=True needs dense table "
+            "gradients; not with sparse_grad=True or apply_optimizer_in_backward")
+    table_index, combiners, mask_ids, max_lens, _ = ctx.static
+    out = reference_pooling(tables, ids, offsets, weights, ctx.weighted_features, table_index, combiners, mask_ids,
+                            max_lens, ctx.grad_padding_idx)
+    wanted = [t for t, need in zip(tables, table_needs) if need] + [w for w, need in zip(weights, weight_needs) if need]
+    # A table no feature reads (passed along with the others) gets no gradient, as in the op.
+    it = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True) if out.requires_grad
+              else [None] * len(wanted))
+    grads = [None if n is None else [None] * n for n in ctx.grad_structure]
+    grads[0] = [next(it) if need else None for need in table_needs]
+    grads[3] = [next(it) if need else None for need in weight_needs]
+    return tuple(grads)
+
+
+def reference_pooling(tables, ids, offsets, weights, weighted_features, table_index, combiners, mask_ids, max_lens,
+                      grad_padding_idx) -> Tensor:
+    """The forward op's output in PyTorch ops (differentiable in the tables and per-id weights;
+    arguments as the op takes them: ``combiners`` as codes, ``weights`` for ``weighted_features``):
+    jagged bags right-aligned into a padded ``[B, L]`` layout, as nextrec pads sequences."""
+    per_feature = [None] * len(ids)
+    for f, w in zip(weighted_features, weights):
+        per_feature[f] = w
+    outs = []
+    for f, feature_ids in enumerate(ids):
+        table = tables[table_index[f]]
+        acc = torch.promote_types(table.dtype, torch.float32)
+        seq, w = feature_ids.long(), per_feature[f]
+        if offsets[f] is None:
+            if seq.dim() == 1:
+                seq, w = seq.unsqueeze(1), None if w is None else w.unsqueeze(1)
+            valid = torch.ones_like(seq, dtype=torch.bool)
+        else:
+            seq, valid, w = _right_aligned(seq, offsets[f].long(), w)
+        if max_lens[f] >= 0 and seq.shape[1] > max_lens[f]:
+            seq, valid = seq[:, -max_lens[f]:], valid[:, -max_lens[f]:]
+            w = None if w is None else w[:, -max_lens[f]:]
+        pad = grad_padding_idx[table_index[f]]
+        emb = F.embedding(seq, table, padding_idx=pad if pad >= 0 else None).to(acc)  # [B, L, D]
+        if combiners[f] == _CONCAT:
+            outs.append(emb.flatten(1))
+            continue
+        if w is not None:
+            emb = emb * w.to(acc).unsqueeze(-1)
+        mask = (valid & (seq != mask_ids[f])).to(acc)
+        pooled = (emb * mask.unsqueeze(-1)).sum(1)
+        if combiners[f] == _MEAN:
+            pooled = pooled / (mask.sum(1, keepdim=True) + 1e-16)
+        outs.append(pooled)
+    return torch.cat(outs, dim=1).to(tables[0].dtype)
+
+
+def _right_aligned(values: Tensor, offsets: Tensor, weights: Tensor | None):
+    """Jagged ``values`` (bags ``offsets[b]:offsets[b + 1]``) as ``[B, L]`` ids, a validity mask
+    and weights, each bag in the last positions of its row."""
+    lengths = offsets[1:] - offsets[:-1]
+    rows = lengths.numel()
+    width = max(int(lengths.max()) if rows else 0, 1)
+    bag = torch.repeat_interleave(torch.arange(rows, device=values.device), lengths)
+    column = width - lengths[bag] + torch.arange(values.numel(), device=values.device) - offsets[:-1][bag]
+    seq = values.new_zeros(rows, width)
+    seq[bag, column] = values
+    valid = torch.zeros(rows, width, dtype=torch.bool, device=values.device)
+    valid[bag, column] = True
+    if weights is not None:
+        weights = weights.new_zeros(rows, width).index_put((bag, column), weights)
+    return seq, valid, weights
 
 
 def _register_autograd():
