@@ -589,3 +589,28 @@ def test_is_available(monkeypatch):
     assert not triton_ops.is_available("meta")
     monkeypatch.setattr(triton_ops, "_triton_importable", lambda: False)
     assert not triton_ops.is_available("cpu") and not triton_ops.is_available("cuda")
+
+
+def test_gate_mixture_gradgradcheck(device):
+    """The mixture's first derivative is differentiable (float64 ``gradgradcheck``; under
+    ``create_graph=True`` it comes from autograd over the same mixture in PyTorch ops)."""
+    experts = torch.randn(4, 5, 3, dtype=torch.float64, device=device, requires_grad=True)
+    logits = torch.randn(2, 5, 3, dtype=torch.float64, device=device, requires_grad=True)
+    index = torch.tensor([[0, 0, 2], [3, 1, 0]], device=device)  # a repeat and all four experts
+    assert torch.autograd.gradgradcheck(lambda lg, ex: gate_mixture(lg, ex, index), (logits, experts))
+    full = torch.randn(2, 5, 4, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda lg, ex: gate_mixture(lg, ex), (full, experts))
+
+
+def test_expert_layer_refuses_double_backward(device):
+    """A second derivative through the Triton expert layer raises (its dropout mask is drawn
+    in the kernel), naming the way out, instead of silently missing the layer's terms."""
+    x, w, b, kw = make_expert_inputs(device, torch.float64, E=2, B=4, K=3, N=3, bn=None, activation="relu",
+                                     input_mode="shared")
+    w.requires_grad_()
+    y, _, _ = expert_layer(x, w, b, activation="relu", **kw)
+    (grad_w,) = torch.autograd.grad(y.square().sum(), w)  # a first derivative is fine
+    assert grad_w.shape == w.shape
+    y, _, _ = expert_layer(x, w, b, activation="relu", **kw)
+    with pytest.raises(NotImplementedError, match="use_backend\\('torch'\\)"):
+        torch.autograd.grad(y.square().sum(), w, create_graph=True)

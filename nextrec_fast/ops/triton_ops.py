@@ -245,6 +245,12 @@ def _expert_layer_setup_context(ctx, inputs, output):
 def _expert_layer_backward(ctx, grad_y, grad_z, grad_mean, grad_var):
     if not ctx.saved_z:
         raise RuntimeError("expert_layer_fwd was called with save_for_backward=False")
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True: the kernel's backward has no derivative, and its dropout mask
+        # (drawn in the kernel) cannot be redrawn in PyTorch ops to form one.
+        raise NotImplementedError(
+            "nextrec_fast::expert_layer_fwd (Triton): double backward (create_graph=True) is not supported; "
+            "run that step under nextrec_fast.use_backend('torch')")
     x, weight, z, input_index, bn_weight, bn_bias, bn_mean, bn_var, prelu_weight, seed = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dx, dw, db, dgamma, dbeta, dprelu = torch.ops.nextrec_fast.expert_layer_bwd(
@@ -302,6 +308,13 @@ def _gate_mixture_setup_context(ctx, inputs, output):
 def _gate_mixture_backward(ctx, grad_out):
     logits, experts, expert_index = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # create_graph=True: the kernel's backward has no derivative of its own; autograd over
+        # the same mixture in PyTorch ops gives one that can be differentiated again.
+        out = reference_gate_mixture(logits, experts, expert_index)
+        wanted = [t for t, need in zip((logits, experts), needs[:2]) if need]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+        return next(grads) if needs[0] else None, next(grads) if needs[1] else None, None
     d_logits, d_experts = torch.ops.nextrec_fast.gate_mixture_bwd(
         grad_out, logits, experts, expert_index, needs[0], needs[1])
     return d_logits if needs[0] else None, d_experts if needs[1] else None, None
@@ -309,6 +322,15 @@ def _gate_mixture_backward(ctx, grad_out):
 
 torch.library.register_autograd(
     "nextrec_fast::gate_mixture_fwd", _gate_mixture_backward, setup_context=_gate_mixture_setup_context)
+
+
+def reference_gate_mixture(logits: Tensor, experts: Tensor, expert_index: Optional[Tensor] = None) -> Tensor:
+    """:func:`gate_mixture` in PyTorch ops (differentiable to any order): ``[T, B, D]``."""
+    if expert_index is None:
+        chosen = experts.unsqueeze(0).expand(logits.shape[0], -1, -1, -1)  # [T, S, B, D]
+    else:
+        chosen = experts[expert_index.long()]  # [T, S, B, D]
+    return torch.einsum("tbs,tsbd->tbd", logits.softmax(-1), chosen)
 
 
 # ---------------------------------------------------------------------------------------------
