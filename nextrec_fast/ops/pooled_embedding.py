@@ -526,9 +526,10 @@ def _differentiable_backward(ctx, grad_out, tables, ids, offsets, weights, table
     out = reference_pooling(tables, ids, offsets, weights, ctx.weighted_features, table_index, combiners, mask_ids,
                             max_lens, ctx.grad_padding_idx)
     wanted = [t for t, need in zip(tables, table_needs) if need] + [w for w, need in zip(weights, weight_needs) if need]
-    # A table no feature reads (passed along with the others) gets no gradient, as in the op.
-    it = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True) if out.requires_grad
-              else [None] * len(wanted))
+    computed = (torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True) if out.requires_grad
+                else [None] * len(wanted))
+    # A table no feature reads (passed along with the others) gets zeros, as from the op.
+    it = iter(torch.zeros_like(t) if g is None else g for g, t in zip(computed, wanted))
     grads = [None if n is None else [None] * n for n in ctx.grad_structure]
     grads[0] = [next(it) if need else None for need in table_needs]
     grads[3] = [next(it) if need else None for need in weight_needs]

@@ -325,12 +325,15 @@ torch.library.register_autograd(
 
 
 def reference_gate_mixture(logits: Tensor, experts: Tensor, expert_index: Optional[Tensor] = None) -> Tensor:
-    """:func:`gate_mixture` in PyTorch ops (differentiable to any order): ``[T, B, D]``."""
+    """:func:`gate_mixture` in PyTorch ops (differentiable to any order): ``[T, B, D]`` in the
+    experts' dtype, computed in float32 at least (as the kernel accumulates)."""
+    compute = torch.promote_types(experts.dtype, torch.float32)
     if expert_index is None:
         chosen = experts.unsqueeze(0).expand(logits.shape[0], -1, -1, -1)  # [T, S, B, D]
     else:
         chosen = experts[expert_index.long()]  # [T, S, B, D]
-    return torch.einsum("tbs,tsbd->tbd", logits.softmax(-1), chosen)
+    out = torch.einsum("tbs,tsbd->tbd", logits.to(compute).softmax(-1), chosen.to(compute))
+    return out.to(experts.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
