@@ -238,7 +238,6 @@ constexpr int64_t kBlock = 32;
 // the [2048, 2048] backward ran ~10x the forward's time.
 constexpr int64_t kPrefetchRows = 8;
 
-
 // One backward pass over rows [b0, b1) of expert e's channels n0 .. n0 + width. Rows one at a
 // time over the whole [C] (as the forward does) kept two double column sums per channel in
 // memory, a load and a store per element and sum: the backward ran 4-5x the forward's time, at

@@ -27,7 +27,7 @@ from nextrec_fast.activations import activation_name
 from nextrec_fast.backend import get_backend, use_triton
 from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
-from nextrec_fast.ops._dispatch import _functorch_transforms_active  # torch only: builds nothing
+from nextrec_fast.ops._dispatch import _functorch_transforms_active, create_graph_requested  # torch only
 
 
 @dataclass
@@ -478,7 +478,7 @@ class _ReluExpertMajor(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         out, = ctx.saved_tensors
         experts, batch, width = out.shape
-        if torch.is_grad_enabled():  # create_graph: differentiable ops
+        if create_graph_requested():  # differentiable ops
             return torch.ops.aten.threshold_backward(grad, out, 0).transpose(0, 1).reshape(batch, -1), None
         grad_in = _reusable_empty(grad, (batch, experts, width))
         torch.ops.aten.threshold_backward.grad_input(grad.transpose(0, 1), out.transpose(0, 1), 0, grad_input=grad_in)
@@ -725,7 +725,7 @@ class _ExpertBlockLinear(torch.autograd.Function):
         experts = ctx.experts
         out_f, in_f = weights[0].shape
         need_x = ctx.needs_input_grad[0]
-        if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward (no out=)
+        if create_graph_requested():  # differentiable ops for double backward (no out=)
             blocks = [grad[:, e * out_f:(e + 1) * out_f] for e in range(experts)]
             inputs = [x[:, e * in_f:(e + 1) * in_f] for e in range(experts)]
             grad_x = torch.cat([g.mm(w) for g, w in zip(blocks, weights)], dim=1) if need_x else None
@@ -770,7 +770,7 @@ class _ExpertBmm(torch.autograd.Function):
         x, weight_t = ctx.saved_tensors
         need_x, need_w, need_b, _ = ctx.needs_input_grad
         grad_b = grad.sum(1, keepdim=True) if need_b else None
-        if torch.is_grad_enabled():  # create_graph=True: differentiable ops for double backward
+        if create_graph_requested():  # differentiable ops for double backward
             return (torch.bmm(grad, weight_t.transpose(1, 2)) if need_x else None,
                     torch.bmm(x.transpose(1, 2), grad) if need_w else None, grad_b, None)
         grad_x = _reusable_empty(x, x.shape) if need_x else None

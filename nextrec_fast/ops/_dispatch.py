@@ -12,7 +12,8 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["call_op", "forward_ad_active", "functorch_transforms_active", "reject_tangents"]
+__all__ = ["call_op", "create_graph_requested", "forward_ad_active", "functorch_transforms_active",
+           "grads_with_graph", "reject_tangents"]
 
 # Private torch API: where it is missing, assume a transform may be active (the safe answer).
 _functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
@@ -41,6 +42,24 @@ def reject_tangents(op, inputs: Iterable[torch.Tensor | None]) -> None:
             f"{op} has no forward-mode AD formula (torch.autograd.forward_ad, torch.func.jvp, jacfwd): "
             "its output would carry no tangent. Run this code under nextrec_fast.use_backend('reference'), "
             "or call the model, which falls back to nextrec's own forward under forward-mode AD.")
+
+
+def create_graph_requested() -> bool:
+    """In an autograd backward: whether it runs with ``create_graph=True`` (grad mode is on only
+    then), so the gradients must themselves be differentiable. Our C++ and Triton backwards have
+    no derivative of their own. False while torch.compile traces the backward."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def grads_with_graph(out: torch.Tensor, inputs, needs, grad_out: torch.Tensor) -> list:
+    """``torch.autograd.grad(out, ..., grad_out, create_graph=True)`` for the ``inputs`` whose
+    ``needs`` flag is set, aligned with ``inputs``: None where not needed, or where ``out`` does
+    not depend on the input. For a backward under :func:`create_graph_requested`, with ``out``
+    recomputed from the saved inputs in PyTorch ops."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    computed = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True)
+                    if wanted and out.requires_grad else [None] * len(wanted))
+    return [next(computed) if need else None for need in needs]
 
 
 def _needs_autograd(differentiable: Iterable[torch.Tensor | None]) -> bool:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from nextrec_fast import _extension
-from nextrec_fast.ops._dispatch import call_op
+from nextrec_fast.ops._dispatch import call_op, create_graph_requested, grads_with_graph
 
 __all__ = ["batch_norm_act", "is_available"]
 
@@ -92,16 +92,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
     x, linear_bias, weight, bias, mean_x, var = ctx.saved_tensors
     experts, training, eps, relu, out_expert_major = ctx.flags
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # create_graph=True (a gradient penalty, GradNorm, Hessian-vector products): the C++
-        # backward has no derivative of its own, so the first derivative comes from autograd
-        # over the same computation in PyTorch ops, which can be differentiated again.
-        inputs = (x, linear_bias, weight, bias)
-        wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+    if create_graph_requested():
+        # A gradient penalty, GradNorm, Hessian-vector products: the first derivative comes from
+        # autograd over the same computation in PyTorch ops, which can be differentiated again.
         out = _reference_forward(x, linear_bias, weight, bias, mean_x, var, experts, training, eps, relu,
                                  out_expert_major)
-        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
-        return (*(next(grads) if need else None for need in ctx.needs_input_grad[:4]), *([None] * 7))
+        grads = grads_with_graph(out, (x, linear_bias, weight, bias), ctx.needs_input_grad[:4], grad_out)
+        return (*grads, *([None] * 7))
     grad_x, grad_linear_bias, grad_weight, grad_bias = torch.ops.nextrec_fast.batch_norm_act_backward(
         grad_out, x, linear_bias, weight, bias, mean_x, var, experts, training, eps, relu,
         out_expert_major)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nextrec_fast import _extension, huge_pages
-from nextrec_fast.ops._dispatch import call_op
+from nextrec_fast.ops._dispatch import call_op, create_graph_requested, grads_with_graph
 
 __all__ = ["pooled_embedding", "is_available", "unavailable_reason", "COMBINERS"]
 
@@ -460,7 +460,7 @@ def _backward(ctx, grad_out):
     needs = ctx.needs_input_grad
     table_needs = _per_item(needs[0], ctx.num_tables)
     weight_needs = _per_item(needs[3], ctx.num_weights)
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if create_graph_requested():
         return _differentiable_backward(ctx, grad_out, tables, ids, offsets, weights, table_needs, weight_needs)
     grad_out = grad_out.contiguous()
     table_grads = [None] * len(tables)
@@ -517,22 +517,19 @@ def _differentiable_backward(ctx, grad_out, tables, ids, offsets, weights, table
     """The gradients under ``create_graph=True`` (gradient penalties, GradNorm, Hessian-vector
     products): the C++ backward has no derivative of its own, so they come from autograd over
     :func:`reference_pooling` and can be differentiated again."""
-    names = ctx.static[4]
+    table_index, combiners, mask_ids, max_lens, names = ctx.static
     if ctx.sparse_grad or any(o is not None for o in _in_backward_optimizers(ctx, table_needs)):
         raise NotImplementedError(
             f"pooled_embedding (features {', '.join(map(repr, names))}): create_graph=True needs dense table "
             "gradients; not with sparse_grad=True or apply_optimizer_in_backward")
-    table_index, combiners, mask_ids, max_lens, _ = ctx.static
     out = reference_pooling(tables, ids, offsets, weights, ctx.weighted_features, table_index, combiners, mask_ids,
                             max_lens, ctx.grad_padding_idx)
-    wanted = [t for t, need in zip(tables, table_needs) if need] + [w for w, need in zip(weights, weight_needs) if need]
-    computed = (torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True) if out.requires_grad
-                else [None] * len(wanted))
-    # A table no feature reads (passed along with the others) gets zeros, as from the op.
-    it = iter(torch.zeros_like(t) if g is None else g for g, t in zip(computed, wanted))
+    computed = grads_with_graph(out, [*tables, *weights], [*table_needs, *weight_needs], grad_out)
     grads = [None if n is None else [None] * n for n in ctx.grad_structure]
-    grads[0] = [next(it) if need else None for need in table_needs]
-    grads[3] = [next(it) if need else None for need in weight_needs]
+    # A table no feature reads (passed along with the others) gets zeros, as from the op.
+    grads[0] = [torch.zeros_like(t) if need and g is None else g
+                for t, need, g in zip(tables, table_needs, computed[:len(tables)])]
+    grads[3] = computed[len(tables):]
     return tuple(grads)
 
 

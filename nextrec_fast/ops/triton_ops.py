@@ -27,7 +27,7 @@ __all__ = [
 # Backend switch (consulted by the fast models)
 # ---------------------------------------------------------------------------------------------
 from nextrec_fast.backend import BACKENDS, get_backend, set_backend  # noqa: E402,F401  (one switch for the package)
-from nextrec_fast.ops._dispatch import reject_tangents  # noqa: E402
+from nextrec_fast.ops._dispatch import create_graph_requested, grads_with_graph, reject_tangents  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,8 +245,8 @@ def _expert_layer_setup_context(ctx, inputs, output):
 def _expert_layer_backward(ctx, grad_y, grad_z, grad_mean, grad_var):
     if not ctx.saved_z:
         raise RuntimeError("expert_layer_fwd was called with save_for_backward=False")
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # create_graph=True: the kernel's backward has no derivative, and its dropout mask
+    if create_graph_requested():
+        # The kernel's backward has no derivative, and its dropout mask
         # (drawn in the kernel) cannot be redrawn in PyTorch ops to form one.
         raise NotImplementedError(
             "nextrec_fast::expert_layer_fwd (Triton): double backward (create_graph=True) is not supported; "
@@ -308,13 +308,11 @@ def _gate_mixture_setup_context(ctx, inputs, output):
 def _gate_mixture_backward(ctx, grad_out):
     logits, experts, expert_index = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # create_graph=True: the kernel's backward has no derivative of its own; autograd over
-        # the same mixture in PyTorch ops gives one that can be differentiated again.
+    if create_graph_requested():
+        # Autograd over the same mixture in PyTorch ops gives a derivative that can be
+        # differentiated again.
         out = reference_gate_mixture(logits, experts, expert_index)
-        wanted = [t for t, need in zip((logits, experts), needs[:2]) if need]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
-        return next(grads) if needs[0] else None, next(grads) if needs[1] else None, None
+        return (*grads_with_graph(out, (logits, experts), needs[:2], grad_out), None)
     d_logits, d_experts = torch.ops.nextrec_fast.gate_mixture_bwd(
         grad_out, logits, experts, expert_index, needs[0], needs[1])
     return d_logits if needs[0] else None, d_experts if needs[1] else None, None
