@@ -84,11 +84,16 @@ def output_of(model, x) -> torch.Tensor:
     return torch.cat(out, dim=1) if isinstance(out, (list, tuple)) else out
 
 
+def weighted_sum(out: torch.Tensor) -> torch.Tensor:
+    """A fixed weighted sum of the outputs (each output gets a gradient of its own)."""
+    return (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum()
+
+
 def forward_backward(model, x):
     """(output, {name: grad}) after one backward of a fixed weighted sum of the outputs."""
     model.zero_grad(set_to_none=True)
     out = output_of(model, x)
-    (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    weighted_sum(out).backward()
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 

@@ -26,7 +26,7 @@ import torch.autograd.forward_ad as fwad
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.func import functional_call
 
-from model_pairs import FLAVOURS, KINDS, assert_same_results, forward_backward, model_pair, output_of
+from model_pairs import FLAVOURS, KINDS, assert_same_results, forward_backward, model_pair, output_of, weighted_sum
 from nextrec_generation import nextrec_float64
 
 SEEDS = [random.randrange(2**31) for _ in range(2)]  # fresh configurations; the seed is in the test id
@@ -119,8 +119,7 @@ def test_torch_func_grad_equals_plain(flavour, kind, seed):
         params = {n: p.detach() for n, p in model.named_parameters() if n in names}
 
         def loss(ps):
-            out = _output(model, ps, x)
-            return (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum()
+            return weighted_sum(_output(model, ps, x))
 
         with nextrec_float64():
             grads[which] = torch.func.grad(loss)(params)
@@ -164,8 +163,7 @@ def test_double_backward_equals_plain(flavour, kind, seed, mode):
         names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])  # frozen tables: none
         with nextrec_float64(), sdpa_kernel(SDPBackend.MATH):
             out = output_of(model, x)
-            loss = (out * torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).view_as(out)).sum()
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(weighted_sum(out), params, create_graph=True, allow_unused=True)
             penalty = sum(g.square().sum() for g in grads if g is not None)
             if which == "plain" and not penalty.requires_grad:
                 pytest.skip(f"no gradient depends on a parameter in this configuration (seed {seed})")
