@@ -3,8 +3,9 @@ alone (same shapes, strides, dtypes, device and threads), so a benchmark table s
 model is from the time its GEMMs alone take.
 
 A step's GEMMs are recorded at the ATen dispatch level (``TorchDispatchMode``): ``mm``,
-``addmm``, ``bmm``, ``baddbmm`` (and matrix-vector products), forward and autograd backward
-alike, whatever Python code issued them. GEMMs inside a fused kernel (the Triton expert layers on
+``addmm``, ``bmm``, ``baddbmm`` (and matrix-vector products) and our oneDNN GEMM
+(``nextrec_fast::onednn_gemm_out``), forward and autograd backward alike, whatever Python code
+issued them; the floor replays each through the library the step used. GEMMs inside a fused kernel (the Triton expert layers on
 CUDA) are not seen there; ``record_gemms`` then records fewer FLOPs than the model needs, which
 ``nextrec_fast.bench.models`` checks against nextrec's (or the reference's) own GEMM FLOPs.
 """
@@ -26,6 +27,14 @@ _GEMMS = {
     _aten.baddbmm.default: (1, 2), _aten.baddbmm.out: (1, 2),
     _aten.mv.default: (0, 1), _aten.addmv.default: (1, 2),
 }
+
+
+def _add_extension_gemms() -> None:
+    """The experts' float32 GEMMs through oneDNN (``nextrec_fast.ops.dense_gemm``), once the
+    extension that registers the op is loaded."""
+    from nextrec_fast import _extension
+    if _extension.is_available() and hasattr(torch.ops.nextrec_fast, "onednn_gemm_out"):
+        _GEMMS[torch.ops.nextrec_fast.onednn_gemm_out.default] = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,7 @@ class _Recorder(TorchDispatchMode):
 
 def record_gemms(step) -> list[GemmCall]:
     """The GEMMs one call of ``step()`` runs (it is called once, for real)."""
+    _add_extension_gemms()
     recorder = _Recorder()
     with recorder:
         step()

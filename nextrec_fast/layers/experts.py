@@ -27,6 +27,7 @@ from nextrec_fast.activations import activation_name
 from nextrec_fast.backend import get_backend, use_triton
 from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
+from nextrec_fast.ops.dense_gemm import gemm_into
 from nextrec_fast.ops._dispatch import _functorch_transforms_active, create_graph_requested  # torch only
 
 
@@ -553,11 +554,9 @@ def _expert_mm(inputs: list[torch.Tensor], linears, with_bias: bool) -> torch.Te
 
 
 def _gemm_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """``out = x @ weight_t (+ bias)`` written in place (``out=``: no allocation, no autograd)."""
-    if bias is None:
-        torch.mm(x, weight_t, out=out)
-    else:
-        torch.addmm(bias, x, weight_t, out=out)
+    """``out = x @ weight_t (+ bias)`` written in place (no allocation, no autograd; oneDNN or
+    torch.mm, ``nextrec_fast.ops.dense_gemm``)."""
+    gemm_into(out, x, weight_t, bias)
 
 
 # PyTorch's CPU bmm runs each batch entry's GEMM on one thread, in parallel over the entries, so
@@ -714,7 +713,7 @@ class _ExpertBlockLinear(torch.autograd.Function):
         out_f, in_f = weights[0].shape
         out = _reusable_empty(x, (x.shape[0], experts * out_f))
         for e in range(experts):
-            torch.addmm(biases[e], x[:, e * in_f:(e + 1) * in_f], weights[e].t(), out=out[:, e * out_f:(e + 1) * out_f])
+            gemm_into(out[:, e * out_f:(e + 1) * out_f], x[:, e * in_f:(e + 1) * in_f], weights[e].t(), biases[e])
         ctx.save_for_backward(x, *weights)
         ctx.experts = experts
         return out
@@ -738,8 +737,12 @@ class _ExpertBlockLinear(torch.autograd.Function):
         for e in range(experts):
             g = grad[:, e * out_f:(e + 1) * out_f]
             if need_x:
-                torch.mm(g, weights[e], out=grad_x[:, e * in_f:(e + 1) * in_f])
-            grad_w.append(g.t().mm(x[:, e * in_f:(e + 1) * in_f]) if ctx.needs_input_grad[2 + e] else None)
+                gemm_into(grad_x[:, e * in_f:(e + 1) * in_f], g, weights[e])
+            if ctx.needs_input_grad[2 + e]:
+                grad_w.append(g.new_empty(out_f, in_f))
+                gemm_into(grad_w[-1], g.t(), x[:, e * in_f:(e + 1) * in_f])
+            else:
+                grad_w.append(None)
             grad_b.append(g.sum(0) if ctx.needs_input_grad[2 + experts + e] else None)
         return (grad_x, None, *grad_w, *grad_b)
 
@@ -757,10 +760,8 @@ class _ExpertBmm(torch.autograd.Function):
         if per_expert:
             for e in range(x.shape[0]):
                 _gemm_into(out[e], x[e], weight_t[e], None if bias is None else bias[e])
-        elif bias is None:
-            torch.bmm(x, weight_t, out=out)
         else:
-            torch.baddbmm(bias, x, weight_t, out=out)
+            gemm_into(out, x, weight_t, bias)
         ctx.save_for_backward(x, weight_t)
         ctx.per_expert = per_expert
         return out
@@ -776,12 +777,15 @@ class _ExpertBmm(torch.autograd.Function):
         grad_x = _reusable_empty(x, x.shape) if need_x else None
         if not ctx.per_expert:
             if need_x:
-                torch.bmm(grad, weight_t.transpose(1, 2), out=grad_x)
+                gemm_into(grad_x, grad, weight_t.transpose(1, 2))
             grad_w = None
             if need_w and weight_t.transpose(1, 2).is_contiguous():  # stacked [E, N, K] weights, transposed
-                grad_w = torch.bmm(grad.transpose(1, 2), x).transpose(1, 2)  # in the weights' own layout
+                grad_w = grad.new_empty(weight_t.transpose(1, 2).shape)
+                gemm_into(grad_w, grad.transpose(1, 2), x)
+                grad_w = grad_w.transpose(1, 2)  # in the weights' own layout
             elif need_w:  # an activation (the gates' mixture): as large as x
-                grad_w = torch.bmm(x.transpose(1, 2), grad, out=_reusable_empty(x, weight_t.shape))
+                grad_w = _reusable_empty(x, weight_t.shape)
+                gemm_into(grad_w, x.transpose(1, 2), grad)
             return grad_x, grad_w, grad_b, None
         grad_w = None
         if need_w:
@@ -790,9 +794,9 @@ class _ExpertBmm(torch.autograd.Function):
                       if dense else torch.empty(weight_t.shape, dtype=weight_t.dtype, device=weight_t.device))
         for e in range(x.shape[0]):
             if need_x:
-                torch.mm(grad[e], weight_t[e].t(), out=grad_x[e])
+                gemm_into(grad_x[e], grad[e], weight_t[e].t())
             if need_w:
-                torch.mm(x[e].t(), grad[e], out=grad_w[e])
+                gemm_into(grad_w[e], x[e].t(), grad[e])
         return grad_x, grad_w, grad_b, None
 
 

@@ -1,0 +1,117 @@
+"""``gemm_into``: the experts' float32 GEMMs on CPU, through oneDNN where it is the faster library.
+
+``torch.mm`` runs float32 GEMMs through the BLAS PyTorch was built with (MKL in the PyPI
+wheels); PyTorch sends only bfloat16 / float16 (or reduced-precision float32) to oneDNN. On the
+AMD EPYC (AVX-512) the benchmarks run on, MKL's sgemm takes about 2.1x oneDNN's time for the
+expert shapes at batch >= 256 (forward and input-gradient GEMMs, same threads; the weight
+gradient, a reduction over the batch, is no faster and rounds worse in oneDNN, so it stays on
+MKL). The C++ op ``nextrec_fast::onednn_gemm_out`` calls PyTorch's own oneDNN matmul
+(``at::native::mkldnn_matmul``) into the caller's output, so the reused buffers and strided
+column blocks of ``nextrec_fast.layers.experts`` keep working.
+
+The result differs from ``torch.mm``'s by float32 rounding only: ``tests/test_onednn_gemm.py``
+compares both with float64 (oneDNN's median relative error is ~1.3-1.5x MKL's at these shapes).
+Small GEMMs (below ``ONEDNN_MIN_MACS`` multiply-adds, where oneDNN's per-call setup costs more
+than it saves), other dtypes, autocast, the ``torch`` / ``reference`` backends, a build without
+the extension, and ``NEXTREC_FAST_ONEDNN_GEMM=0`` all take ``torch.mm`` / ``torch.bmm`` as before.
+"""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+__all__ = ["gemm_into", "uses_onednn", "is_available", "ONEDNN_MIN_MACS"]
+
+# 2 threads, this VM: oneDNN 1.4x at 64 x 477 x 256 (7.8M multiply-adds), even at 64 x 256 x 128
+# (2.1M), slower below (its primitive lookup costs ~10 us a call). NEXTREC_FAST_ONEDNN_MIN_MACS=0
+# sends every float32 GEMM there (the tests use it to run the small models through oneDNN).
+ONEDNN_MIN_MACS = int(os.environ.get("NEXTREC_FAST_ONEDNN_MIN_MACS", 1 << 22))
+
+_available: bool | None = None
+
+
+def is_available() -> bool:
+    """Whether float32 GEMMs can reach oneDNN here: an x86-64 CPU that oneDNN's float32 matmul
+    runs on (AVX-512), the extension built, a libtorch that exports PyTorch's oneDNN matmul, and
+    ``NEXTREC_FAST_ONEDNN_GEMM`` not 0. Memoised (one tiny GEMM on first call)."""
+    global _available
+    if _available is None:
+        _available = _probe()
+    return _available
+
+
+def _probe() -> bool:
+    if os.environ.get("NEXTREC_FAST_ONEDNN_GEMM", "1") == "0":
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False  # measured on x86 only; on Arm oneDNN's float32 matmul is a different (ACL) library
+    from nextrec_fast import _extension
+    if not _extension.is_available() or not hasattr(torch.ops.nextrec_fast, "onednn_gemm_out"):
+        return False
+    _register_fake()
+    return bool(torch.ops.nextrec_fast.onednn_gemm_available())
+
+
+_fake_registered = False
+
+
+def _register_fake() -> None:
+    global _fake_registered
+    if not _fake_registered:
+        @torch.library.register_fake("nextrec_fast::onednn_gemm_out")
+        def _fake(a, b, out, accumulate=False):  # writes ``out`` only
+            return None
+        _fake_registered = True
+
+
+def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``gemm_into`` sends ``a @ b`` to oneDNN."""
+    if a.dtype != torch.float32 or b.dtype != torch.float32 or a.device.type != "cpu":
+        return False
+    macs = a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+    if macs < ONEDNN_MIN_MACS:
+        return False
+    from nextrec_fast.backend import get_backend  # the torch / reference backends stay pure PyTorch
+    return get_backend() in ("auto", "triton") and is_available() and torch.backends.mkldnn.is_available()
+
+
+def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """``out = a @ b (+ bias)``, written in place, no autograd.
+
+    ``a`` ``[M, K]`` and ``b`` ``[K, N]`` into ``out`` ``[M, N]``, or batched ``[E, M, K]``,
+    ``[E, K, N]`` into ``[E, M, N]``; any strides. ``bias`` broadcasts to ``out`` (``[N]``,
+    ``[E, 1, N]``); with oneDNN it is written into ``out`` first and the product added (one
+    rounding, as addmm). Raises RuntimeError (from the op or torch.mm) on shapes that do not
+    multiply."""
+    if uses_onednn(a, b) and (out.stride(-1) == 1 or out.stride(-2) == 1):
+        if bias is not None:
+            out.copy_(bias.expand(out.shape))
+        if out.stride(-1) != 1:  # column-major output (a weight_t gradient): oneDNN writes C^T = B^T A^T
+            out, a, b = out.mT, b.mT, a.mT
+        torch.ops.nextrec_fast.onednn_gemm_out(_onednn_layout(a), _onednn_layout(b), out, bias is not None)
+    elif a.dim() == 2:
+        if bias is None:
+            torch.mm(a, b, out=out)
+        else:
+            torch.addmm(bias, a, b, out=out)
+    elif bias is None:
+        torch.bmm(a, b, out=out)
+    else:
+        torch.baddbmm(bias, a, b, out=out)
+
+
+def _onednn_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as oneDNN's matmul reads it without a copy (row-major, or its last two dims
+    transposed, densely), else a copy in that form. PyTorch's oneDNN matmul copies other layouts
+    with ``.contiguous()``, which for a transposed column block (the weight gradient's
+    ``grad[:, block].t()``) is a slow strided gather; copying along the rows and transposing the
+    view reads and writes memory in order."""
+    rows, cols = t.shape[-2], t.shape[-1]
+    dense_batch = t.dim() == 2 or t.stride(0) == rows * cols
+    if dense_batch and ((t.stride(-1) == 1 and t.stride(-2) == cols) or (t.stride(-2) == 1 and t.stride(-1) == rows)):
+        return t
+    if t.stride(-2) == 1 and t.stride(-1) != 1:
+        return t.mT.contiguous().mT
+    return t.contiguous()
