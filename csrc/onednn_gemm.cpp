@@ -9,8 +9,8 @@
 //
 // mkldnn_matmul is exported by libtorch_cpu but not declared in the installed headers, so it
 // is declared here as a weak symbol: a libtorch without it (or with another signature) leaves
-// the address null and the op falls back to at::mm_out / baddbmm_out; so does a CPU whose
-// oneDNN refuses float32 (mkldnn_matmul's own device check: AVX-512 or avx_ne_convert).
+// the address null and the op falls back to at::mm_out / bmm_out; so does a CPU whose oneDNN
+// refuses float32 (mkldnn_matmul's own device check: AVX-512 or avx_ne_convert, probed once).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <torch/library.h>
@@ -25,9 +25,31 @@ __attribute__((weak)) void mkldnn_matmul(const at::Tensor& mat1, const at::Tenso
 namespace nextrec_fast {
 namespace {
 
-std::atomic<bool> onednn_refused{false};  // set once mkldnn_matmul raised (its device check)
+std::atomic<int> onednn_state{0};       // 0: not probed, 1: oneDNN runs float32 here, -1: it does not
+std::atomic<int64_t> onednn_calls{0};   // GEMMs that reached oneDNN (the tests read it)
 
 bool onednn_linked() { return &at::native::mkldnn_matmul != nullptr; }
+
+// Whether this CPU's oneDNN runs float32 matmuls: one tiny call of mkldnn_matmul itself (its
+// device check raises on CPUs without AVX-512 / avx_ne_convert). Once per process.
+bool onednn_runs_float32() {
+  int state = onednn_state.load();
+  if (state == 0) {
+    state = -1;
+    if (onednn_linked()) {
+      try {
+        auto a = at::ones({2, 2});
+        auto out = at::empty({2, 2});
+        at::native::mkldnn_matmul(a, a, out, 0.0f, 1.0f);
+        state = out.equal(at::full({2, 2}, 2.0)) ? 1 : -1;
+      } catch (const std::exception&) {
+        state = -1;
+      }
+    }
+    onednn_state.store(state);
+  }
+  return state == 1;
+}
 
 void fallback_gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor& out, bool accumulate) {
   if (a.dim() == 2) {
@@ -58,31 +80,26 @@ void onednn_gemm_out(const at::Tensor& a, const at::Tensor& b, at::Tensor out, b
   // A column-major output (unit stride between rows) sends oneDNN to its reference matmul
   // (ref:any, ~100x slower): such outputs take the BLAS path (dense_gemm.gemm_into transposes
   // the product instead, C^T = B^T A^T).
-  const bool usable = a.scalar_type() == at::kFloat && onednn_linked() && !onednn_refused.load() &&
-                      (out.size(-1) <= 1 || out.stride(-1) == 1) &&
+  const bool usable = a.scalar_type() == at::kFloat && (out.size(-1) <= 1 || out.stride(-1) == 1) &&
+                      a.numel() > 0 && b.numel() > 0 && out.numel() > 0 &&
                       at::globalContext().userEnabledMkldnn() &&  // torch.backends.mkldnn.enabled
-                      a.numel() > 0 && b.numel() > 0 && out.numel() > 0;
+                      onednn_runs_float32();
   if (usable) {
     try {
       at::native::mkldnn_matmul(a, b, out, accumulate ? 1.0f : 0.0f, 1.0f);
+      onednn_calls.fetch_add(1);
       return;
-    } catch (const c10::Error&) {
-      // Raised before any write (dtype / device checks): remember, and take the BLAS path.
-      onednn_refused.store(true);
+    } catch (const std::exception&) {
+      // mkldnn_matmul checks before it writes; whatever it refused (or failed to allocate),
+      // this call takes the BLAS path. The next call tries oneDNN again.
     }
   }
   fallback_gemm(a, b, out, accumulate);
 }
 
-bool onednn_gemm_available() {
-  if (!onednn_linked() || onednn_refused.load()) return false;
-  // One tiny call runs mkldnn_matmul's device check (it raises on CPUs oneDNN does not run
-  // float32 matmuls on); the op then remembers the refusal.
-  auto a = at::ones({2, 2});
-  auto out = at::empty({2, 2});
-  onednn_gemm_out(a, a, out, false);
-  return !onednn_refused.load();
-}
+bool onednn_gemm_available() { return onednn_runs_float32(); }
+
+int64_t onednn_gemm_calls() { return onednn_calls.load(); }
 
 }  // namespace nextrec_fast
 
@@ -90,8 +107,10 @@ TORCH_LIBRARY_FRAGMENT(nextrec_fast, m) {
   // out = a @ b (accumulate: out += a @ b); 2-D (mm) or 3-D (bmm); any strides. float32 through
   // oneDNN when this libtorch has it, otherwise (and for other dtypes) at::mm_out / bmm_out.
   m.def("onednn_gemm_out(Tensor a, Tensor b, Tensor(a!) out, bool accumulate=False) -> ()");
-  // Whether onednn_gemm_out reaches oneDNN for float32 on this machine. No tensor argument.
+  // Whether onednn_gemm_out reaches oneDNN for float32 on this machine, and how many of its calls
+  // have (the tests check a GEMM did not fall back). No tensor argument.
   m.def("onednn_gemm_available() -> bool", &nextrec_fast::onednn_gemm_available);
+  m.def("onednn_gemm_calls() -> int", &nextrec_fast::onednn_gemm_calls);
 }
 
 TORCH_LIBRARY_IMPL(nextrec_fast, CPU, m) { m.impl("onednn_gemm_out", &nextrec_fast::onednn_gemm_out); }

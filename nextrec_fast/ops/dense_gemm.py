@@ -3,14 +3,14 @@
 ``torch.mm`` runs float32 GEMMs through the BLAS PyTorch was built with (MKL in the PyPI
 wheels); PyTorch sends only bfloat16 / float16 (or reduced-precision float32) to oneDNN. On the
 AMD EPYC (AVX-512) the benchmarks run on, MKL's sgemm takes about 2.1x oneDNN's time for the
-expert shapes at batch >= 256 (forward and input-gradient GEMMs, same threads; the weight
-gradient, a reduction over the batch, is no faster and rounds worse in oneDNN, so it stays on
-MKL). The C++ op ``nextrec_fast::onednn_gemm_out`` calls PyTorch's own oneDNN matmul
+expert shapes at batch >= 256 (forward, input-gradient and weight-gradient GEMMs, same
+threads). The C++ op ``nextrec_fast::onednn_gemm_out`` calls PyTorch's own oneDNN matmul
 (``at::native::mkldnn_matmul``) into the caller's output, so the reused buffers and strided
 column blocks of ``nextrec_fast.layers.experts`` keep working.
 
 The result differs from ``torch.mm``'s by float32 rounding only: ``tests/test_onednn_gemm.py``
-compares both with float64 (oneDNN's median relative error is ~1.3-1.5x MKL's at these shapes).
+compares both with float64 (oneDNN's median relative error was 1.3-1.5x MKL's at these shapes,
+the weight gradient's sum over 2048-8192 rows included).
 Small GEMMs (below ``ONEDNN_MIN_MACS`` multiply-adds, where oneDNN's per-call setup costs more
 than it saves), other dtypes, autocast, the ``torch`` / ``reference`` backends, a build without
 the extension, and ``NEXTREC_FAST_ONEDNN_GEMM=0`` all take ``torch.mm`` / ``torch.bmm`` as before.
@@ -84,7 +84,14 @@ def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.T
     ``[E, K, N]`` into ``[E, M, N]``; any strides. ``bias`` broadcasts to ``out`` (``[N]``,
     ``[E, 1, N]``); with oneDNN it is written into ``out`` first and the product added (one
     rounding, as addmm). Raises RuntimeError (from the op or torch.mm) on shapes that do not
-    multiply."""
+    multiply, and when autograd would need to see the product (an input requires grad with
+    grad mode on: the write is invisible to autograd). ``out`` must not overlap ``a`` or ``b``."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or (bias is not None and bias.requires_grad)):
+        raise RuntimeError("gemm_into writes without autograd: call it under torch.no_grad() or inside an "
+                           "autograd.Function, or use torch.mm / F.linear where gradients must flow")
+    if a.dim() == 3 and a.shape[0] == 1:  # one "expert": 2-D, whose strides oneDNN reads without a copy
+        a, b, out = a[0], b[0], out[0]
+        bias = bias[0] if bias is not None and bias.dim() == 3 else bias
     if uses_onednn(a, b) and (out.stride(-1) == 1 or out.stride(-2) == 1):
         if bias is not None:
             out.copy_(bias.expand(out.shape))
@@ -113,5 +120,12 @@ def _onednn_layout(t: torch.Tensor) -> torch.Tensor:
     if dense_batch and ((t.stride(-1) == 1 and t.stride(-2) == cols) or (t.stride(-2) == 1 and t.stride(-1) == rows)):
         return t
     if t.stride(-2) == 1 and t.stride(-1) != 1:
-        return t.mT.contiguous().mT
-    return t.contiguous()
+        return _pooled_copy(t.mT).mT
+    return _pooled_copy(t)
+
+
+def _pooled_copy(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy from the extension's buffer pool (``reusable_buffer``): these copies are
+    as large as a layer's activations and made every step, and fresh ones are page-faulted in."""
+    from nextrec_fast.ops import reusable_buffer
+    return reusable_buffer.reusable_empty(t, t.shape).copy_(t)
