@@ -549,14 +549,8 @@ def _expert_mm(inputs: list[torch.Tensor], linears, with_bias: bool) -> torch.Te
     out = torch.empty(len(linears), inputs[0].shape[0], first.shape[0], dtype=inputs[0].dtype,
                       device=inputs[0].device)
     for e, (x, lin) in enumerate(zip(inputs, linears)):
-        _gemm_into(out[e], x, lin.weight.t(), lin.bias if with_bias else None)
+        gemm_into(out[e], x, lin.weight.t(), lin.bias if with_bias else None)
     return out
-
-
-def _gemm_into(out: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """``out = x @ weight_t (+ bias)`` written in place (no allocation, no autograd; oneDNN or
-    torch.mm, ``nextrec_fast.ops.dense_gemm``)."""
-    gemm_into(out, x, weight_t, bias)
 
 
 # PyTorch's CPU bmm runs each batch entry's GEMM on one thread, in parallel over the entries, so
@@ -759,7 +753,7 @@ class _ExpertBmm(torch.autograd.Function):
         out = _reusable_empty(x, (x.shape[0], x.shape[1], weight_t.shape[2]))
         if per_expert:
             for e in range(x.shape[0]):
-                _gemm_into(out[e], x[e], weight_t[e], None if bias is None else bias[e])
+                gemm_into(out[e], x[e], weight_t[e], None if bias is None else bias[e])
         else:
             gemm_into(out, x, weight_t, bias)
         ctx.save_for_backward(x, weight_t)

@@ -17,10 +17,13 @@ the extension, and ``NEXTREC_FAST_ONEDNN_GEMM=0`` all take ``torch.mm`` / ``torc
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
 import torch
+
+from nextrec_fast.backend import get_backend
 
 __all__ = ["gemm_into", "uses_onednn", "is_available", "ONEDNN_MIN_MACS"]
 
@@ -29,41 +32,28 @@ __all__ = ["gemm_into", "uses_onednn", "is_available", "ONEDNN_MIN_MACS"]
 # sends every float32 GEMM there (the tests use it to run the small models through oneDNN).
 ONEDNN_MIN_MACS = int(os.environ.get("NEXTREC_FAST_ONEDNN_MIN_MACS", 1 << 22))
 
-_available: bool | None = None
 
-
+@functools.cache
 def is_available() -> bool:
     """Whether float32 GEMMs can reach oneDNN here: an x86-64 CPU that oneDNN's float32 matmul
-    runs on (AVX-512), the extension built, a libtorch that exports PyTorch's oneDNN matmul, and
-    ``NEXTREC_FAST_ONEDNN_GEMM`` not 0. Memoised (one tiny GEMM on first call)."""
-    global _available
-    if _available is None:
-        _available = _probe()
-    return _available
-
-
-def _probe() -> bool:
+    runs on (AVX-512), a torch built with oneDNN, the extension built, a libtorch that exports
+    PyTorch's oneDNN matmul, and ``NEXTREC_FAST_ONEDNN_GEMM`` not 0. Probed once (one tiny GEMM),
+    which also registers the op's fake (the extension is loaded lazily, never at import)."""
     if os.environ.get("NEXTREC_FAST_ONEDNN_GEMM", "1") == "0":
         return False
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False  # measured on x86 only; on Arm oneDNN's float32 matmul is a different (ACL) library
+    if not torch.backends.mkldnn.is_available():
+        return False
     from nextrec_fast import _extension
     if not _extension.is_available() or not hasattr(torch.ops.nextrec_fast, "onednn_gemm_out"):
         return False
-    _register_fake()
+
+    @torch.library.register_fake("nextrec_fast::onednn_gemm_out")
+    def _fake(a, b, out, accumulate=False):  # writes ``out`` only
+        return None
+
     return bool(torch.ops.nextrec_fast.onednn_gemm_available())
-
-
-_fake_registered = False
-
-
-def _register_fake() -> None:
-    global _fake_registered
-    if not _fake_registered:
-        @torch.library.register_fake("nextrec_fast::onednn_gemm_out")
-        def _fake(a, b, out, accumulate=False):  # writes ``out`` only
-            return None
-        _fake_registered = True
 
 
 def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -73,8 +63,7 @@ def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     macs = a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
     if macs < ONEDNN_MIN_MACS:
         return False
-    from nextrec_fast.backend import get_backend  # the torch / reference backends stay pure PyTorch
-    return get_backend() in ("auto", "triton") and is_available() and torch.backends.mkldnn.is_available()
+    return get_backend() in ("auto", "triton") and is_available()  # torch / reference: pure PyTorch
 
 
 def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> None:
