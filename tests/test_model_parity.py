@@ -353,6 +353,58 @@ def test_expert_bmm_out_paths(experts_count, with_bias, layout, gemm, monkeypatc
             torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"double backward: {m} (seed {seed})")
 
 
+@pytest.mark.parametrize("input_of", [[0, 0, 1, 1, 2, 2], [0, 1, 1, 0], [1, 0]], ids=["ple", "shared_twice", "two"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_runs_linear(input_of, with_bias, monkeypatch):
+    """The first layer of experts reading several inputs (PLE's upper levels) through
+    ``experts._RunsLinear`` (each run of experts sharing an input writes its column block of one
+    output) against ``F.linear`` per run and ``torch.cat`` in float64: output, every input's,
+    weight's and bias's gradient (an input read by two runs gets both), and the double backward.
+    Allocations and reused buffers poisoned with NaN; the Function must have run."""
+    from nextrec_fast.layers import experts
+    from nextrec_fast.ops import reusable_buffer
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    batch, k, n = 33, 7, 5
+    mlps = [nn.Sequential(nn.Linear(k, n, bias=with_bias), nn.ReLU()).double() for _ in input_of]
+    for mlp in mlps:
+        for p in mlp.parameters():
+            p.data.copy_(torch.randn(p.shape, dtype=torch.float64, generator=gen))
+    inputs = [torch.randn(batch, k, dtype=torch.float64, generator=gen).requires_grad_()
+              for _ in range(max(input_of) + 1)]
+    params = [*inputs, *(p for mlp in mlps for p in mlp.parameters())]
+    upstream = torch.randn(batch, len(mlps), n, dtype=torch.float64, generator=gen)
+
+    def run():
+        out = experts.run_experts(mlps, inputs, input_of)
+        grads = torch.autograd.grad((out * upstream).sum(), params, create_graph=True)
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads), params, allow_unused=True)
+        first = torch.autograd.grad((experts.run_experts(mlps, inputs, input_of) * upstream).sum(), params)
+        return out, first, second
+
+    monkeypatch.setattr(experts, "_runs_linear_usable", lambda parts: False)
+    expected = run()
+    monkeypatch.undo()
+    calls = []
+    real_apply = experts._RunsLinear.apply
+    monkeypatch.setattr(experts._RunsLinear, "apply", lambda *a: calls.append(a[0]) or real_apply(*a))
+    monkeypatch.setattr(reusable_buffer, "MIN_BYTES", 0)
+    _poison_allocations(monkeypatch)
+    _poison_reusable_buffers(monkeypatch)
+    got = run()
+    monkeypatch.undo()
+    runs = len(experts._shared_input_runs(inputs, input_of, len(input_of)))
+    assert calls and set(calls) == {runs}, (calls, runs)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-12, atol=1e-12, msg=lambda m: f"output: {m} (seed {seed})")
+    for kind, gots, wants in (("gradient", got[1], expected[1]), ("double backward", got[2], expected[2])):
+        for i, (g, e) in enumerate(zip(gots, wants)):
+            if e is None:
+                assert g is None or not g.any()
+            else:
+                torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12,
+                                           msg=lambda m: f"{kind} of tensor {i}: {m} (seed {seed})")
+
+
 @pytest.mark.parametrize("experts_count", [1, 3])
 def test_relu_expert_major(experts_count, monkeypatch):
     """``experts._ReluExpertMajor`` (a batch-major layer's ReLU written expert-major, the MLPs

@@ -316,8 +316,8 @@ class ExpertBank:
             return self._bmm(linears, inputs).transpose(0, 1).reshape(batch, -1)
         input_of = list(input_of) if input_of is not None else [0] * len(linears)
         # Runs of consecutive experts that read the same tensor share one GEMM.
-        outputs = []
-        for start, stop in _shared_input_runs(inputs, input_of, len(linears)):
+        outputs, runs = [], _shared_input_runs(inputs, input_of, len(linears))
+        for start, stop in runs:
             group = linears[start:stop]
             x = inputs[input_of[start]]
             pad = _k_padding(x)
@@ -333,7 +333,14 @@ class ExpertBank:
                 # One large GEMM for all experts: into a reused buffer (expert_bmm over one "expert").
                 out = expert_bmm(x.unsqueeze(0), weight.t().unsqueeze(0), None if bias is None else bias.view(1, 1, -1))
                 return out.view(out.shape[1], -1)  # a view, not [0]: select's backward copies into zeros
-            outputs.append(F.linear(x, weight, bias))
+            outputs.append((x, weight, bias))
+        if len(outputs) > 1 and _runs_linear_usable(outputs):
+            # Several inputs (PLE's upper levels: each task's and the shared experts' own gated
+            # input): each run's GEMM writes its column block of one [B, E*N] output, through
+            # gemm_into (oneDNN), with no torch.cat; F.linear would take MKL and a copy.
+            xs, weights, biases = zip(*outputs)
+            return _RunsLinear.apply(len(outputs), *xs, *weights, *biases)
+        outputs = [F.linear(x, weight, bias) for x, weight, bias in outputs]
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
     def _batched_linear(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
@@ -739,6 +746,63 @@ class _ExpertBlockLinear(torch.autograd.Function):
                 grad_w.append(None)
             grad_b.append(g.sum(0) if ctx.needs_input_grad[2 + experts + e] else None)
         return (grad_x, None, *grad_w, *grad_b)
+
+
+def _runs_linear_usable(parts: list[tuple]) -> bool:
+    """Whether ``_RunsLinear`` can take these (input, weight, bias) runs: CPU, not tracing (out=
+    into column blocks does not trace), no autocast (out= skips its casts) or functorch transform
+    (no jvp / vmap rule), one float32 / float64 dtype throughout, a large enough output."""
+    x = parts[0][0]
+    if _tracing() or x.device.type != "cpu" or _cpu_autocast_enabled() or _functorch_transforms_active():
+        return False
+    tensors = [t for part in parts for t in part if t is not None]
+    if x.dtype not in (torch.float32, torch.float64) or any(t.dtype != x.dtype for t in tensors):
+        return False
+    return all(p[0].dim() == 2 and p[0].shape[0] == x.shape[0] for p in parts) and _reused_output(
+        x, x.shape[0] * sum(p[1].shape[0] for p in parts))
+
+
+class _RunsLinear(torch.autograd.Function):
+    """``torch.cat([F.linear(x_g, W_g, b_g) for g in runs], dim=1)``: each run's GEMM written
+    into its column block of one ``[B, sum N_g]`` output (``gemm_into``), and in backward each
+    input's and weight's gradient from that block, with no concatenation or split copies."""
+
+    @staticmethod
+    def forward(ctx, runs: int, *tensors):
+        xs, weights, biases = tensors[:runs], tensors[runs:2 * runs], tensors[2 * runs:]
+        cols = [0]
+        for w in weights:
+            cols.append(cols[-1] + w.shape[0])
+        out = _reusable_empty(xs[0], (xs[0].shape[0], cols[-1]))
+        for g in range(runs):
+            gemm_into(out[:, cols[g]:cols[g + 1]], xs[g], weights[g].t(), biases[g])
+        ctx.save_for_backward(*xs, *weights)
+        ctx.runs, ctx.cols = runs, cols
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        runs, cols = ctx.runs, ctx.cols
+        saved = ctx.saved_tensors
+        xs, weights = saved[:runs], saved[runs:]
+        needs = ctx.needs_input_grad[1:]
+        blocks = [grad[:, cols[g]:cols[g + 1]] for g in range(runs)]
+        if create_graph_requested():  # differentiable ops for double backward (no out=)
+            grad_x = [b.mm(w) if needs[g] else None for g, (b, w) in enumerate(zip(blocks, weights))]
+            grad_w = [b.t().mm(x) if needs[runs + g] else None for g, (b, x) in enumerate(zip(blocks, xs))]
+        else:
+            grad_x, grad_w = [], []
+            for g, (b, x, w) in enumerate(zip(blocks, xs, weights)):
+                grad_x.append(None)
+                if needs[g]:
+                    grad_x[-1] = x.new_empty(x.shape)  # the previous level's gradient: not pooled
+                    gemm_into(grad_x[-1], b, w)
+                grad_w.append(None)
+                if needs[runs + g]:
+                    grad_w[-1] = w.new_empty(w.shape)
+                    gemm_into(grad_w[-1], b.t(), x)
+        grad_b = [b.sum(0) if needs[2 * runs + g] else None for g, b in enumerate(blocks)]
+        return (None, *grad_x, *grad_w, *grad_b)
 
 
 class _ExpertBmm(torch.autograd.Function):
