@@ -156,7 +156,7 @@ def test_padded_first_layer_float32(model, mode, monkeypatch):
     from nextrec_fast.layers import experts
     padded = []
 
-    def pad_always(x):
+    def pad_always(x, out_features):
         pad = 5 if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 else 0
         padded.append(pad)
         return pad
@@ -172,7 +172,7 @@ def test_padded_first_layer_float32(model, mode, monkeypatch):
             m, inputs = (fast, x) if name in ("padded", "unpadded") else (ref, x)
             if name == "exact":
                 m, inputs = ref.double(), {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
-            monkeypatch.setattr(experts, "_k_padding", pad_always if name == "padded" else lambda x: 0)
+            monkeypatch.setattr(experts, "_k_padding", pad_always if name == "padded" else lambda x, n: 0)
             m.train(mode == "train")
             out, grads = forward_backward(m, inputs)
             results[name] = [out.double()] + [None if g is None else g.double() for g in grads.values()]
@@ -184,13 +184,16 @@ def test_padded_first_layer_float32(model, mode, monkeypatch):
     assert err["padded"] <= max(1.5 * err["unpadded"], 2.0 * err["ref"]), f"{err} (seed {seed})"
 
 
-def test_k_padding_rule():
+@pytest.mark.parametrize("onednn", [False, True], ids=["mkl", "onednn"])
+def test_k_padding_rule(onednn, monkeypatch):
+    """Padding for MKL's GEMMs at large float32 batches only; none where oneDNN takes the GEMM."""
     from nextrec_fast.layers import experts
+    monkeypatch.setattr(experts, "uses_onednn", lambda a, b: onednn)
     big = experts.K_PAD_MIN_BATCH
     for k in (1, 15, 16, 17, 477, 480):
-        assert experts._k_padding(torch.empty(big, k)) == (-k) % experts.K_PAD_MULTIPLE
-        assert experts._k_padding(torch.empty(big - 1, k)) == 0  # small batches: no copies
-        assert experts._k_padding(torch.empty(big, k, dtype=torch.float64)) == 0
+        assert experts._k_padding(torch.empty(big, k), 256) == (0 if onednn else (-k) % experts.K_PAD_MULTIPLE)
+        assert experts._k_padding(torch.empty(big - 1, k), 256) == 0  # small batches: no copies
+        assert experts._k_padding(torch.empty(big, k, dtype=torch.float64), 256) == 0
 
 
 @pytest.mark.parametrize("model", list(MODELS))
