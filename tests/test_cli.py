@@ -117,6 +117,28 @@ def test_time_interleaved_settles_and_shuffles(monkeypatch):
     assert len(set(orders)) > 1, orders
 
 
+@pytest.mark.parametrize("call_ms, expected", [(2.0, 10), (0.3, 64), (25.0, 1), (7.0, 3)])
+def test_calls_per_sample_fill_the_minimum_sample(monkeypatch, call_ms, expected):
+    """Short calls are timed in back-to-back bursts lasting MIN_SAMPLE_MS (capped), one call where
+    a call is already that long; the fastest function sets the count. Simulated clock."""
+    from nextrec_fast.bench import common as benchmark
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    calls = []
+
+    def make(ms, name):
+        def fn():
+            calls.append(name)
+            clock["now"] += ms / 1e3
+        return fn
+
+    fns = {"slow": make(3 * call_ms, "slow"), "fast": make(call_ms, "fast")}
+    assert benchmark.MIN_SAMPLE_MS == 20.0
+    assert benchmark.calls_per_sample(fns, "cpu") == expected
+    assert calls == ["slow", "slow", "fast", "fast"]
+
+
 def test_reliability_warnings_and_default_threads(monkeypatch):
     """A busy machine (load above the cores given) and a row whose samples spread widely are
     both reported; the default thread count is the cores the load leaves free."""

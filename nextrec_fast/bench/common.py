@@ -102,6 +102,29 @@ def time_interleaved(fns: dict, device, warmup: int, repeats: int, step=None, bu
     return samples
 
 
+# A timed sample of the model benchmarks lasts at least this long. At batch 64 a call takes 1-3
+# ms, and a sample of one call measures the cache footprint of the variant timed before it as
+# much as its own (0.3.1's MMOE eval at batch 64, 2 threads: 2.4 ms a call timed alone, 1.8 ms
+# back to back; the fast model moved the other way as often). pytest-benchmark and timeit
+# calibrate their rounds the same way.
+MIN_SAMPLE_MS = 20.0
+
+
+def calls_per_sample(fns: dict, device, min_sample_ms: float = MIN_SAMPLE_MS, cap: int = 64) -> int:
+    """Back-to-back calls per timed sample (``time_interleaved``'s ``burst``, the same for all of
+    ``fns``): enough for the fastest function's calls to last ``min_sample_ms``, at most ``cap``;
+    1 where one call is already that long. Each function is called twice, the second timed."""
+    fastest = float("inf")
+    for fn in fns.values():
+        fn()
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        fastest = min(fastest, (time.perf_counter() - start) * 1e3)
+    return max(1, min(cap, math.ceil(min_sample_ms / max(fastest, 1e-3))))
+
+
 def machine_load() -> tuple[float, int]:
     """(1-minute load average, cores this process may run on); (0.0, cores) where unknown."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from nextrec_fast import reference
 from nextrec_fast.bench import gemm_floor
-from nextrec_fast.bench.common import (CONFIGS, bf16_matmul_slowdown, default_features, environment, machine_load, make_batch, reliability_warnings,
+from nextrec_fast.bench.common import (CONFIGS, MIN_SAMPLE_MS, bf16_matmul_slowdown, calls_per_sample, default_features, environment, machine_load, make_batch, reliability_warnings,
                                        spread, table_optimizer_class, time_interleaved)
 
 MODEL_NAMES = ("mmoe", "ple", "esmm")
@@ -94,7 +94,7 @@ class Row:
     "plain nextrec") against ``fast``, medians and every sample in ms; ``others``: further variants
     timed in the same loop ("reference" where the baseline is nextrec, "gemm_floor"), each
     ``{"ms": median, "samples_ms": [...]}``; ``gemm_gflop``: GFLOP of the GEMMs one step runs, per
-    variant recorded."""
+    variant recorded; ``calls``: back-to-back calls per sample (each sample is their mean)."""
     model: str
     mode: str
     batch: int
@@ -106,17 +106,18 @@ class Row:
     fast_samples_ms: list = field(default_factory=list)
     others: dict = field(default_factory=dict)
     gemm_gflop: dict = field(default_factory=dict)
+    calls: int = 1
 
 
 def make_row(model: str, mode: str, batch: int, baseline: str, samples: dict, baseline_key: str,
-             gemm_gflop: dict | None = None, digits: int = 3) -> Row:
+             gemm_gflop: dict | None = None, digits: int = 3, calls: int = 1) -> Row:
     """A Row from ``samples`` (variant -> ms samples, with ``baseline_key`` and "fast")."""
     base, fast = statistics.median(samples[baseline_key]), statistics.median(samples["fast"])
     others = {name: {"ms": statistics.median(values), "samples_ms": [round(v, digits) for v in values]}
               for name, values in samples.items() if name not in (baseline_key, "fast")}
     return Row(model, mode, batch, baseline, base, fast, base / fast,
                [round(v, digits) for v in samples[baseline_key]], [round(v, digits) for v in samples["fast"]],
-               others, dict(gemm_gflop or {}))
+               others, dict(gemm_gflop or {}), calls)
 
 
 def _step_fn(model, mode, x, labels, forward=None, tables_in_backward: bool = False):
@@ -270,9 +271,10 @@ def run(models=MODEL_NAMES, modes=MODES, batch: int | list[int] = 2048, device: 
                 fast_gemms = gemm_floor.record_gemms(steps[baseline_key])
                 gflop["floor_from"] = baseline_key
             steps["gemm_floor"] = gemm_floor.replay(fast_gemms)
-            samples = time_interleaved(steps, device, warmup, repeats)
+            calls = calls_per_sample(steps, device)  # 1 at large batches, more where a call is short
+            samples = time_interleaved(steps, device, warmup, repeats, burst=calls)
             rows.append(make_row(model, mode, batch, _baseline_label(baseline_key, env), samples, baseline_key,
-                                 {k: round(v, 4) if isinstance(v, float) else v for k, v in gflop.items()}))
+                                 {k: round(v, 4) if isinstance(v, float) else v for k, v in gflop.items()}, calls=calls))
             del steps, x, labels
             if mode in TABLES_IN_BACKWARD:
                 from nextrec_fast import optim
@@ -330,7 +332,9 @@ def format_table(result: dict) -> str:
                   f"re-implemented in plain PyTorch (nextrec_fast.reference, per-feature / per-expert loops); fast = "
                   f"{'the nextrec model after nextrec_fast.accelerate' if env.get('nextrec') else 'the drop-in model'}"
                   f", same weights; GEMM floor = the fast step's own GEMMs alone (same shapes, threads); "
-                  f"ms = median of {env.get('repeats', '?')} interleaved repeats, [min-max] beside it; speed-up "
+                  f"ms = median of {env.get('repeats', '?')} interleaved repeats, [min-max] beside it (a repeat: one "
+                  f"call, or where calls are short the mean of enough back-to-back calls to last "
+                  f"{MIN_SAMPLE_MS:.0f} ms, the same count for every variant); speed-up "
                   f"= baseline median / fast median, the baseline being {against}; vs ref = reference / fast "
                   f"(the reference always models nextrec 0.3.1: BatchNorm MLPs, whichever nextrec is installed); fast/floor = "
                   f"fast / GEMM floor (1.0: nothing but GEMMs left, lower is better); train_step: torch's Adam on "
