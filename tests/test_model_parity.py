@@ -408,6 +408,46 @@ def test_runs_linear(input_of, with_bias, monkeypatch):
                                            msg=lambda m: f"{kind} of tensor {i}: {m} (seed {seed})")
 
 
+@pytest.mark.parametrize("input_of", [[0, 0], [0], [0, 1, 1]], ids=["shared", "one", "two_inputs"])
+def test_gate_logits_through_runs_linear(input_of, monkeypatch):
+    """``gates.gate_logits`` with every logit GEMM sent through ``experts._RunsLinear`` (as where
+    oneDNN takes it) against each gate's own ``nn.Linear`` in float64: logits, the inputs', weights'
+    and biases' gradients. Allocations and reused buffers poisoned with NaN."""
+    from nextrec_fast.layers import experts, gates as gate_ops
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    batch, k = 17, 6
+    gates = [nn.Sequential(nn.Linear(k, 3 + g), nn.Softmax(dim=1)).double() for g in range(len(input_of))]
+    for gate in gates:
+        for p in gate.parameters():
+            p.data.copy_(torch.randn(p.shape, dtype=torch.float64, generator=gen))
+    inputs = [torch.randn(batch, k, dtype=torch.float64, generator=gen).requires_grad_()
+              for _ in range(max(input_of) + 1)]
+    per_gate = [inputs[i] for i in input_of]
+    params = [*inputs, *(p for gate in gates for p in gate.parameters())]
+    upstream = [torch.randn(batch, 3 + g, dtype=torch.float64, generator=gen) for g in range(len(gates))]
+
+    def run(logits_of):
+        logits = logits_of()
+        loss = sum((lg * u).sum() for lg, u in zip(logits, upstream))
+        return logits, torch.autograd.grad(loss, params)
+
+    expected = run(lambda: [gate[0](x) for gate, x in zip(gates, per_gate)])
+    calls = []
+    real_apply = experts._RunsLinear.apply
+    monkeypatch.setattr(experts._RunsLinear, "apply", lambda *a: calls.append(a[0]) or real_apply(*a))
+    monkeypatch.setattr(experts, "uses_onednn", lambda a, b: True)
+    _poison_allocations(monkeypatch)
+    _poison_reusable_buffers(monkeypatch)
+    got = run(lambda: gate_ops.gate_logits(gates, per_gate))
+    monkeypatch.undo()
+    assert calls == [len(set(input_of))], calls
+    for g, e in zip(got[0], expected[0]):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"logits: {m} (seed {seed})")
+    for i, (g, e) in enumerate(zip(got[1], expected[1])):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"gradient {i}: {m} (seed {seed})")
+
+
 @pytest.mark.parametrize("experts_count", [1, 3])
 def test_relu_expert_major(experts_count, monkeypatch):
     """``experts._ReluExpertMajor`` (a batch-major layer's ReLU written expert-major, the MLPs

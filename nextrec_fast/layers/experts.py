@@ -334,14 +334,8 @@ class ExpertBank:
                 out = expert_bmm(x.unsqueeze(0), weight.t().unsqueeze(0), None if bias is None else bias.view(1, 1, -1))
                 return out.view(out.shape[1], -1)  # a view, not [0]: select's backward copies into zeros
             outputs.append((x, weight, bias))
-        if len(outputs) > 1 and _runs_linear_usable(outputs):
-            # Several inputs (PLE's upper levels: each task's and the shared experts' own gated
-            # input): each run's GEMM writes its column block of one [B, E*N] output, through
-            # gemm_into (oneDNN), with no torch.cat; F.linear would take MKL and a copy.
-            xs, weights, biases = zip(*outputs)
-            return _RunsLinear.apply(len(outputs), *xs, *weights, *biases)
-        outputs = [F.linear(x, weight, bias) for x, weight, bias in outputs]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        # Several inputs: PLE's upper levels, each task's and the shared experts' own gated input.
+        return linear_runs(outputs)
 
     def _batched_linear(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
         linears = layer.linears
@@ -753,18 +747,37 @@ class _ExpertBlockLinear(torch.autograd.Function):
         return (grad_x, None, *grad_w, *grad_b)
 
 
-def _runs_linear_usable(parts: list[tuple]) -> bool:
-    """Whether ``_RunsLinear`` can take these (input, weight, bias) runs: CPU, not tracing (out=
+def linear_runs(parts: Sequence[tuple]) -> torch.Tensor:
+    """``torch.cat([F.linear(x, weight, bias) for x, weight, bias in parts], dim=1)``: ``x``
+    ``[B, K_g]``, ``weight`` ``[N_g, K_g]``, ``bias`` ``[N_g]`` or None; returns ``[B, sum N_g]``.
+
+    On CPU (``_runs_linear_usable``) each GEMM writes its column block of one output through
+    ``gemm_into`` (oneDNN for large float32 GEMMs, ``ops.dense_gemm``), forward and backward,
+    with no concatenation; F.linear would take MKL and, for several parts, a copy."""
+    if _runs_linear_usable(parts):
+        xs, weights, biases = zip(*parts)
+        return _RunsLinear.apply(len(parts), *xs, *weights, *biases)
+    outputs = [F.linear(x, weight, bias) for x, weight, bias in parts]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+def _runs_linear_usable(parts: Sequence[tuple]) -> bool:
+    """Whether ``_RunsLinear`` can take these (input, weight, bias) parts: CPU, not tracing (out=
     into column blocks does not trace), no autocast (out= skips its casts) or functorch transform
-    (no jvp / vmap rule), one float32 / float64 dtype throughout, a large enough output."""
+    (no jvp / vmap rule), one float32 / float64 dtype throughout, 2-D inputs of one batch, the
+    extension's buffers; and something to gain: a GEMM for oneDNN, or a large concatenation saved."""
     x = parts[0][0]
     if _tracing() or x.device.type != "cpu" or _cpu_autocast_enabled() or _functorch_transforms_active():
         return False
     tensors = [t for part in parts for t in part if t is not None]
     if x.dtype not in (torch.float32, torch.float64) or any(t.dtype != x.dtype for t in tensors):
         return False
-    return all(p[0].dim() == 2 and p[0].shape[0] == x.shape[0] for p in parts) and _reused_output(
-        x, x.shape[0] * sum(p[1].shape[0] for p in parts))
+    if not all(p[0].dim() == 2 and p[0].shape[0] == x.shape[0] for p in parts):
+        return False
+    if not (get_backend() in ("auto", "triton") and _reusable_buffers().is_available()):
+        return False
+    return (any(uses_onednn(p[0], p[1].t()) for p in parts)
+            or (len(parts) > 1 and _reused_output(x, x.shape[0] * sum(p[1].shape[0] for p in parts))))
 
 
 class _RunsLinear(torch.autograd.Function):

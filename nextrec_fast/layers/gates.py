@@ -10,10 +10,9 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nextrec_fast.backend import use_triton
-from nextrec_fast.layers.experts import batched_matmul
+from nextrec_fast.layers.experts import batched_matmul, linear_runs
 from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
 
@@ -35,19 +34,21 @@ def check_gates(gates: Sequence[nn.Module]) -> None:
 def gate_logits(gates: Sequence[nn.Module], inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Logits ``[B, S_g]`` of every gate; consecutive gates reading the same tensor share one GEMM."""
     linears = [_gate_linear(g) for g in gates]
-    logits, start = [], 0
+    parts, widths, start = [], [], 0
     while start < len(linears):
         stop = start
         while stop < len(linears) and inputs[stop] is inputs[start]:
             stop += 1
         group = linears[start:stop]
         if len(group) == 1:
-            logits.append(F.linear(inputs[start], group[0].weight, group[0].bias))
+            parts.append((inputs[start], group[0].weight, group[0].bias))
         else:
-            joint = F.linear(inputs[start], torch.cat([l.weight for l in group]), torch.cat([l.bias for l in group]))
-            logits += list(joint.split([l.out_features for l in group], dim=1))
+            parts.append((inputs[start], torch.cat([l.weight for l in group]), torch.cat([l.bias for l in group])))
+        widths += [l.out_features for l in group]
         start = stop
-    return logits
+    # One GEMM per input, into column blocks of one output: on CPU through oneDNN where it takes
+    # the GEMM (a [2048, 477] @ [477, 14] logit GEMM: 0.09 ms against MKL's 0.36 ms).
+    return list(linear_runs(parts).split(widths, dim=1))
 
 
 def mix_experts(logits: Sequence[torch.Tensor], experts: torch.Tensor,
