@@ -143,6 +143,7 @@ struct Pass {
   const double* scale_d;     // weight * invstd
   const double* k_mean;      // mean(dz)
   const double* k_xc;        // invstd^2 * mean(dz * (x - mean))
+  bool batch_stats;          // backward: k_mean and k_xc apply (running statistics: grad_x = scale * dz)
 };
 
 // Widening a stored value to the compute type, and rounding back (bfloat16: to nearest even,
@@ -185,9 +186,11 @@ NEXTREC_FAST_INLINE T affine(T x, T scale, T shift) {
   return x * scale + shift;
 }
 
+// ReLU's gradient as torch's threshold_backward(grad, out, 0) gives it: zero where z <= 0 (+-0
+// included), passed on elsewhere, a NaN z included.
 template <typename T, bool kRelu>
 NEXTREC_FAST_INLINE T masked_grad(T g, T x, T scale, T shift) {
-  if constexpr (kRelu) return affine(x, scale, shift) > T(0) ? g : T(0);
+  if constexpr (kRelu) return affine(x, scale, shift) <= T(0) ? T(0) : g;
   return g;
 }
 
@@ -281,7 +284,13 @@ NEXTREC_FAST_INLINE void backward_block(const Pass<S, T>& p, int64_t e, int64_t 
       const double* __restrict k_mean = p.k_mean + c;
       const double* __restrict k_xc = p.k_xc + c;
       S* __restrict dx = p.out.at(e, b, n0);
-      if constexpr (std::is_same_v<S, T>) {
+      // Under running statistics the terms in k_mean and k_xc are not formed at all: they are 0,
+      // and (x - mean) * 0 would turn an infinite x into a NaN gradient where torch gives scale * dz.
+      if (!p.batch_stats) {
+        for (int64_t j = 0; j < w; ++j) dz[j] = static_cast<T>(scale_d[j] * static_cast<double>(dz[j]));
+        for (int64_t j = 0; j < w; ++j) dx[j] = store<S>(dz[j]);
+        for (int64_t j = 0; j < w; ++j) s1[j] += static_cast<double>(load<T>(dx[j]));
+      } else if constexpr (std::is_same_v<S, T>) {
         for (int64_t j = 0; j < w; ++j) {
           const T r = static_cast<T>(scale_d[j] * (static_cast<double>(dz[j]) - k_mean[j] -
                                                    (static_cast<double>(x[j]) - mean[j]) * k_xc[j]));
@@ -485,8 +494,13 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
   p.shift = shift.data();
   p.scale_d = scale_d.data();
   p.mean = mean_x;
-  // sum(dz) and sum(dz * (x - mean)), dz = grad_out * relu'(z).
-  const auto sums = run_pass<S, T>(kReduce, p, B, relu, 2);
+  // sum(dz) and sum(dz * (x - mean)), dz = grad_out * relu'(z): for the batch statistics' terms
+  // and the affine parameters' gradients. Under running statistics without affine parameters
+  // (bias_act: a Linear's bias and ReLU only) nothing needs them: one pass fewer.
+  p.batch_stats = training;
+  const bool reduce = training || weight != nullptr || bias != nullptr;
+  const auto sums = reduce ? run_pass<S, T>(kReduce, p, B, relu, 2)
+                           : std::vector<std::vector<double>>(2, std::vector<double>(C, 0.0));
   // grad_x = scale * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)))  (batch stats)
   //        = scale * dz                                                                 (running stats)
   std::vector<double> k_mean(C), k_xc(C);

@@ -86,6 +86,44 @@ def test_matches_pytorch_float64(training, relu, x_expert_major, out_expert_majo
         torch.testing.assert_close(var, rv, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("relu,with_bias", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("groups,out_expert_major", [(1, False), (1, True), (3, True), (6, False)])
+def test_bias_act_is_relu_of_x_plus_bias_exactly(dtype, relu, with_bias, groups, out_expert_major):
+    """``bias_act`` (the op with identity statistics) equals ``torch.relu(x + b)`` bit for bit in
+    float32 and float64, in every input layout ([B, C]; [G, B, M*N] with G = 3 groups and with
+    G = E, i.e. [E, B, N]) and both output layouts, with NaN, +-inf and exact zeros in x; the
+    input gradient equals ReLU's exactly, and the bias gradient is the row sum (within float
+    rounding of it: the op accumulates in double)."""
+    seed = 1000 * groups + 10 * relu + with_bias + int(out_expert_major) + (dtype == torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    experts, batch, width = 6, 37, 9
+    x = torch.randn(batch, experts * width, generator=gen, dtype=dtype)
+    x[0, 0], x[1, 1], x[2, 2], x[3, 3] = float("nan"), float("inf"), -float("inf"), 0.0
+    lb = torch.randn(experts * width, generator=gen, dtype=dtype) if with_bias else None
+    x[4, 4] = -lb[4] if with_bias else 0.0  # x + b exactly 0
+    leaf = x.clone().requires_grad_()
+    lb_leaf = lb.clone().requires_grad_() if with_bias else None
+    z = leaf + lb_leaf if with_bias else leaf
+    expected = torch.relu(z) if relu else z
+    per_group = experts // groups
+    laid = (x if groups == 1 else x.view(batch, groups, per_group * width).transpose(0, 1).contiguous()).requires_grad_()
+    poison_allocator(batch * experts * width, dtype)
+    out = op.bias_act(laid, experts=experts, linear_bias=lb_leaf, relu=relu, out_expert_major=out_expert_major)
+    got = from_layout(out, experts, out_expert_major)
+    assert torch.equal(got.isnan(), expected.isnan()), f"seed {seed}"
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num()), f"seed {seed}"
+    g = torch.randn(expected.shape, generator=gen, dtype=dtype)
+    grads = torch.autograd.grad(out, [laid] + ([lb_leaf] if with_bias else []), to_layout(g, experts, out_expert_major))
+    want = torch.autograd.grad(expected, [leaf] + ([lb_leaf] if with_bias else []), g)
+    grad_x = grads[0] if groups == 1 else grads[0].transpose(0, 1).reshape(batch, -1)
+    assert torch.equal(grad_x, want[0]), f"seed {seed}"  # NaN and infinite z too: ReLU's mask is z <= 0
+    if with_bias:
+        truth = want[0].double().sum(0)
+        torch.testing.assert_close(grads[1].double(), truth, rtol=1e-6 if dtype == torch.float32 else 1e-12,
+                                   atol=1e-5 if dtype == torch.float32 else 1e-12, msg=lambda m: f"{m} (seed {seed})")
+
+
 @pytest.mark.parametrize("groups", [1, 2, 3, 6])
 def test_grouped_input_layout(groups):
     """x as [G, B, M*N]: G groups of M experts (one bmm over groups of experts sharing an input)."""

@@ -448,52 +448,6 @@ def test_gate_logits_through_runs_linear(input_of, monkeypatch):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"gradient {i}: {m} (seed {seed})")
 
 
-@pytest.mark.parametrize("experts_count", [1, 3])
-def test_relu_expert_major(experts_count, monkeypatch):
-    """``experts._ReluExpertMajor`` (a batch-major layer's ReLU written expert-major, the MLPs
-    without BatchNorm) against ``torch.relu(h).view(B, E, N).transpose(0, 1)`` in float64, with
-    NaN, +-0 and a strided input (a view of a wider buffer): output, gradient, the double
-    backward (``create_graph=True``) and forward-mode AD's tangent. Allocations and the reused
-    buffers poisoned with NaN."""
-    from nextrec_fast.layers import experts
-    seed = random.randrange(2**31)
-    gen = torch.Generator().manual_seed(seed)
-    batch, width = 9, 4
-    wide = torch.randn(batch, experts_count * width + 3, dtype=torch.float64, generator=gen)
-    wide[0, 0], wide[1, 1], wide[2, 2] = float("nan"), 0.0, -0.0
-    leaf = wide.requires_grad_()
-    upstream = torch.randn(experts_count, batch, width, dtype=torch.float64, generator=gen)
-    reference = lambda h: torch.relu(h).view(batch, experts_count, width).transpose(0, 1)  # noqa: E731
-    fast = lambda h: experts._ReluExpertMajor.apply(h, experts_count)  # noqa: E731
-
-    def run(relu):
-        h = leaf[:, :experts_count * width]  # strided: row stride wider than the row
-        out = relu(h)
-        (grad,) = torch.autograd.grad((out * upstream).nansum(), leaf, create_graph=True)
-        (second,) = torch.autograd.grad((grad * grad).nansum() + (out * out).nansum(), leaf, allow_unused=True)
-        (first,) = torch.autograd.grad((relu(h) * upstream).nansum(), leaf)  # no graph: the out= path
-        return out, first, grad, second
-
-    expected = run(reference)
-    _poison_allocations(monkeypatch)
-    _poison_reusable_buffers(monkeypatch)
-    got = run(fast)
-    monkeypatch.undo()
-    assert got[0].shape == (experts_count, batch, width) and got[0].is_contiguous()
-    for name, g, e in zip(["output", "gradient", "gradient (create_graph)", "double backward"], got, expected):
-        torch.testing.assert_close(g, e, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m} (seed {seed})")
-    assert torch.equal(torch.signbit(got[0]), torch.signbit(expected[0]))  # relu(-0.0) keeps torch's sign
-    import torch.autograd.forward_ad as fwad
-    tangent = torch.randn(wide.shape, dtype=torch.float64, generator=gen)
-    tangents = []
-    for relu in (reference, fast):
-        with fwad.dual_level():
-            dual = fwad.make_dual(wide.detach(), tangent)
-            tangents.append(fwad.unpack_dual(relu(dual[:, :experts_count * width])).tangent)
-    torch.testing.assert_close(tangents[1], tangents[0], rtol=0, atol=0, equal_nan=True,
-                               msg=lambda m: f"forward-mode tangent: {m} (seed {seed})")
-
-
 def test_cpu_gemm_mode_rule(monkeypatch):
     """How ``expert_bmm`` runs. One GEMM per expert: CPU, experts not a multiple of the threads
     (bmm gives each expert one thread: 3 experts on 2 threads take as long as 4), at least

@@ -105,17 +105,19 @@ def test_accelerate_matches_float64_nextrec(kind, norm_type, mode):
     assert not nextrec_fast.is_accelerated(model)
 
 
-def test_relu_experts_without_norm_take_the_expert_major_path(monkeypatch):
-    """0.6's default MLP (no norm) with ReLU, accelerated, float64: the first expert layer's ReLU
-    runs through ``experts._ReluExpertMajor`` (the one-pass layout change), and the outputs, every
-    gradient, and forward-mode AD's output tangent (there the model runs nextrec's own forward:
-    tests/test_autograd_modes.py) equal nextrec's."""
+def test_relu_experts_without_norm_take_the_bias_act_path(monkeypatch):
+    """0.6's default MLP (no norm) with ReLU, accelerated, float64: every expert and tower layer's
+    bias and ReLU run through ``batch_norm_act.bias_act`` (one pass, expert-major between layers,
+    batch-major after the last), and the outputs, every gradient, and forward-mode AD's output
+    tangent (there the model runs nextrec's own forward: tests/test_autograd_modes.py) equal
+    nextrec's."""
     import torch.autograd.forward_ad as fwad
     from nextrec.models.multitask.mmoe import MMOE
-    from nextrec_fast.layers import experts
+    from nextrec_fast.ops import batch_norm_act
     calls = []
-    real = experts._ReluExpertMajor.apply
-    monkeypatch.setattr(experts._ReluExpertMajor, "apply", lambda *args: calls.append(args[1]) or real(*args))
+    real = batch_norm_act.bias_act
+    monkeypatch.setattr(batch_norm_act, "bias_act",
+                        lambda x, **kw: calls.append((kw["experts"], kw["relu"], kw["out_expert_major"])) or real(x, **kw))
     seed = _seed("relu_expert_major")
     _, feats = random_v06_model("mmoe", seed, norm_type="none")
     mlp = {"hidden_dims": [6, 4], "activation": "relu", "norm_type": "none"}
@@ -136,7 +138,8 @@ def test_relu_experts_without_norm_take_the_expert_major_path(monkeypatch):
                 out = torch.func.functional_call(m, dual, (x,))
                 out = torch.cat(out, 1) if isinstance(out, (list, tuple)) else out
                 tangents.append(fwad.unpack_dual(out).tangent)
-    assert calls and set(calls) == {3}, calls  # the 3 experts' first layer (the towers run stacked: expert-major already)
+    # The 3 experts' two layers, then the 2 towers' two hidden layers and their output layer (no activation).
+    assert calls == [(3, True, True), (3, True, False), (2, True, True), (2, True, True), (2, False, False)], calls
     torch.testing.assert_close(out_fast, out_plain, rtol=1e-12, atol=1e-14)
     for name, g in g_plain.items():
         torch.testing.assert_close(g_fast[name], g, rtol=1e-10, atol=1e-13, msg=lambda m: f"{name}: {m} (seed {seed})")

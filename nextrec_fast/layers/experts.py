@@ -221,36 +221,41 @@ class ExpertBank:
     def _forward_cpu_op(self, inputs, input_of) -> torch.Tensor:
         """Each layer with BatchNorm: a GEMM without bias, then ``batch_norm_act`` (bias, norm,
         ReLU in two passes), which writes ``[E, B, N]`` for the next layer's bmm (no copies) and
-        ``[B, E*N]`` after the last one."""
+        ``[B, E*N]`` after the last one. Layers without a norm whose activation is ReLU or none
+        (nextrec 0.6's default MLP), without active dropout: the same with ``bias_act`` (bias and
+        ReLU in one pass), instead of a bias copied into the GEMM's output before it runs, a ReLU
+        pass, and a transposing copy of the last layer's output for the gates."""
         op = _batch_norm_act_op()
         experts = self.num_experts
         h = None
         for depth, layer in enumerate(self.layers):
-            fold_bias = layer.norms is not None  # the batch-stat mean absorbs the bias: fold it into the op
-            if depth == 0:
-                # The grouped [G, B, M*N] layout is read by batch_norm_act only.
-                h = self._first_linear_cpu(inputs, input_of, with_bias=not fold_bias, grouped=fold_bias)
-            else:
-                if h.dim() == 2:  # batch-major after a layer without BatchNorm: bmm needs [E, B, K]
-                    h = h.view(h.shape[0], experts, -1).transpose(0, 1).contiguous()
-                if _per_expert_gemms([h], layer.linears):
-                    h = _expert_mm(list(h.unbind(0)), layer.linears, with_bias=not fold_bias)
-                else:
-                    h = self._bmm(layer.linears, h, with_bias=not fold_bias)
             last = depth == len(self.layers) - 1
             act = layer.acts[0] if layer.acts is not None else None
-            if layer.norms is not None:
-                relu = type(act) is nn.ReLU
-                linear_bias = None  # folded (fold_bias holds here)
+            relu = type(act) is nn.ReLU
+            # The op adds the bias: the GEMM runs without it (under batch statistics the mean absorbs it).
+            fused = layer.norms is not None or ((relu or act is None) and not _dropout_active(layer))
+            if depth == 0:
+                # The grouped [G, B, M*N] layout (one bmm over stacked inputs) for BatchNorm layers;
+                # without a norm, linear_runs' column blocks (no stacking copy).
+                h = self._first_linear_cpu(inputs, input_of, with_bias=not fused, grouped=layer.norms is not None)
+            else:
+                if h.dim() == 2:  # batch-major after a layer the op did not write: bmm needs [E, B, K]
+                    h = h.view(h.shape[0], experts, -1).transpose(0, 1).contiguous()
+                if _per_expert_gemms([h], layer.linears):
+                    h = _expert_mm(list(h.unbind(0)), layer.linears, with_bias=not fused)
+                else:
+                    h = self._bmm(layer.linears, h, with_bias=not fused)
+            if fused:
+                linear_bias = None
                 if layer.linears[0].bias is not None:
                     linear_bias = torch.cat([lin.bias for lin in layer.linears])
-                h = self._batch_norm_act(op, layer, h, linear_bias, relu=relu, out_expert_major=not last)
+                if layer.norms is not None:
+                    h = self._batch_norm_act(op, layer, h, linear_bias, relu=relu, out_expert_major=not last)
+                else:
+                    h = op.bias_act(h, experts=experts, linear_bias=linear_bias, relu=relu, out_expert_major=not last)
                 if relu:
                     act = None
-            if (act is not None and layer.norms is None and not last and h.dim() == 2 and type(act) is nn.ReLU
-                    and not _dropout_active(layer) and not _tracing() and not _functorch_transforms_active()):
-                h = _ReluExpertMajor.apply(h, experts)  # [B, E*N] -> [E, B, N] for the next bmm
-            elif act is not None and layer.norms is None:
+            if act is not None and layer.norms is None:
                 h = self._activation(layer.acts, h)  # a fresh GEMM output: ReLU rectifies in place
             elif act is not None:
                 h = act(h)  # parameter-free (PReLU takes the PyTorch path): layout does not matter
@@ -449,42 +454,6 @@ class ExpertBank:
 
 def _dropout_active(layer: _Layer) -> bool:
     return layer.dropouts is not None and layer.dropouts[0].p > 0 and layer.dropouts[0].training
-
-
-class _ReluExpertMajor(torch.autograd.Function):
-    """ReLU of a batch-major ``[B, E*N]`` layer output written expert-major ``[E, B, N]`` (what
-    the next layer's bmm reads) in one pass; the backward writes the input's gradient batch-major
-    in one pass. In place ReLU, ``.transpose(0, 1).contiguous()`` and autograd's view backward
-    cost a pass and a copy forward and a full clone backward (and, on a view of a reused GEMM
-    buffer, CopySlices' clone and zero-fill): MLPs without BatchNorm, nextrec 0.6's default.
-    ReLU is ``clamp_min(x, 0)`` and its backward ``threshold_backward(grad, out, 0)``, as torch's;
-    forward-mode AD (``jvp``) masks the tangent the same way. Not under functorch transforms
-    (``torch.func``), which need ``setup_context``: the bank keeps in-place ReLU there."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, experts: int) -> torch.Tensor:
-        view = h.view(h.shape[0], experts, -1).transpose(0, 1)
-        out = _reusable_empty(h, view.shape)  # pooled as the GEMMs' outputs: no page faults per step
-        torch.clamp_min(view, 0, out=out)
-        ctx.save_for_backward(out)
-        ctx.save_for_forward(out)
-        return out
-
-    @staticmethod
-    def jvp(ctx, h_tangent: torch.Tensor, _experts_tangent) -> torch.Tensor:
-        out, = ctx.saved_tensors
-        tangent = h_tangent.view(h_tangent.shape[0], out.shape[0], -1).transpose(0, 1)
-        return torch.ops.aten.threshold_backward(tangent, out, 0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        out, = ctx.saved_tensors
-        experts, batch, width = out.shape
-        if create_graph_requested():  # differentiable ops
-            return torch.ops.aten.threshold_backward(grad, out, 0).transpose(0, 1).reshape(batch, -1), None
-        grad_in = _reusable_empty(grad, (batch, experts, width))
-        torch.ops.aten.threshold_backward.grad_input(grad.transpose(0, 1), out.transpose(0, 1), 0, grad_input=grad_in)
-        return grad_in.view(batch, -1), None
 
 
 def _is_layer_norm(layer: _Layer) -> bool:

@@ -14,7 +14,7 @@ from torch import Tensor
 from nextrec_fast import _extension
 from nextrec_fast.ops._dispatch import call_op, create_graph_requested, grads_with_graph
 
-__all__ = ["batch_norm_act", "is_available"]
+__all__ = ["batch_norm_act", "bias_act", "is_available"]
 
 
 def is_available() -> bool:
@@ -50,6 +50,25 @@ def batch_norm_act(x: Tensor, *, experts: int, linear_bias: Tensor | None, weigh
     # Below the Autograd key when nothing needs a gradient (ops._dispatch): this op runs 2-3
     # times per expert bank and forward.
     return call_op(torch.ops.nextrec_fast.batch_norm_act_forward, args, (x, linear_bias, weight, bias))
+
+
+def bias_act(x: Tensor, *, experts: int, linear_bias: Tensor | None, relu: bool,
+             out_expert_major: bool) -> Tensor:
+    """``act(x + linear_bias)`` in :func:`batch_norm_act`'s layouts (``x`` ``[B, C]``, ``[E, B, N]``
+    or ``[G, B, M*N]``; the output ``[E, B, N]`` if ``out_expert_major`` else ``[B, C]``), for
+    layers without a norm: one pass adds the Linear's bias, rectifies and re-lays out.
+
+    It is the same op with identity statistics (running mean 0, running variance 1, eps 0, no
+    affine): the per-channel scale is then exactly 1 and the shift exactly ``linear_bias``, so the
+    output is ``x + linear_bias`` rounded once, ReLU'd where ``relu``, as ``torch.relu(x + b)``;
+    the input gradient is ReLU's (``threshold_backward``), the bias's its sum over rows
+    (accumulated in double). dtypes and errors as :func:`batch_norm_act`."""
+    e, _, n = _shape(x, experts)
+    dtype = _param_dtype(x.dtype)
+    out, _, _ = batch_norm_act(x, experts=experts, linear_bias=linear_bias, weight=None, bias=None,
+                               running_mean=x.new_zeros(e * n, dtype=dtype), running_var=x.new_ones(e * n, dtype=dtype),
+                               training=False, eps=0.0, relu=relu, out_expert_major=out_expert_major)
+    return out
 
 
 def _shape(x: Tensor, experts: int) -> tuple[int, int, int]:
