@@ -179,7 +179,7 @@ NEXTREC_FAST_INLINE S store(T v) {
 // z = x * scale + shift, written once for the forward and both backward passes: the backward
 // recomputes the ReLU mask instead of storing it, so it must match the forward bit for bit
 // (the extension is compiled with -ffp-contract=off: no FMA in one place and not the other).
-// With bfloat16 storage the mask is z > 0 before rounding: a z below bfloat16's smallest
+// With bfloat16 storage the mask is taken on z before rounding: a z below bfloat16's smallest
 // subnormal stores +0 yet passes its gradient (torch masks on the stored output).
 template <typename T>
 NEXTREC_FAST_INLINE T affine(T x, T scale, T shift) {
@@ -496,7 +496,7 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
   p.mean = mean_x;
   // sum(dz) and sum(dz * (x - mean)), dz = grad_out * relu'(z): for the batch statistics' terms
   // and the affine parameters' gradients. Under running statistics without affine parameters
-  // (bias_act: a Linear's bias and ReLU only) nothing needs them: one pass fewer.
+  // nothing needs them: one pass fewer.
   p.batch_stats = training;
   const bool reduce = training || weight != nullptr || bias != nullptr;
   const auto sums = reduce ? run_pass<S, T>(kReduce, p, B, relu, 2)
@@ -625,6 +625,101 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
   return {grad_x, grad_linear_bias, grad_weight, grad_bias};
 }
 
+// bias_act: act(x + linear_bias) for layers without a norm, in the same layouts. The forward is
+// the eval-mode kernel with identity statistics (running mean 0, variance 1, eps 0, no affine:
+// scale exactly 1, shift exactly the bias, so x + b rounded once, as torch's add). The backward
+// takes the *output*, not x: ReLU's mask from it is threshold_backward's (out <= 0: no
+// gradient; a NaN passes it), and the next layer's GEMM saves that output anyway, so autograd
+// keeps one activation per layer instead of two.
+at::Tensor bias_act_forward_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& linear_bias,
+                                int64_t experts, bool relu, bool out_expert_major) {
+  const at::Tensor x = x_in.contiguous();
+  const Shape s = shape_of(x, experts);
+  check_inputs(x, s, linear_bias, std::nullopt, std::nullopt);
+  const int64_t channels = s.experts * s.width;
+  OutputCache& cache = OutputCache::instance();
+  at::Tensor out = out_expert_major ? cache.empty({s.experts, s.batch, s.width}, x.options())
+                                    : cache.empty({s.batch, channels}, x.options());
+  const auto stats_options = x.options().dtype(at::kDouble);
+  // mean_x is the running mean (0) less the bias, as batch_norm_act_forward_cpu forms it.
+  at::Tensor mean_x = linear_bias.has_value() ? linear_bias->to(at::kDouble).neg().contiguous()
+                                              : at::zeros({channels}, stats_options);
+  at::Tensor var = at::ones({channels}, stats_options);
+  if (x.scalar_type() == at::kBFloat16) {
+    forward_kernel<c10::BFloat16, float>(x, s, nullptr, nullptr, 0.0, false, relu, out_expert_major,
+                                         out.data_ptr<c10::BFloat16>(), mean_x.data_ptr<double>(),
+                                         var.data_ptr<double>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bias_act_forward_cpu", [&] {
+      forward_kernel<scalar_t, scalar_t>(x, s, nullptr, nullptr, 0.0, false, relu, out_expert_major,
+                                         out.data_ptr<scalar_t>(), mean_x.data_ptr<double>(), var.data_ptr<double>());
+    });
+  }
+  return out;
+}
+
+template <typename S, typename T>
+void bias_act_backward_kernel(const at::Tensor& grad_out, const at::Tensor& out, bool out_expert_major,
+                              int64_t x_groups, int64_t E, int64_t B, int64_t N, bool relu, S* grad_x,
+                              T* grad_bias) {
+  const int64_t C = E * N;
+  Pass<S, T> p{};
+  p.experts = E;
+  p.width = N;
+  p.x = blocks_of<const S>(out.data_ptr<S>(), out_expert_major ? E : 1, E, B, N);  // the mask's z: the output
+  p.grad_out = blocks_of<const S>(grad_out.data_ptr<S>(), out_expert_major ? E : 1, E, B, N);
+  p.out = blocks_of<S>(grad_x, x_groups, E, B, N);
+  std::vector<T> scale(C, T(1)), shift(C, T(0));
+  std::vector<double> scale_d(C, 1.0), mean(C, 0.0);
+  p.scale = scale.data();
+  p.shift = shift.data();
+  p.scale_d = scale_d.data();
+  p.mean = mean.data();
+  p.batch_stats = false;
+  const auto sum_dx = run_pass<S, T>(kInputGrad, p, B, relu, 1);
+  for (int64_t c = 0; c < C; ++c) grad_bias[c] = static_cast<T>(sum_dx[0][c]);
+}
+
+// Gradients (x, linear_bias) of bias_act from its output; grad_out and out share the output's
+// layout ([E, B, N] or [B, E*N]); grad_x is written [B, E*N] (x_groups 1) or [G, B, (E/G)*N].
+std::tuple<at::Tensor, at::Tensor> bias_act_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& out_in,
+                                                         int64_t experts, int64_t x_groups, bool relu) {
+  const at::Tensor out = out_in.contiguous();
+  const at::Tensor grad_out = grad_out_in.contiguous();
+  TORCH_CHECK_VALUE(experts >= 1, "bias_act_backward: experts must be >= 1, got ", experts);
+  TORCH_CHECK_VALUE(out.dim() == 2 || (out.dim() == 3 && out.size(0) == experts),
+                    "bias_act_backward: out must be [B, E*N] or [E, B, N], got shape ", out.sizes());
+  TORCH_CHECK_VALUE(grad_out.sizes() == out.sizes(), "bias_act_backward: grad_out has shape ", grad_out.sizes(),
+                    ", out ", out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == out.scalar_type() &&
+                       (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble ||
+                        out.scalar_type() == at::kBFloat16),
+                   "bias_act_backward: grad_out and out must share a float32, float64 or bfloat16 dtype, got ",
+                   grad_out.scalar_type(), " and ", out.scalar_type());
+  const bool out_expert_major = out.dim() == 3;
+  const int64_t B = out_expert_major ? out.size(1) : out.size(0);
+  TORCH_CHECK_VALUE(out_expert_major || out.size(1) % experts == 0, "bias_act_backward: ", out.size(1),
+                    " channels do not split into ", experts, " experts");
+  const int64_t N = out_expert_major ? out.size(2) : out.size(1) / experts;
+  TORCH_CHECK_VALUE(x_groups >= 1 && experts % x_groups == 0, "bias_act_backward: x_groups=", x_groups,
+                    " does not divide experts=", experts);
+  TORCH_CHECK_VALUE(B >= 1, "bias_act_backward: empty batch");
+  const int64_t C = experts * N;
+  at::Tensor grad_x = x_groups == 1 ? OutputCache::instance().empty({B, C}, out.options())
+                                    : OutputCache::instance().empty({x_groups, B, C / x_groups}, out.options());
+  at::Tensor grad_bias = at::empty({C}, out.options().dtype(param_dtype(out)));
+  if (out.scalar_type() == at::kBFloat16) {
+    bias_act_backward_kernel<c10::BFloat16, float>(grad_out, out, out_expert_major, x_groups, experts, B, N, relu,
+                                                   grad_x.data_ptr<c10::BFloat16>(), grad_bias.data_ptr<float>());
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "bias_act_backward_cpu", [&] {
+      bias_act_backward_kernel<scalar_t, scalar_t>(grad_out, out, out_expert_major, x_groups, experts, B, N, relu,
+                                                   grad_x.data_ptr<scalar_t>(), grad_bias.data_ptr<scalar_t>());
+    });
+  }
+  return {grad_x, grad_bias};
+}
+
 }  // namespace nextrec_fast
 
 TORCH_LIBRARY_FRAGMENT(nextrec_fast, m) {
@@ -638,9 +733,16 @@ TORCH_LIBRARY_FRAGMENT(nextrec_fast, m) {
       "batch_norm_act_backward(Tensor grad_out, Tensor x, Tensor? linear_bias, Tensor? weight, Tensor? bias, "
       "Tensor mean_x, Tensor var, int experts, bool training, float eps, bool relu, bool out_expert_major) "
       "-> (Tensor grad_x, Tensor grad_linear_bias, Tensor grad_weight, Tensor grad_bias)");
+  // act(x + linear_bias), act = ReLU or the identity, in batch_norm_act's layouts; the backward
+  // from the output (x_groups: G of x's [G, B, (E/G)*N] layout, 1 for [B, E*N]).
+  m.def("bias_act_forward(Tensor x, Tensor? linear_bias, int experts, bool relu, bool out_expert_major) -> Tensor");
+  m.def("bias_act_backward(Tensor grad_out, Tensor out, int experts, int x_groups, bool relu) "
+        "-> (Tensor grad_x, Tensor grad_linear_bias)");
 }
 
 TORCH_LIBRARY_IMPL(nextrec_fast, CPU, m) {
   m.impl("batch_norm_act_forward", &nextrec_fast::batch_norm_act_forward_cpu);
   m.impl("batch_norm_act_backward", &nextrec_fast::batch_norm_act_backward_cpu);
+  m.impl("bias_act_forward", &nextrec_fast::bias_act_forward_cpu);
+  m.impl("bias_act_backward", &nextrec_fast::bias_act_backward_cpu);
 }

@@ -107,7 +107,8 @@ def test_bias_act_is_relu_of_x_plus_bias_exactly(dtype, relu, with_bias, groups,
     z = leaf + lb_leaf if with_bias else leaf
     expected = torch.relu(z) if relu else z
     per_group = experts // groups
-    laid = (x if groups == 1 else x.view(batch, groups, per_group * width).transpose(0, 1).contiguous()).requires_grad_()
+    laid = x if groups == 1 else x.view(batch, groups, per_group * width).transpose(0, 1).contiguous()
+    laid = laid.requires_grad_()
     poison_allocator(batch * experts * width, dtype)
     out = op.bias_act(laid, experts=experts, linear_bias=lb_leaf, relu=relu, out_expert_major=out_expert_major)
     got = from_layout(out, experts, out_expert_major)
@@ -331,6 +332,49 @@ def test_opcheck():
         args = (x.bfloat16().requires_grad_(), lb.requires_grad_(), w.requires_grad_(), b.requires_grad_(), rm, rv, 3,
                 training, 1e-5, True, False)
         torch.library.opcheck(torch.ops.nextrec_fast.batch_norm_act_forward.default, args)
+
+
+def test_bias_act_opcheck_and_gradgradcheck():
+    """``bias_act_forward``'s schema, fake, autograd registration (``opcheck``), and its first
+    derivative differentiable again (float64 ``gradgradcheck``: the ``create_graph`` backward), in
+    every input / output layout, with ReLU and the identity, with and without the bias."""
+    gen = torch.Generator().manual_seed(5)
+    experts, batch, width = 4, 6, 3
+    base = torch.randn(batch, experts * width, generator=gen, dtype=torch.float64)
+    base[base.abs() < 0.05] = 0.3  # away from ReLU's kink, where finite differences straddle it
+    bias = torch.randn(experts * width, generator=gen, dtype=torch.float64)
+    cases = itertools.product([1, "1x", 2, 4], [True, False], [True, False], [True, False])
+    for groups, relu, out_em, with_bias in cases:
+        if groups == "1x":  # [1, B, C]: one group (one "expert" bmm's output), not [B, C]
+            x = base.unsqueeze(0)
+        else:
+            x = base if groups == 1 else base.view(batch, groups, -1).transpose(0, 1).contiguous()
+        lb = bias.clone().requires_grad_() if with_bias else None
+        torch.library.opcheck(torch.ops.nextrec_fast.bias_act_forward.default,
+                              (x.clone().requires_grad_(), lb, experts, relu, out_em))
+
+        def fn(x, *given):
+            return op.bias_act(x, experts=experts, linear_bias=given[0] if given else None, relu=relu,
+                               out_expert_major=out_em)
+        inputs = (x.clone().requires_grad_(), *([bias.clone().requires_grad_()] if with_bias else []))
+        assert torch.autograd.gradgradcheck(fn, inputs), (groups, relu, out_em, with_bias)
+    x = base.float().bfloat16().requires_grad_()  # bfloat16 x, float32 bias (autocast's layout)
+    torch.library.opcheck(torch.ops.nextrec_fast.bias_act_forward.default,
+                          (x, bias.float().requires_grad_(), experts, True, False))
+
+
+def test_bias_act_keeps_only_its_output_for_backward():
+    """Under autograd ``bias_act`` saves its output alone (ReLU's mask comes from it), not its
+    input: the next layer's GEMM saves that output too, so a layer costs one activation."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 12, generator=gen, requires_grad=True)
+    bias = torch.randn(12, generator=gen, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = op.bias_act(x * 1, experts=3, linear_bias=bias, relu=True, out_expert_major=True)
+    own = [t for t in saved if t.data_ptr() != x.data_ptr()]  # x * 1 saves nothing; the op's own tensors
+    assert len(own) == 1 and own[0].data_ptr() == out.data_ptr() and own[0].shape == out.shape, \
+        [(t.shape, t.data_ptr()) for t in saved]
 
 
 def test_compiles_fullgraph():

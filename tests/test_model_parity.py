@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import nextrec_fast
 from nextrec_fast.models import standalone
@@ -194,6 +195,12 @@ def test_k_padding_rule(onednn, monkeypatch):
         assert experts._k_padding(torch.empty(big, k), 256) == (0 if onednn else (-k) % experts.K_PAD_MULTIPLE)
         assert experts._k_padding(torch.empty(big - 1, k), 256) == 0  # small batches: no copies
         assert experts._k_padding(torch.empty(big, k, dtype=torch.float64), 256) == 0
+    monkeypatch.undo()  # the real rule: padding exactly where the GEMM does not go to oneDNN
+    from nextrec_fast.ops import dense_gemm
+    x = torch.empty(big, 477)
+    for n in (1, 256):
+        onednn_takes_it = dense_gemm.uses_onednn(x, torch.empty(n, 477).t())
+        assert experts._k_padding(x, n) == (0 if onednn_takes_it else 3), (n, onednn_takes_it)
 
 
 @pytest.mark.parametrize("model", list(MODELS))
@@ -406,6 +413,45 @@ def test_runs_linear(input_of, with_bias, monkeypatch):
             else:
                 torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12,
                                            msg=lambda m: f"{kind} of tensor {i}: {m} (seed {seed})")
+
+
+def test_runs_linear_float32_strided_inputs_through_onednn_and_double_backward(monkeypatch):
+    """``linear_runs`` on float32 inputs that are strided slices of one ``[B, G, K]`` tensor (a
+    gate mixture's output, as PLE's upper levels get), every GEMM sent to oneDNN: the output, the
+    gradients and a double backward (``create_graph=True``, a gradient penalty through the
+    inputs) against ``F.linear`` + ``torch.cat`` in float64, within float32 rounding."""
+    from nextrec_fast.layers import experts
+    from nextrec_fast.ops import dense_gemm
+    if not dense_gemm.is_available():
+        pytest.skip("oneDNN's float32 GEMM is not available here")
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    batch, groups, k, n = 64, 3, 24, 16
+    mixed = torch.randn(batch, groups, k, generator=gen, requires_grad=True)
+    weights = [torch.randn(n, k, generator=gen, requires_grad=True) for _ in range(groups)]
+    biases = [torch.randn(n, generator=gen, requires_grad=True) for _ in range(groups)]
+    upstream = torch.randn(batch, groups * n, generator=gen)
+    params = [mixed, *weights, *biases]
+
+    def run(linear, dtype):
+        ps = [p.detach().to(dtype).requires_grad_() for p in params]
+        parts = [(ps[0][:, g], ps[1 + g], ps[1 + groups + g]) for g in range(groups)]
+        out = linear(parts)
+        grads = torch.autograd.grad((out * upstream.to(dtype)).sum(), ps, create_graph=True)
+        penalty = sum((g * g).sum() for g in grads[:1 + groups])  # through the input and the weights
+        second = torch.autograd.grad(penalty, ps[:1 + groups])
+        return [out, *grads, *second]
+
+    expected = run(lambda parts: torch.cat([F.linear(*p) for p in parts], dim=1), torch.float64)
+    calls_before = torch.ops.nextrec_fast.onednn_gemm_calls()
+    monkeypatch.setattr(dense_gemm, "ONEDNN_MIN_MACS", 0)
+    used = []
+    real_apply = experts._RunsLinear.apply
+    monkeypatch.setattr(experts._RunsLinear, "apply", lambda *a: used.append(a[0]) or real_apply(*a))
+    got = run(experts.linear_runs, torch.float32)
+    assert used == [groups] and torch.ops.nextrec_fast.onednn_gemm_calls() > calls_before
+    for i, (g, e) in enumerate(zip(got, expected)):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-3, msg=lambda m: f"result {i}: {m} (seed {seed})")
 
 
 @pytest.mark.parametrize("input_of", [[0, 0], [0], [0, 1, 1]], ids=["shared", "one", "two_inputs"])

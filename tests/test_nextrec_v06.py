@@ -118,7 +118,7 @@ def test_relu_experts_without_norm_take_the_bias_act_path(monkeypatch):
     real = batch_norm_act.bias_act
     monkeypatch.setattr(batch_norm_act, "bias_act",
                         lambda x, **kw: calls.append((kw["experts"], kw["relu"], kw["out_expert_major"])) or real(x, **kw))
-    seed = _seed("relu_expert_major")
+    seed = _seed("bias_act")
     _, feats = random_v06_model("mmoe", seed, norm_type="none")
     mlp = {"hidden_dims": [6, 4], "activation": "relu", "norm_type": "none"}
     torch.manual_seed(seed)

@@ -232,8 +232,12 @@ class ExpertBank:
             last = depth == len(self.layers) - 1
             act = layer.acts[0] if layer.acts is not None else None
             relu = type(act) is nn.ReLU
-            # The op adds the bias: the GEMM runs without it (under batch statistics the mean absorbs it).
-            fused = layer.norms is not None or ((relu or act is None) and not _dropout_active(layer))
+            # The op adds the bias: the GEMM runs without it (under batch statistics the mean absorbs
+            # it). Without a norm only eagerly (traced, the ReLU stays an op the compiler can fuse)
+            # and where there is a bias or a ReLU to apply.
+            has_bias = layer.linears[0].bias is not None
+            fused = layer.norms is not None or ((relu or (act is None and has_bias)) and not _dropout_active(layer)
+                                                and not _tracing())
             if depth == 0:
                 # The grouped [G, B, M*N] layout (one bmm over stacked inputs) for BatchNorm layers;
                 # without a norm, linear_runs' column blocks (no stacking copy).
@@ -246,9 +250,7 @@ class ExpertBank:
                 else:
                     h = self._bmm(layer.linears, h, with_bias=not fused)
             if fused:
-                linear_bias = None
-                if layer.linears[0].bias is not None:
-                    linear_bias = torch.cat([lin.bias for lin in layer.linears])
+                linear_bias = torch.cat([lin.bias for lin in layer.linears]) if has_bias else None
                 if layer.norms is not None:
                     h = self._batch_norm_act(op, layer, h, linear_bias, relu=relu, out_expert_major=not last)
                 else:
@@ -339,7 +341,8 @@ class ExpertBank:
                 out = expert_bmm(x.unsqueeze(0), weight.t().unsqueeze(0), None if bias is None else bias.view(1, 1, -1))
                 return out.view(out.shape[1], -1)  # a view, not [0]: select's backward copies into zeros
             outputs.append((x, weight, bias))
-        # Several inputs: PLE's upper levels, each task's and the shared experts' own gated input.
+        # One GEMM per run of experts sharing an input (several inputs: PLE's upper levels, each
+        # task's and the shared experts' own gated input).
         return linear_runs(outputs)
 
     def _batched_linear(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
@@ -730,6 +733,16 @@ def linear_runs(parts: Sequence[tuple]) -> torch.Tensor:
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
+def linear_parts(parts: Sequence[tuple]) -> list[torch.Tensor]:
+    """``[F.linear(x, weight, bias) for x, weight, bias in parts]``, as column views of one
+    ``_RunsLinear`` output where ``linear_runs`` would run it (no concatenation either way)."""
+    if _runs_linear_usable(parts):
+        xs, weights, biases = zip(*parts)
+        out = _RunsLinear.apply(len(parts), *xs, *weights, *biases)
+        return list(out.split([w.shape[0] for w in weights], dim=1))
+    return [F.linear(x, weight, bias) for x, weight, bias in parts]
+
+
 def _runs_linear_usable(parts: Sequence[tuple]) -> bool:
     """Whether ``_RunsLinear`` can take these (input, weight, bias) parts: CPU, not tracing (out=
     into column blocks does not trace), no autocast (out= skips its casts) or functorch transform
@@ -770,11 +783,12 @@ class _RunsLinear(torch.autograd.Function):
             cols.append(cols[-1] + w.shape[0])
         out = _reusable_empty(xs[0], (xs[0].shape[0], cols[-1]))
         # A strided input (a gate mixture's [B, G, D] slice) is copied for oneDNN once, here, and
-        # the copy kept for the weight gradient (gemm_into would copy it there again).
-        xs = [_dense_for_onednn(x, w.t()) for x, w in zip(xs, weights)]
+        # the copy kept for the weight gradient (gemm_into would copy it there again). The
+        # inputs themselves are saved too: a double backward differentiates through them.
+        dense = [_dense_for_onednn(x, w.t()) for x, w in zip(xs, weights)]
         for g in range(runs):
-            gemm_into(out[:, cols[g]:cols[g + 1]], xs[g], weights[g].t(), biases[g])
-        ctx.save_for_backward(*xs, *weights)
+            gemm_into(out[:, cols[g]:cols[g + 1]], dense[g], weights[g].t(), biases[g])
+        ctx.save_for_backward(*xs, *weights, *[d if d is not x else None for d, x in zip(dense, xs)])
         ctx.runs, ctx.cols = runs, cols
         return out
 
@@ -782,7 +796,7 @@ class _RunsLinear(torch.autograd.Function):
     def backward(ctx, grad):
         runs, cols = ctx.runs, ctx.cols
         saved = ctx.saved_tensors
-        xs, weights = saved[:runs], saved[runs:]
+        xs, weights, copies = saved[:runs], saved[runs:2 * runs], saved[2 * runs:]
         needs = ctx.needs_input_grad[1:]
         blocks = [grad[:, cols[g]:cols[g + 1]] for g in range(runs)]
         if create_graph_requested():  # differentiable ops for double backward (no out=)
@@ -790,6 +804,7 @@ class _RunsLinear(torch.autograd.Function):
             grad_w = [b.t().mm(x) if needs[runs + g] else None for g, (b, x) in enumerate(zip(blocks, xs))]
         else:
             grad_x, grad_w = [], []
+            xs = [x if c is None else c for x, c in zip(xs, copies)]  # the forward's dense copies
             for g, (b, x, w) in enumerate(zip(blocks, xs, weights)):
                 if needs[g] or needs[runs + g]:
                     b = blocks[g] = _dense_for_onednn(b, w)  # one copy of the column block for both GEMMs

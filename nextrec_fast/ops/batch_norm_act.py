@@ -56,19 +56,22 @@ def bias_act(x: Tensor, *, experts: int, linear_bias: Tensor | None, relu: bool,
              out_expert_major: bool) -> Tensor:
     """``act(x + linear_bias)`` in :func:`batch_norm_act`'s layouts (``x`` ``[B, C]``, ``[E, B, N]``
     or ``[G, B, M*N]``; the output ``[E, B, N]`` if ``out_expert_major`` else ``[B, C]``), for
-    layers without a norm: one pass adds the Linear's bias, rectifies and re-lays out.
+    layers without a norm: one pass adds the Linear's bias, rectifies (``relu``; else the
+    identity) and re-lays out (``nextrec_fast::bias_act_forward``).
 
-    It is the same op with identity statistics (running mean 0, running variance 1, eps 0, no
-    affine): the per-channel scale is then exactly 1 and the shift exactly ``linear_bias``, so the
-    output is ``x + linear_bias`` rounded once, ReLU'd where ``relu``, as ``torch.relu(x + b)``;
-    the input gradient is ReLU's (``threshold_backward``), the bias's its sum over rows
-    (accumulated in double). dtypes and errors as :func:`batch_norm_act`."""
-    e, _, n = _shape(x, experts)
-    dtype = _param_dtype(x.dtype)
-    out, _, _ = batch_norm_act(x, experts=experts, linear_bias=linear_bias, weight=None, bias=None,
-                               running_mean=x.new_zeros(e * n, dtype=dtype), running_var=x.new_ones(e * n, dtype=dtype),
-                               training=False, eps=0.0, relu=relu, out_expert_major=out_expert_major)
-    return out
+    The forward is :func:`batch_norm_act`'s eval-mode kernel with identity statistics (running
+    mean 0, variance 1, eps 0, no affine): the per-channel scale is exactly 1 and the shift
+    exactly ``linear_bias``, so the output is ``x + linear_bias`` rounded once, ReLU'd, as
+    ``torch.relu(x + b)``. The backward (``bias_act_backward``) reads the output, not ``x``:
+    ReLU's mask from it is ``threshold_backward``'s, and autograd keeps one activation per layer
+    (the next GEMM saves this output anyway). The bias's gradient is the input gradient's row sum,
+    accumulated in double. dtypes: float32, float64, or bfloat16 with a float32 bias. Raises
+    ``TypeError`` / ``ValueError`` as :func:`batch_norm_act` (a wrong dtype, shapes that do not
+    split into ``experts``)."""
+    if not _OPS_REGISTERED:
+        raise RuntimeError(f"nextrec_fast batch_norm_act is unavailable: {_extension.unavailable_reason()}")
+    args = (x, linear_bias, int(experts), bool(relu), bool(out_expert_major))
+    return call_op(torch.ops.nextrec_fast.bias_act_forward, args, (x, linear_bias))
 
 
 def _shape(x: Tensor, experts: int) -> tuple[int, int, int]:
@@ -93,6 +96,45 @@ def _register_fakes():
         channels = mean_x.shape[0]
         dtype = _param_dtype(x.dtype)
         return (x.new_empty(x.shape), *(x.new_empty(channels, dtype=dtype) for _ in range(3)))
+
+
+def _register_bias_act():
+    @torch.library.register_fake("nextrec_fast::bias_act_forward")
+    def _forward_fake(x, linear_bias, experts, relu, out_expert_major):
+        e, b, n = _shape(x, experts)
+        return x.new_empty((e, b, n) if out_expert_major else (b, e * n))
+
+    @torch.library.register_fake("nextrec_fast::bias_act_backward")
+    def _backward_fake(grad_out, out, experts, x_groups, relu):
+        b, c = (out.shape[1], out.shape[0] * out.shape[2]) if out.dim() == 3 else (out.shape[0], out.shape[1])
+        grad_x = out.new_empty((b, c) if x_groups == 1 else (x_groups, b, c // x_groups))
+        return grad_x, out.new_empty(c, dtype=_param_dtype(out.dtype))
+
+    def setup_context(ctx, inputs, output):
+        x, _linear_bias, experts, relu, _out_expert_major = inputs
+        ctx.save_for_backward(output)
+        ctx.flags = (experts, x.shape[0] if x.dim() == 3 else 1, relu)
+        ctx.x_shape = x.shape  # [1, B, C] (one group) comes back from the op as [B, C]
+
+    def backward(ctx, grad_out):
+        (out,) = ctx.saved_tensors
+        experts, x_groups, relu = ctx.flags
+        if create_graph_requested():
+            # Differentiable ops (a gradient penalty through this layer): ReLU's mask from the
+            # output, then the layout change, each of which autograd can differentiate again.
+            g = torch.ops.aten.threshold_backward(grad_out, out, 0) if relu else grad_out
+            flat = g.transpose(0, 1).reshape(g.shape[1], -1) if g.dim() == 3 else g  # [B, C]
+            if x_groups == 1:
+                grad_x = flat.reshape(ctx.x_shape)
+            else:
+                grad_x = flat.view(flat.shape[0], x_groups, -1).transpose(0, 1)
+            grad_bias = flat.sum(0).to(_param_dtype(out.dtype)) if ctx.needs_input_grad[1] else None
+            return grad_x, grad_bias, None, None, None
+        grad_x, grad_bias = torch.ops.nextrec_fast.bias_act_backward(grad_out, out, experts, x_groups, relu)
+        needs = ctx.needs_input_grad
+        return grad_x.view(ctx.x_shape) if needs[0] else None, grad_bias if needs[1] else None, None, None, None
+
+    torch.library.register_autograd("nextrec_fast::bias_act_forward", backward, setup_context=setup_context)
 
 
 def _param_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -155,10 +197,12 @@ def _reference_forward(x: Tensor, linear_bias, weight, bias, mean_x: Tensor, var
 
 
 def _register() -> bool:
-    if not _extension.is_available() or not hasattr(torch.ops.nextrec_fast, "batch_norm_act_forward"):
-        return False
+    if not _extension.is_available() or not all(hasattr(torch.ops.nextrec_fast, name) for name in (
+            "batch_norm_act_forward", "bias_act_forward")):
+        return False  # (an extension built from older sources lacks bias_act: the PyTorch path runs)
     _register_fakes()
     torch.library.register_autograd("nextrec_fast::batch_norm_act_forward", _backward, setup_context=_setup_context)
+    _register_bias_act()
     return True
 
 
