@@ -119,6 +119,20 @@ def test_goes_through_onednn_and_is_recorded_as_a_gemm():
     assert calls[0].gflop == pytest.approx(2 * 64 * 48 * 32 / 1e9)
 
 
+def test_many_tiny_batched_products_take_torch_bmm():
+    """Batched products narrower than BATCHED_MIN_N columns (the gates' mixture weight gradient)
+    stay with torch.bmm, wider ones and 2-D GEMMs of any width go to oneDNN; either way the
+    result is the product."""
+    narrow = dense_gemm.BATCHED_MIN_N - 1
+    a, x = torch.randn(512, 3, 128), torch.randn(512, 128, narrow)
+    assert not dense_gemm.uses_onednn(a, x)
+    assert dense_gemm.uses_onednn(a, torch.randn(512, 128, dense_gemm.BATCHED_MIN_N))
+    assert dense_gemm.uses_onednn(torch.randn(2048, 477), torch.randn(477, narrow))
+    out = torch.full((512, 3, narrow), float("nan"))
+    dense_gemm.gemm_into(out, a, x)
+    torch.testing.assert_close(out, torch.bmm(a, x), rtol=0, atol=0)
+
+
 def test_other_dtypes_and_backends_take_torch_mm(monkeypatch):
     a, b = torch.randn(40, 30, dtype=torch.float64), torch.randn(30, 20, dtype=torch.float64)
     assert not dense_gemm.uses_onednn(a, b)

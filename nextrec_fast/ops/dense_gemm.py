@@ -56,9 +56,18 @@ def is_available() -> bool:
     return bool(torch.ops.nextrec_fast.onednn_gemm_available())
 
 
+# Batched products with fewer output columns than this stay with torch.bmm: many tiny matrices
+# (the gates' mixture weight gradient, [2048, G, 128] @ [2048, 128, E] with E = 6 or 8) took
+# oneDNN 2.1-2.5x torch.bmm's time (2 threads), where wider ones (the mixture itself, N = 128)
+# ran 0.7-0.9x.
+BATCHED_MIN_N = 16
+
+
 def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``gemm_into`` sends ``a @ b`` to oneDNN."""
     if a.dtype != torch.float32 or b.dtype != torch.float32 or a.device.type != "cpu":
+        return False
+    if a.dim() == 3 and a.shape[0] > 1 and b.shape[-1] < BATCHED_MIN_N:
         return False
     macs = a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
     if macs < ONEDNN_MIN_MACS:
