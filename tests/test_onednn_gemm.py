@@ -16,6 +16,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nextrec_fast.ops import dense_gemm
 
@@ -131,6 +132,35 @@ def test_many_tiny_batched_products_take_torch_bmm():
     out = torch.full((512, 3, narrow), float("nan"))
     dense_gemm.gemm_into(out, a, x)
     torch.testing.assert_close(out, torch.bmm(a, x), rtol=0, atol=0)
+
+
+def test_expert_block_linear_through_onednn(rng, monkeypatch):
+    """``experts._ExpertBlockLinear`` (the experts' Linear on column blocks of ``[B, E*K]``) in
+    float32 with every GEMM sent to oneDNN: output and the input's, weights' and biases'
+    gradients against per-expert ``F.linear`` in float64, within float32 rounding; each
+    gradient block is copied for oneDNN once (``onednn_operand``), not once per GEMM."""
+    from nextrec_fast.layers import experts
+    monkeypatch.setattr(dense_gemm, "ONEDNN_MIN_MACS", 0)
+    batch, count, k, n = 48, 3, 20, 12
+    x = torch.randn(batch, count * k, generator=rng, requires_grad=True)
+    weights = [torch.randn(n, k, generator=rng, requires_grad=True) for _ in range(count)]
+    biases = [torch.randn(n, generator=rng, requires_grad=True) for _ in range(count)]
+    upstream = torch.randn(batch, count * n, generator=rng)
+    params = [x, *weights, *biases]
+    copies = []
+    real = dense_gemm._pooled_copy
+    monkeypatch.setattr(dense_gemm, "_pooled_copy", lambda t: copies.append(tuple(t.shape)) or real(t))
+    before = torch.ops.nextrec_fast.onednn_gemm_calls()
+    out = experts._ExpertBlockLinear.apply(x, count, *weights, *biases)
+    grads = torch.autograd.grad((out * upstream).sum(), params)
+    assert torch.ops.nextrec_fast.onednn_gemm_calls() - before == 3 * count  # forward, dX, dW per expert
+    assert copies.count((batch, n)) == count, copies  # the gradient's column blocks, once each
+    ps = [p.detach().double().requires_grad_() for p in params]
+    want = torch.cat([F.linear(ps[0][:, e * k:(e + 1) * k], ps[1 + e], ps[1 + count + e]) for e in range(count)], 1)
+    want_grads = torch.autograd.grad((want * upstream.double()).sum(), ps)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    for i, (g, w) in enumerate(zip(grads, want_grads)):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda m: f"gradient {i}: {m}")
 
 
 def test_other_dtypes_and_backends_take_torch_mm(monkeypatch):

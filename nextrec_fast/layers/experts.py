@@ -27,7 +27,7 @@ from nextrec_fast.activations import activation_name
 from nextrec_fast.backend import get_backend, use_triton
 from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
-from nextrec_fast.ops.dense_gemm import gemm_into, uses_onednn
+from nextrec_fast.ops.dense_gemm import gemm_into, onednn_operand, uses_onednn
 from nextrec_fast.ops._dispatch import _functorch_transforms_active, create_graph_requested  # torch only
 
 
@@ -323,8 +323,8 @@ class ExpertBank:
             return self._bmm(linears, inputs).transpose(0, 1).reshape(batch, -1)
         input_of = list(input_of) if input_of is not None else [0] * len(linears)
         # Runs of consecutive experts that read the same tensor share one GEMM.
-        outputs, runs = [], _shared_input_runs(inputs, input_of, len(linears))
-        for start, stop in runs:
+        outputs = []
+        for start, stop in _shared_input_runs(inputs, input_of, len(linears)):
             group = linears[start:stop]
             x = inputs[input_of[start]]
             pad = _k_padding(x, sum(lin.out_features for lin in group))
@@ -708,6 +708,8 @@ class _ExpertBlockLinear(torch.autograd.Function):
         grad_w, grad_b = [], []
         for e in range(experts):
             g = grad[:, e * out_f:(e + 1) * out_f]
+            if need_x and ctx.needs_input_grad[2 + e]:
+                g = onednn_operand(g, weights[e])  # one copy of the column block for both GEMMs
             if need_x:
                 gemm_into(grad_x[:, e * in_f:(e + 1) * in_f], g, weights[e])
             if ctx.needs_input_grad[2 + e]:
@@ -762,14 +764,6 @@ def _runs_linear_usable(parts: Sequence[tuple]) -> bool:
             or (len(parts) > 1 and _reused_output(x, x.shape[0] * sum(p[1].shape[0] for p in parts))))
 
 
-def _dense_for_onednn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a``, or a contiguous copy of it (a pooled buffer) where ``gemm_into`` would send ``a @ b``
-    to oneDNN and copy a strided ``a`` itself: for callers that use ``a`` in two GEMMs."""
-    if a.is_contiguous() or not uses_onednn(a, b):
-        return a
-    return _reusable_empty(a, a.shape).copy_(a)
-
-
 class _RunsLinear(torch.autograd.Function):
     """``torch.cat([F.linear(x_g, W_g, b_g) for g in runs], dim=1)``: each run's GEMM written
     into its column block of one ``[B, sum N_g]`` output (``gemm_into``), and in backward each
@@ -785,7 +779,7 @@ class _RunsLinear(torch.autograd.Function):
         # A strided input (a gate mixture's [B, G, D] slice) is copied for oneDNN once, here, and
         # the copy kept for the weight gradient (gemm_into would copy it there again). The
         # inputs themselves are saved too: a double backward differentiates through them.
-        dense = [_dense_for_onednn(x, w.t()) for x, w in zip(xs, weights)]
+        dense = [onednn_operand(x, w.t()) for x, w in zip(xs, weights)]
         for g in range(runs):
             gemm_into(out[:, cols[g]:cols[g + 1]], dense[g], weights[g].t(), biases[g])
         ctx.save_for_backward(*xs, *weights, *[d if d is not x else None for d, x in zip(dense, xs)])
@@ -807,7 +801,7 @@ class _RunsLinear(torch.autograd.Function):
             xs = [x if c is None else c for x, c in zip(xs, copies)]  # the forward's dense copies
             for g, (b, x, w) in enumerate(zip(blocks, xs, weights)):
                 if needs[g] or needs[runs + g]:
-                    b = blocks[g] = _dense_for_onednn(b, w)  # one copy of the column block for both GEMMs
+                    b = blocks[g] = onednn_operand(b, w)  # one copy of the column block for both GEMMs
                 grad_x.append(None)
                 if needs[g]:
                     # Pooled: a fresh [B, K] buffer is page-faulted in every step (the gates' 3.7 MiB

@@ -25,7 +25,7 @@ import torch
 
 from nextrec_fast.backend import get_backend
 
-__all__ = ["gemm_into", "uses_onednn", "is_available", "ONEDNN_MIN_MACS"]
+__all__ = ["gemm_into", "onednn_operand", "uses_onednn", "is_available", "ONEDNN_MIN_MACS"]
 
 # 2 threads, this VM: oneDNN 1.4x at 64 x 477 x 256 (7.8M multiply-adds), even at 64 x 256 x 128
 # (2.1M), slower below (its primitive lookup costs ~10 us a call). NEXTREC_FAST_ONEDNN_MIN_MACS=0
@@ -105,6 +105,14 @@ def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.T
         torch.bmm(a, b, out=out)
     else:
         torch.baddbmm(bias, a, b, out=out)
+
+
+def onednn_operand(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` as ``gemm_into(out, a, b)`` hands it to oneDNN: unchanged where oneDNN does not take
+    ``a @ b`` or reads ``a``'s layout as it is, else a dense copy from the buffer pool. For a
+    caller that uses ``a`` in two GEMMs (an input gradient and a weight gradient from the same
+    column block), so that it is copied once, not once per GEMM."""
+    return _onednn_layout(a) if uses_onednn(a, b) else a
 
 
 def _onednn_layout(t: torch.Tensor) -> torch.Tensor:
