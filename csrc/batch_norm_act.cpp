@@ -494,13 +494,9 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
   p.shift = shift.data();
   p.scale_d = scale_d.data();
   p.mean = mean_x;
-  // sum(dz) and sum(dz * (x - mean)), dz = grad_out * relu'(z): for the batch statistics' terms
-  // and the affine parameters' gradients. Under running statistics without affine parameters
-  // nothing needs them: one pass fewer.
+  // sum(dz) and sum(dz * (x - mean)), dz = grad_out * relu'(z).
   p.batch_stats = training;
-  const bool reduce = training || weight != nullptr || bias != nullptr;
-  const auto sums = reduce ? run_pass<S, T>(kReduce, p, B, relu, 2)
-                           : std::vector<std::vector<double>>(2, std::vector<double>(C, 0.0));
+  const auto sums = run_pass<S, T>(kReduce, p, B, relu, 2);
   // grad_x = scale * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)))  (batch stats)
   //        = scale * dz                                                                 (running stats)
   std::vector<double> k_mean(C), k_xc(C);
@@ -631,31 +627,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_act_backwa
 // takes the *output*, not x: ReLU's mask from it is threshold_backward's (out <= 0: no
 // gradient; a NaN passes it), and the next layer's GEMM saves that output anyway, so autograd
 // keeps one activation per layer instead of two.
-at::Tensor bias_act_forward_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& linear_bias,
+at::Tensor bias_act_forward_cpu(const at::Tensor& x, const std::optional<at::Tensor>& linear_bias,
                                 int64_t experts, bool relu, bool out_expert_major) {
-  const at::Tensor x = x_in.contiguous();
   const Shape s = shape_of(x, experts);
-  check_inputs(x, s, linear_bias, std::nullopt, std::nullopt);
   const int64_t channels = s.experts * s.width;
-  OutputCache& cache = OutputCache::instance();
-  at::Tensor out = out_expert_major ? cache.empty({s.experts, s.batch, s.width}, x.options())
-                                    : cache.empty({s.batch, channels}, x.options());
-  const auto stats_options = x.options().dtype(at::kDouble);
-  // mean_x is the running mean (0) less the bias, as batch_norm_act_forward_cpu forms it.
-  at::Tensor mean_x = linear_bias.has_value() ? linear_bias->to(at::kDouble).neg().contiguous()
-                                              : at::zeros({channels}, stats_options);
-  at::Tensor var = at::ones({channels}, stats_options);
-  if (x.scalar_type() == at::kBFloat16) {
-    forward_kernel<c10::BFloat16, float>(x, s, nullptr, nullptr, 0.0, false, relu, out_expert_major,
-                                         out.data_ptr<c10::BFloat16>(), mean_x.data_ptr<double>(),
-                                         var.data_ptr<double>());
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bias_act_forward_cpu", [&] {
-      forward_kernel<scalar_t, scalar_t>(x, s, nullptr, nullptr, 0.0, false, relu, out_expert_major,
-                                         out.data_ptr<scalar_t>(), mean_x.data_ptr<double>(), var.data_ptr<double>());
-    });
-  }
-  return out;
+  const auto stats_options = x.options().dtype(param_dtype(x));
+  return std::get<0>(batch_norm_act_forward_cpu(x, linear_bias, std::nullopt, std::nullopt,
+                                                at::zeros({channels}, stats_options),
+                                                at::ones({channels}, stats_options), experts,
+                                                /*training=*/false, /*eps=*/0.0, relu, out_expert_major));
 }
 
 template <typename S, typename T>
