@@ -1338,10 +1338,27 @@ TensorList backward_coalesced_cpu(const at::Tensor& grad_out, const TensorList& 
   std::vector<at::Tensor> rows(wanted.size()), sums(wanted.size());
   at::Tensor finite = at::empty({static_cast<int64_t>(wanted.size())}, g.options().dtype(at::kBool));
   bool* ok = finite.data_ptr<bool>();
+  // Tables go to threads largest first, each to the next free thread: a sequence feature's table
+  // takes ~25x a single-id table's entries, and contiguous halves of the table list put all
+  // three sequence tables of the default features on one thread (2 threads: 3.3 ms against
+  // 0.6 ms, the other waiting). Which thread sums a table does not change its sums.
+  std::vector<int64_t> order(wanted.size()), work(wanted.size(), 0);
+  for (size_t i = 0; i < wanted.size(); ++i) {
+    order[i] = static_cast<int64_t>(i);
+    for (const FeatureMeta& f : plan.features)
+      if (f.table_index == wanted[i]) work[i] += (f.offsets == nullptr ? plan.batch * f.seq_len : f.seq_len) * f.dim;
+  }
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return work[a] > work[b]; });
+  std::atomic<int64_t> next{0};
+  const int64_t count = static_cast<int64_t>(order.size());
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
   NEXTREC_FAST_DISPATCH_FLOATING(plan.dtype, "pooled_embedding_backward_coalesced_cpu", [&] {
     const scalar_t* go = g.data_ptr<scalar_t>();
-    at::parallel_for(0, static_cast<int64_t>(wanted.size()), 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) coalesce_table<scalar_t>(plan, go, wanted[i], rows[i], sums[i], ok[i]);
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      for (int64_t k = next.fetch_add(1); k < count; k = next.fetch_add(1)) {
+        const int64_t i = order[k];
+        coalesce_table<scalar_t>(plan, go, wanted[i], rows[i], sums[i], ok[i]);
+      }
     });
   });
   TensorList out;

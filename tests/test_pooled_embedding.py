@@ -468,6 +468,30 @@ def test_nextrec_embedding_layer_equivalence():
         torch.testing.assert_close(t.grad, layer.embed_dict[n].weight.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_coalesced_gradients_do_not_depend_on_threads(rng):
+    """Tables are handed to threads largest first (pooled_embedding_backward_coalesced): which
+    thread sums a table, and how many threads there are, leave every row list and sum bit-identical."""
+    case, tables = random_case(rng, batch=rng.randint(64, 160), dtype=torch.float32, weights=True, max_seq=40)
+    common = _common_op_args(case, tables)
+    width = call(case, tables).shape[1]
+    batch = len(case["ids"][0]) if case["offsets"][0] is None else len(case["offsets"][0]) - 1
+    grad_out = torch.randn(batch, width)
+    need = [1] * len(tables)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.nextrec_fast.pooled_embedding_backward_coalesced(
+                grad_out, *common, case["grad_padding_idx"], need))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert len(other) == len(results[0])
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
 def test_sparse_grad_matches_dense(rng):
     case, tables = random_case(rng, dtype=torch.float64, weights=True)
     dense = [t.clone().requires_grad_(True) for t in tables]
