@@ -2,7 +2,8 @@
 
 All gates reading the same input share one GEMM for their logits. The mixture runs as one
 fused Triton op on CUDA (softmax + weighted sum, no ``[G, B, S, D]`` intermediate), else as one
-batched matmul (PLE's gates that see a subset of experts get zero weight on the others).
+batched product of ``[B, G, E]`` weights and ``[B, E, D]`` experts (PLE's gates that see a subset
+of experts get zero weight on the others): on CPU the C++ ``gate_mixture`` op, else ``bmm``.
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from nextrec_fast.backend import use_triton
-from nextrec_fast.layers.experts import batched_matmul, linear_parts
+from nextrec_fast.backend import get_backend, use_triton
+from nextrec_fast.layers.experts import _cpu_autocast_enabled, _tracing, batched_matmul, linear_parts
 from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
+from nextrec_fast.ops._dispatch import functorch_transforms_active
 
 
 def _gate_linear(gate: nn.Module) -> nn.Linear:
@@ -78,7 +80,29 @@ def mix_expert_weights(weights: Sequence[torch.Tensor], experts: torch.Tensor,
         else:
             where = index_tensor(idx, w.device).expand(batch, -1)
             rows.append(w.new_zeros(batch, num_experts).scatter(1, where, w))
-    return batched_matmul(torch.stack(rows, dim=1), experts)
+    stacked = torch.stack(rows, dim=1)
+    if _mixture_op_usable(stacked, experts):
+        return _gate_mixture_op().gate_mixture(stacked, experts)
+    return batched_matmul(stacked, experts)
+
+
+def _mixture_op_usable(weights: torch.Tensor, experts: torch.Tensor) -> bool:
+    """The C++ ``gate_mixture`` op takes this product: CPU, eager (no tracing, functorch
+    transform or autocast: traced graphs and bfloat16 GEMMs keep ``bmm``), one float32 / float64
+    dtype, the auto / triton backend and the extension built."""
+    if (experts.device.type != "cpu" or _tracing() or functorch_transforms_active() or _cpu_autocast_enabled()
+            or get_backend() not in ("auto", "triton")):
+        return False
+    if experts.dtype not in (torch.float32, torch.float64) or weights.dtype != experts.dtype:
+        return False
+    return _gate_mixture_op().is_available()
+
+
+def _gate_mixture_op():
+    """The op module, imported on first use (importing it may build the extension, which
+    ``import nextrec_fast`` must not wait for)."""
+    from nextrec_fast.ops import gate_mixture
+    return gate_mixture
 
 
 def gated_mixture(gates: Sequence[nn.Module], inputs: Sequence[torch.Tensor], experts: torch.Tensor,

@@ -4,6 +4,8 @@ Each op module registers its ops on import and says whether its backend is usabl
 - ``pooled_embedding``: C++/CUDA multi-feature embedding pooling (``csrc/``).
 - ``batch_norm_act``: C++ BatchNorm + ReLU over many experts' channels (``csrc/``).
 - ``reusable_buffer``: CPU output buffers reused across steps, for GEMMs written with ``out=``.
+- ``gate_mixture``: C++ weighted sums of expert outputs by the gates' weights, on CPU (``csrc/``).
+- ``dense_gemm``: float32 GEMMs into given outputs through oneDNN on CPU.
 - ``triton_ops``: Triton expert-linear, BatchNorm and gate-mixture kernels (``kernels/``).
 
 ``import nextrec_fast`` calls :func:`register_ops`, so that anything loading an artifact that
@@ -24,7 +26,7 @@ def register_ops() -> None:
 
     modules = ["triton_ops"]
     if _extension.load(build=False) is not None:
-        modules += ["pooled_embedding", "batch_norm_act", "reusable_buffer"]
+        modules += ["pooled_embedding", "batch_norm_act", "reusable_buffer", "gate_mixture"]
     for name in modules:
         importlib.import_module(f"nextrec_fast.ops.{name}")
 
