@@ -468,9 +468,10 @@ def test_nextrec_embedding_layer_equivalence():
         torch.testing.assert_close(t.grad, layer.embed_dict[n].weight.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_coalesced_gradients_do_not_depend_on_threads(rng):
+def test_coalesced_gradients_do_not_depend_on_threads_or_strides(rng):
     """Tables are handed to threads largest first (pooled_embedding_backward_coalesced): which
-    thread sums a table, and how many threads there are, leave every row list and sum bit-identical."""
+    thread sums a table, and how many threads there are, leave every row list and sum bit-identical;
+    so does a gradient whose rows are strided."""
     case, tables = random_case(rng, batch=rng.randint(64, 160), dtype=torch.float32, weights=True, max_seq=40)
     common = _common_op_args(case, tables)
     width = call(case, tables).shape[1]
@@ -486,6 +487,12 @@ def test_coalesced_gradients_do_not_depend_on_threads(rng):
                 grad_out, *common, case["grad_padding_idx"], need))
     finally:
         torch.set_num_threads(threads)
+    # A row-strided gradient (the pooled block of a wider [B, pooled + dense] gradient, which the
+    # CPU op reads in place) gives the same bits as a contiguous one.
+    wide = torch.randn(batch, width + 5)
+    wide[:, :width] = grad_out
+    results.append(torch.ops.nextrec_fast.pooled_embedding_backward_coalesced(
+        wide[:, :width], *common, case["grad_padding_idx"], need))
     for other in results[1:]:
         assert len(other) == len(results[0])
         for a, b in zip(results[0], other):
