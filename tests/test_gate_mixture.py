@@ -14,17 +14,11 @@ import pytest
 import torch
 
 from nextrec_fast.ops import gate_mixture as op
+from nextrec_generation import case_seed
 
 pytestmark = pytest.mark.skipif(not op.is_available(), reason="nextrec_fast C++ extension not built")
 
 RUN_SEED = int(os.environ.get("NEXTREC_FAST_TEST_SEED", time.time_ns() % 2**31))
-
-
-@pytest.fixture
-def rng(request):
-    seed = RUN_SEED + sum(map(ord, request.node.name))
-    print(f"seed={seed} (NEXTREC_FAST_TEST_SEED={RUN_SEED})")
-    return random.Random(seed)
 
 
 def reference(weights, experts):
@@ -54,17 +48,19 @@ def fresh_poisoned_output(shape, dtype):
 
 @pytest.mark.parametrize("draw", range(4))
 @pytest.mark.parametrize("layout", ["batch_major", "expert_major", "strided"])
-def test_matches_float64_as_closely_as_bmm(rng, layout, draw):
+def test_matches_float64_as_closely_as_bmm(layout, draw):
+    rng = random.Random(case_seed(RUN_SEED, "gate_mixture", layout, draw))
     batch = rng.choice([1, 2, 7, rng.randint(8, 300), 2048])
     gates, experts, dim = rng.randint(1, 5), rng.randint(1, 9), rng.choice([1, 3, 16, 17, rng.randint(2, 160), 128])
     if draw == 0:  # the models' size: an output of >= 1 MB comes from the (poisoned) buffer pool
         batch, gates, dim = 2048, rng.randint(2, 4), 128
-    bank64 = torch.randn(batch, experts, dim, dtype=torch.float64) * rng.choice([1e-3, 1.0, 30.0])
-    logits = torch.randn(batch, gates, experts, dtype=torch.float64) * 2
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    bank64 = torch.randn(batch, experts, dim, generator=gen, dtype=torch.float64) * rng.choice([1e-3, 1.0, 30.0])
+    logits = torch.randn(batch, gates, experts, generator=gen, dtype=torch.float64) * 2
     weights64 = logits.softmax(-1)
     if experts > 1 and rng.random() < 0.5:  # a PLE gate: zero weight on experts it does not see
         weights64[:, 0, rng.randrange(experts)] = 0
-    grad64 = torch.randn(batch, gates, dim, dtype=torch.float64)
+    grad64 = torch.randn(batch, gates, dim, generator=gen, dtype=torch.float64)
 
     w_ref, x_ref = weights64.clone().requires_grad_(), bank64.clone().requires_grad_()
     truth = reference(w_ref, x_ref)
@@ -93,12 +89,11 @@ def test_matches_float64_as_closely_as_bmm(rng, layout, draw):
 def test_experts_gradient_keeps_the_bank_layout():
     """A transposed view of an ``[E, B, D]`` bank gets an expert-major gradient (no copy for the
     bank's backward); a batch-major input gets a batch-major one."""
-    bank = torch.randn(5, 64, 8)
+    bank = torch.randn(5, 64, 8, generator=torch.Generator().manual_seed(6))
     for experts, expected_strides in [(bank.transpose(0, 1), bank.transpose(0, 1).stride()),
                                       (bank.transpose(0, 1).contiguous(), (40, 8, 1))]:
-        x = experts.clone() if experts.is_contiguous() else experts
-        x = x.detach().requires_grad_()
-        w = torch.rand(64, 3, 5, requires_grad=True)
+        x = experts.detach().requires_grad_()
+        w = torch.rand(64, 3, 5).requires_grad_()
         (grad_x,) = torch.autograd.grad(op.gate_mixture(w, x).sum(), (x,))
         assert grad_x.stride() == expected_strides
 
