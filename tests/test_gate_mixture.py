@@ -88,7 +88,7 @@ def test_matches_float64_as_closely_as_bmm(layout, draw):
 
 def test_experts_gradient_keeps_the_bank_layout():
     """A transposed view of an ``[E, B, D]`` bank gets an expert-major gradient (no copy for the
-    bank's backward); a batch-major input gets a batch-major one."""
+    bank's backward); a batch-major input gets a batch-major one; the fake agrees."""
     bank = torch.randn(5, 64, 8, generator=torch.Generator().manual_seed(6))
     for experts, expected_strides in [(bank.transpose(0, 1), bank.transpose(0, 1).stride()),
                                       (bank.transpose(0, 1).contiguous(), (40, 8, 1))]:
@@ -96,6 +96,13 @@ def test_experts_gradient_keeps_the_bank_layout():
         w = torch.rand(64, 3, 5).requires_grad_()
         (grad_x,) = torch.autograd.grad(op.gate_mixture(w, x).sum(), (x,))
         assert grad_x.stride() == expected_strides
+        # The backward op's fake (torch.compile's view of it) gives the same layout.
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        mode = FakeTensorMode()
+        go, w_fake, x_fake = (mode.from_tensor(t) for t in (torch.zeros(64, 3, 8), w.detach(), x.detach()))
+        with mode:
+            fake = torch.ops.nextrec_fast.gate_mixture_backward(go, w_fake, x_fake)
+        assert fake[1].stride() == expected_strides and fake[0].shape == w.shape
 
 
 def test_opcheck_and_gradgradcheck():

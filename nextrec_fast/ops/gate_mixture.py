@@ -50,7 +50,14 @@ def _register() -> bool:
 
     @torch.library.register_fake("nextrec_fast::gate_mixture_backward")
     def _backward_fake(grad_out, weights, experts):
-        return weights.new_empty(weights.shape), experts.new_empty(experts.shape)
+        # The expert gradient's layout as the kernel picks it (csrc/gate_mixture.cpp,
+        # empty_like_layout): expert-major for the transpose of a contiguous [E, B, D].
+        b, e, d = experts.shape
+        if experts.stride(2) == 1 and experts.stride(0) == d and experts.stride(1) == b * d and b > 1 and e > 1:
+            grad_experts = experts.new_empty((e, b, d)).transpose(0, 1)
+        else:
+            grad_experts = experts.new_empty((b, e, d))
+        return weights.new_empty(weights.shape), grad_experts
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
