@@ -194,13 +194,13 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& weights, cons
 // [B, G, D], contiguous.
 at::Tensor gate_mixture_forward_cpu(const at::Tensor& weights_in, const at::Tensor& experts_in) {
   check_inputs("gate_mixture_forward", weights_in, experts_in);
-  TORCH_CHECK_VALUE(weights_in.size(1) >= 1 && weights_in.size(2) >= 1,
-                    "gate_mixture_forward: needs at least one gate and one expert, got weights ", weights_in.sizes());
   const at::Tensor weights = weights_in.contiguous();
   const at::Tensor experts = unit_inner_stride(experts_in);
   at::Tensor out = OutputCache::instance().empty({weights.size(0), weights.size(1), experts.size(2)}, experts.options());
-  AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "gate_mixture_forward_cpu",
-                             [&] { forward_kernel<scalar_t>(weights, experts, out); });
+  if (weights.size(2) == 0) return out.zero_();  // an empty sum, as bmm gives
+  if (out.numel() > 0)
+    AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "gate_mixture_forward_cpu",
+                               [&] { forward_kernel<scalar_t>(weights, experts, out); });
   return out;
 }
 
@@ -214,15 +214,17 @@ std::tuple<at::Tensor, at::Tensor> gate_mixture_backward_cpu(const at::Tensor& g
                     ", ", experts_in.size(2), "], got ", grad_out_in.sizes());
   TORCH_CHECK_TYPE(grad_out_in.scalar_type() == weights_in.scalar_type(), "gate_mixture_backward: grad_out must be ",
                    weights_in.scalar_type(), ", got ", grad_out_in.scalar_type());
-  TORCH_CHECK_VALUE(weights_in.size(1) >= 1 && weights_in.size(2) >= 1,
-                    "gate_mixture_backward: needs at least one gate and one expert, got weights ", weights_in.sizes());
   const at::Tensor grad_out = grad_out_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
   const at::Tensor experts = unit_inner_stride(experts_in);
   at::Tensor grad_weights = at::empty(weights.sizes(), weights.options());
   at::Tensor grad_experts = empty_like_layout(experts);
-  AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "gate_mixture_backward_cpu",
-                             [&] { backward_kernel<scalar_t>(grad_out, weights, experts, grad_weights, grad_experts); });
+  if (weights.size(1) == 0) {
+    grad_experts.zero_();  // no gate reads the experts (grad_weights is empty)
+  } else if (weights.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "gate_mixture_backward_cpu",
+                               [&] { backward_kernel<scalar_t>(grad_out, weights, experts, grad_weights, grad_experts); });
+  }
   return {grad_weights, grad_experts};
 }
 

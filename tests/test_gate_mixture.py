@@ -129,6 +129,50 @@ def test_bad_input_raises_clear_errors():
         op.gate_mixture(w, x.double())
 
 
+@pytest.mark.parametrize("batch,gates,experts,dim", [(4, 0, 3, 5), (4, 2, 0, 5), (0, 2, 3, 5), (4, 2, 3, 0)])
+def test_empty_dimensions_match_bmm(batch, gates, experts, dim):
+    """No gate, no expert (an empty sum: zeros), no rows or no columns: what bmm gives."""
+    w = torch.rand(batch, gates, experts, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, experts, dim, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(batch, gates, dim, dtype=torch.float64)
+    got = op.gate_mixture(w, x)
+    expected = torch.bmm(w, x)
+    assert got.shape == expected.shape and torch.equal(got, expected)
+    for g, e in zip(torch.autograd.grad(got, (w, x), go), torch.autograd.grad(expected, (w, x), go)):
+        assert g.shape == e.shape and torch.equal(g, e)
+
+
+def test_fakes_reject_what_the_op_rejects():
+    """A trace (fake tensors) fails where the CPU op would, with the same error types."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    cases = [((4, 2, 3), (4, 5, 7), torch.float32, torch.float32, ValueError),
+             ((2, 3), (4, 3, 7), torch.float32, torch.float32, ValueError),
+             ((4, 2, 3), (4, 3, 7), torch.float32, torch.float64, TypeError),
+             ((4, 2, 3), (4, 3, 7), torch.float16, torch.float16, TypeError)]
+    for w_shape, x_shape, w_dtype, x_dtype, error in cases:
+        w, x = torch.rand(w_shape, dtype=w_dtype), torch.rand(x_shape, dtype=x_dtype)
+        with pytest.raises(error):
+            torch.ops.nextrec_fast.gate_mixture_forward(w, x)
+        mode = FakeTensorMode()
+        fw, fx = mode.from_tensor(w), mode.from_tensor(x)
+        with mode, pytest.raises(error):
+            torch.ops.nextrec_fast.gate_mixture_forward(fw, fx)
+
+
+def test_forward_mode_ad_keeps_bmm():
+    """The op has no forward-mode formula: under forward AD the layer keeps bmm, whose tangent
+    is the product rule's."""
+    import torch.autograd.forward_ad as fwAD
+    from nextrec_fast.layers.gates import mix_expert_weights
+    w, x = torch.rand(8, 2, 3, dtype=torch.float64), torch.randn(8, 3, 4, dtype=torch.float64)
+    tw, tx = torch.randn_like(w), torch.randn_like(x)
+    with fwAD.dual_level():
+        out = mix_expert_weights([fwAD.make_dual(w[:, 0], tw[:, 0]), fwAD.make_dual(w[:, 1], tw[:, 1])],
+                                 fwAD.make_dual(x, tx))
+        tangent = fwAD.unpack_dual(out).tangent
+    torch.testing.assert_close(tangent, torch.bmm(tw, x) + torch.bmm(w, tx))
+
+
 def test_results_do_not_depend_on_threads():
     gen = torch.Generator().manual_seed(4)
     w = torch.rand(700, 3, 6, generator=gen)

@@ -16,7 +16,7 @@ from nextrec_fast.backend import get_backend, use_triton
 from nextrec_fast.layers.experts import _cpu_autocast_enabled, _tracing, batched_matmul, linear_parts
 from nextrec_fast.layers.hooks import needs_module_call
 from nextrec_fast.layers.indexing import index_tensor
-from nextrec_fast.ops._dispatch import functorch_transforms_active
+from nextrec_fast.ops._dispatch import forward_ad_active, functorch_transforms_active
 
 
 def _gate_linear(gate: nn.Module) -> nn.Linear:
@@ -88,10 +88,11 @@ def mix_expert_weights(weights: Sequence[torch.Tensor], experts: torch.Tensor,
 
 def _mixture_op_usable(weights: torch.Tensor, experts: torch.Tensor) -> bool:
     """The C++ ``gate_mixture`` op takes this product: CPU, eager (no tracing, functorch
-    transform or autocast: traced graphs and bfloat16 GEMMs keep ``bmm``), one float32 / float64
-    dtype, the auto / triton backend and the extension built."""
-    if (experts.device.type != "cpu" or _tracing() or functorch_transforms_active() or _cpu_autocast_enabled()
-            or get_backend() not in ("auto", "triton")):
+    transform, forward-mode AD, which the op has no formula for, or autocast: traced graphs and
+    bfloat16 GEMMs keep ``bmm``), one float32 / float64 dtype, the auto / triton backend and the
+    extension built."""
+    if (experts.device.type != "cpu" or _tracing() or functorch_transforms_active() or forward_ad_active()
+            or _cpu_autocast_enabled() or get_backend() not in ("auto", "triton")):
         return False
     if experts.dtype not in (torch.float32, torch.float64) or weights.dtype != experts.dtype:
         return False

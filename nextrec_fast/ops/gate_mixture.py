@@ -40,16 +40,35 @@ def gate_mixture(weights: Tensor, experts: Tensor) -> Tensor:
     return call_op(torch.ops.nextrec_fast.gate_mixture_forward, (weights, experts), (weights, experts))
 
 
+def _check_inputs(weights: Tensor, experts: Tensor) -> None:
+    """The C++ op's checks, for the fakes (a trace must fail where the run would)."""
+    torch._check_value(weights.dim() == 3 and experts.dim() == 3,
+                       lambda: f"gate_mixture: weights must be [B, G, E] and experts [B, E, D], got "
+                               f"{tuple(weights.shape)} and {tuple(experts.shape)}")
+    torch._check_value(weights.shape[0] == experts.shape[0] and weights.shape[2] == experts.shape[1],
+                       lambda: f"gate_mixture: weights {tuple(weights.shape)} do not match experts "
+                               f"{tuple(experts.shape)} (batch and expert counts must agree)")
+    torch._check_type(weights.dtype == experts.dtype and weights.dtype in (torch.float32, torch.float64),
+                      lambda: f"gate_mixture: weights and experts must share a float32 or float64 dtype, got "
+                              f"{weights.dtype} and {experts.dtype}")
+
+
 def _register() -> bool:
     if not _extension.is_available() or not hasattr(torch.ops.nextrec_fast, "gate_mixture_forward"):
         return False  # an extension built from older sources
 
     @torch.library.register_fake("nextrec_fast::gate_mixture_forward")
     def _forward_fake(weights, experts):
+        _check_inputs(weights, experts)
         return experts.new_empty((weights.shape[0], weights.shape[1], experts.shape[2]))
 
     @torch.library.register_fake("nextrec_fast::gate_mixture_backward")
     def _backward_fake(grad_out, weights, experts):
+        _check_inputs(weights, experts)
+        torch._check(grad_out.dtype == weights.dtype and grad_out.dim() == 3
+                     and tuple(grad_out.shape) == (weights.shape[0], weights.shape[1], experts.shape[2]),
+                     lambda: f"gate_mixture_backward: grad_out must be [B, G, D] of {weights.dtype}, got "
+                             f"{tuple(grad_out.shape)} {grad_out.dtype}")
         # The expert gradient's layout as the kernel picks it (csrc/gate_mixture.cpp,
         # empty_like_layout): expert-major for the transpose of a contiguous [E, B, D].
         b, e, d = experts.shape
