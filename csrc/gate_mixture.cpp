@@ -129,36 +129,22 @@ NEXTREC_FAST_MIX_INLINE void mix_backward_rows(const T* go, const T* w, const T*
   }
 }
 
-NEXTREC_FAST_MIX_CLONES void mix_rows_float(const float* w, const float* x, float* o, const Shape& s, int64_t b0,
-                                            int64_t b1) {
+// One clone set per dtype (overloads; each template body inlined into its clones).
+NEXTREC_FAST_MIX_CLONES void mix_rows_cpu(const float* w, const float* x, float* o, const Shape& s, int64_t b0,
+                                          int64_t b1) {
   mix_rows<float>(w, x, o, s, b0, b1);
 }
-NEXTREC_FAST_MIX_CLONES void mix_rows_double(const double* w, const double* x, double* o, const Shape& s, int64_t b0,
-                                             int64_t b1) {
+NEXTREC_FAST_MIX_CLONES void mix_rows_cpu(const double* w, const double* x, double* o, const Shape& s, int64_t b0,
+                                          int64_t b1) {
   mix_rows<double>(w, x, o, s, b0, b1);
 }
-NEXTREC_FAST_MIX_CLONES void mix_backward_rows_float(const float* go, const float* w, const float* x, float* gw,
-                                                     float* gx, const Shape& s, int64_t b0, int64_t b1) {
+NEXTREC_FAST_MIX_CLONES void mix_backward_rows_cpu(const float* go, const float* w, const float* x, float* gw,
+                                                   float* gx, const Shape& s, int64_t b0, int64_t b1) {
   mix_backward_rows<float>(go, w, x, gw, gx, s, b0, b1);
 }
-NEXTREC_FAST_MIX_CLONES void mix_backward_rows_double(const double* go, const double* w, const double* x, double* gw,
-                                                      double* gx, const Shape& s, int64_t b0, int64_t b1) {
+NEXTREC_FAST_MIX_CLONES void mix_backward_rows_cpu(const double* go, const double* w, const double* x, double* gw,
+                                                   double* gx, const Shape& s, int64_t b0, int64_t b1) {
   mix_backward_rows<double>(go, w, x, gw, gx, s, b0, b1);
-}
-
-void mix_rows_any(const float* w, const float* x, float* o, const Shape& s, int64_t b0, int64_t b1) {
-  mix_rows_float(w, x, o, s, b0, b1);
-}
-void mix_rows_any(const double* w, const double* x, double* o, const Shape& s, int64_t b0, int64_t b1) {
-  mix_rows_double(w, x, o, s, b0, b1);
-}
-void mix_backward_rows_any(const float* go, const float* w, const float* x, float* gw, float* gx, const Shape& s,
-                           int64_t b0, int64_t b1) {
-  mix_backward_rows_float(go, w, x, gw, gx, s, b0, b1);
-}
-void mix_backward_rows_any(const double* go, const double* w, const double* x, double* gw, double* gx, const Shape& s,
-                           int64_t b0, int64_t b1) {
-  mix_backward_rows_double(go, w, x, gw, gx, s, b0, b1);
 }
 
 Shape shape_of(const at::Tensor& weights, const at::Tensor& experts, const at::Tensor* grad_experts) {
@@ -173,7 +159,7 @@ void forward_kernel(const at::Tensor& weights, const at::Tensor& experts, at::Te
   const scalar_t* x = experts.data_ptr<scalar_t>();
   scalar_t* o = out.data_ptr<scalar_t>();
   at::parallel_for(0, weights.size(0), kRowsPerTask,
-                   [&](int64_t b0, int64_t b1) { mix_rows_any(w, x, o, s, b0, b1); });
+                   [&](int64_t b0, int64_t b1) { mix_rows_cpu(w, x, o, s, b0, b1); });
 }
 
 template <typename scalar_t>
@@ -186,7 +172,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& weights, cons
   scalar_t* gw = grad_weights.data_ptr<scalar_t>();
   scalar_t* gx = grad_experts.data_ptr<scalar_t>();
   at::parallel_for(0, weights.size(0), kRowsPerTask,
-                   [&](int64_t b0, int64_t b1) { mix_backward_rows_any(go, w, x, gw, gx, s, b0, b1); });
+                   [&](int64_t b0, int64_t b1) { mix_backward_rows_cpu(go, w, x, gw, gx, s, b0, b1); });
 }
 
 }  // namespace

@@ -466,12 +466,10 @@ def _backward(ctx, grad_out):
     optimizers = _in_backward_optimizers(ctx, table_needs)
     updates = []
     if any(o is not None for o in optimizers):
-        table_needs = [need and o is None for need, o in zip(table_needs, optimizers)]  # no .grad for them
-        if any(table_needs) or any(weight_needs) or grad_out.device.type != "cpu":
-            grad_out = grad_out.contiguous()
-        # Else the CPU op reads a row-strided gradient in place (the pooled block of the model's
-        # [B, pooled + dense] input gradient), without this copy.
+        # The coalesced op reads a row-strided gradient in place (the pooled block of the model's
+        # [B, pooled + dense] input gradient); the other ops below want it contiguous.
         updates = _in_backward_updates(ctx, optimizers, grad_out, tables, ids, offsets, weights)
+        table_needs = [need and o is None for need, o in zip(table_needs, optimizers)]  # no .grad for them
     if any(table_needs) or any(weight_needs):
         grad_out = grad_out.contiguous()
     mask = [int(n) for n in table_needs]
