@@ -33,3 +33,19 @@ def _restore_torch_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _batched_plan_at_every_batch_size(request):
+    # Without autograd, small CPU batches run the model's own module-by-module forward
+    # (_FastForward.module_wise_max_batch): nextrec's code, with our embedding layer. The tests
+    # use small batches to check the batched plan itself, so it stays on for them; tests of the
+    # small-batch dispatch are marked ``module_wise`` and keep the default.
+    if request.node.get_closest_marker("module_wise") is not None:
+        yield
+        return
+    from nextrec_fast.models.forwards import _FastForward
+    saved = _FastForward.__dict__["module_wise_max_batch"]
+    _FastForward.module_wise_max_batch = 0
+    yield
+    _FastForward.module_wise_max_batch = saved

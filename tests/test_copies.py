@@ -18,6 +18,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import nextrec_fast
+from nextrec_fast.models.forwards import _FastForward
 from model_pairs import FLAVOURS, KINDS, assert_same_results, count_batched_banks, forward_backward, model_pair
 
 SEED = random.randrange(2**31)
@@ -116,7 +117,10 @@ def test_torch_load_in_fresh_process(flavour, tmp_path):
         expected = fast(x)
     torch.save((fast, x, expected), str(tmp_path / "model.pt"))
     # The parent's thread count: a float64 result is bit-exact only for the same GEMM split.
+    # And the parent's small-batch setting (tests/conftest.py): the same forward path on both sides.
     code = (f"import torch, nextrec_fast\ntorch.set_num_threads({torch.get_num_threads()})\n"
+            "from nextrec_fast.models.forwards import _FastForward\n"
+            f"_FastForward.module_wise_max_batch = {_FastForward.module_wise_max_batch}\n"
             f"model, x, expected = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
             "assert type(model).__name__ == 'MMOE'\n"
             f"assert nextrec_fast.is_accelerated(model) == {nextrec_fast.is_accelerated(fast)}\n"

@@ -36,6 +36,29 @@ class _FastForward:
         return (get_backend() == "reference" or global_module_hooks_active() or forward_ad_active()
                 or functorch_transforms_active() or self._compat.plain_forward_needed(self))
 
+    # Without autograd, CPU batches of at most this many rows run the model's own module-by-module
+    # forward (nextrec's, or nextrec_fast.reference's for the drop-in models) with the pooling op
+    # still pooling the embeddings. At such sizes the batched plan's per-call Python (banks of
+    # experts, concatenated biases, per-part hook checks) costs more than batching its small GEMMs
+    # saves: eval forward at batch 64, 2 threads, nextrec 0.6.14 / 0.3.1, ms (module-wise vs
+    # batched): PLE 1.85 vs 2.15 / 2.09 vs 2.21, MMOE 1.45 vs 1.57 / 1.64 vs 1.67, ESMM 0.60 vs
+    # 0.84 / 0.85 vs 1.13; at batch 96 batching wins for MMOE (2.34 vs 2.59) and at one thread for
+    # PLE (3.70 vs 3.88). docs/benchmarks.md has the table. 0 turns it off (per instance too).
+    module_wise_max_batch: int = 64
+
+    def _module_wise_call(self, x) -> bool:
+        """Whether this call runs the module-wise forward (see ``module_wise_max_batch``): no
+        autograd (``torch.no_grad``, inference mode), not traced, a dict batch on the CPU of at
+        most ``module_wise_max_batch`` rows (read from its first tensor; the embedding layer
+        checks the others)."""
+        if (torch.is_grad_enabled() or self.module_wise_max_batch <= 0 or not isinstance(x, dict)
+                or torch.compiler.is_compiling()):
+            return False
+        for value in x.values():
+            if isinstance(value, torch.Tensor) and value.dim() >= 1:
+                return value.device.type == "cpu" and value.shape[0] <= self.module_wise_max_batch
+        return False
+
     def _embed(self, x) -> torch.Tensor:
         with record_function("nextrec_fast.embedding"):
             return self.embedding(x=x, features=self.all_features, squeeze_dim=True)
@@ -54,6 +77,9 @@ class FastESMMForward(_FastForward):
         if self._use_plain_forward():
             with use_backend("reference"):  # nextrec's forward, its embedding layer's too
                 return super().forward(x)
+        if self._module_wise_call(x):
+            with record_function("nextrec_fast.module_wise"):  # its module calls, our embedding layer
+                return super().forward(x)
         features = self._embed(x)
         with record_function("nextrec_fast.towers"):
             logits = run_experts([self.ctr_tower, self.cvr_tower], [features]).flatten(1)  # [B, 2]
@@ -67,6 +93,9 @@ class FastMMOEForward(_FastForward):
     def forward(self, x):
         if self._use_plain_forward():
             with use_backend("reference"):  # nextrec's forward, its embedding layer's too
+                return super().forward(x)
+        if self._module_wise_call(x):
+            with record_function("nextrec_fast.module_wise"):  # its module calls, our embedding layer
                 return super().forward(x)
         features = self._embed(x)
         with record_function("nextrec_fast.experts"):
@@ -90,6 +119,9 @@ class FastPLEForward(_FastForward):
     def forward(self, x):
         if self._use_plain_forward():
             with use_backend("reference"):  # nextrec's forward, its embedding layer's too
+                return super().forward(x)
+        if self._module_wise_call(x):
+            with record_function("nextrec_fast.module_wise"):  # its module calls, our embedding layer
                 return super().forward(x)
         features = self._embed(x)
         tasks = self._compat.num_tasks(self)
