@@ -184,9 +184,14 @@ class EmbeddingOptimizerInBackward(torch.optim.Optimizer):
         (``tables, state, rows, grads, rules, hyper``), each rule's state created on first use and
         its step counted: calling this is taking the step."""
         tables, states, rows, grads, rules, hyper = [], [], [], [], [], []
+        # Looked up each call: load_state_dict replaces the group dicts (and schedulers edit them).
+        # One map per optimiser, not a search per table (quadratic in the tables).
+        groups = {}
+        for optimizer, _, _, _ in updates:
+            if id(optimizer) not in groups:
+                groups[id(optimizer)] = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
         for optimizer, param, r, g in updates:
-            # Looked up each time: load_state_dict replaces the group dicts (and schedulers edit them).
-            group = next(grp for grp in optimizer.param_groups if any(p is param for p in grp["params"]))
+            group = groups[id(optimizer)][id(param)]
             rule, state, h = _RULES[optimizer.rule](param, optimizer.state[param], group)
             g = g.to(_state_dtype(param)).contiguous()
             if group.get("maximize", False):  # SparseAdam's option (the other rules refuse it)
