@@ -190,8 +190,12 @@ class EmbeddingOptimizerInBackward(torch.optim.Optimizer):
         for optimizer, _, _, _ in updates:
             if id(optimizer) not in groups:
                 groups[id(optimizer)] = {id(p): grp for grp in optimizer.param_groups for p in grp["params"]}
-        for optimizer, param, r, g in updates:
-            group = groups[id(optimizer)][id(param)]
+        found = [groups[id(optimizer)].get(id(param)) for optimizer, param, _, _ in updates]
+        for (_, param, _, _), group in zip(updates, found):  # before any rule counts a step
+            if group is None:
+                raise RuntimeError(f"apply_optimizer_in_backward: a table of shape {tuple(param.shape)} is no longer in "
+                                   "its optimiser's param_groups; remove_optimizer_in_backward it, or register it again")
+        for (optimizer, param, r, g), group in zip(updates, found):
             rule, state, h = _RULES[optimizer.rule](param, optimizer.state[param], group)
             g = g.to(_state_dtype(param)).contiguous()
             if group.get("maximize", False):  # SparseAdam's option (the other rules refuse it)

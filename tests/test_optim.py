@@ -238,6 +238,16 @@ def test_bad_options_and_uses_are_refused():
                               max_lens=[-1], feature_names=["f"])
     (out.sum() + table.sum()).backward()
     assert table.grad is not None and table.grad[1].sum().item() == pytest.approx(4 + 4)
+    # Taken out of its optimiser's groups by hand: the backward names it and updates nothing.
+    other = torch.nn.Parameter(torch.randn(6, 4))
+    opt = optim.apply_optimizer_in_backward(torch.optim.SGD, [table, other], {"lr": 0.1})
+    opt.param_groups[0]["params"] = [p for p in opt.param_groups[0]["params"] if p is not other]
+    before = (table.detach().clone(), other.detach().clone())
+    out = pe.pooled_embedding([table, other], [torch.tensor([1, 2]), torch.tensor([3, 4])], table_index=[0, 1],
+                              combiners=["sum", "sum"], mask_ids=[-1, -1], max_lens=[-1, -1], feature_names=["f", "g"])
+    with pytest.raises(RuntimeError, match=r"shape \(6, 4\) is no longer in its optimiser's param_groups"):
+        out.sum().backward()
+    assert torch.equal(table.detach(), before[0]) and torch.equal(other.detach(), before[1])
 
 
 def test_a_gradient_left_from_before_is_dropped_at_registration():

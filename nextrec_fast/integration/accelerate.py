@@ -194,6 +194,7 @@ def _embedding_optimizer_spec(model, generation, spec) -> dict:
 def _undo_classes(model, model_class, embedding, embedding_class, undo_embedding: bool = True) -> None:
     model.__class__ = model_class
     model.__dict__.pop("_nextrec_fast_options", None)
+    model.__dict__.pop("module_wise_max_batch", None)  # a per-model setting of the fast forward
     if not undo_embedding:
         return
     embedding.__class__ = embedding_class

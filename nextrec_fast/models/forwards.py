@@ -5,12 +5,14 @@ GEMM and their weighted sums in one bmm. Used by the drop-in models (``standalon
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.profiler import record_function
 
 from nextrec_fast import compat
 from nextrec_fast.backend import get_backend, use_backend
-from nextrec_fast.layers.experts import build_banks, run_experts
+from nextrec_fast.layers.experts import _tracing, build_banks, run_experts
 from nextrec_fast.layers.gates import check_gates, gated_mixture
 from nextrec_fast.layers.hooks import global_module_hooks_active, needs_module_call
 from nextrec_fast.ops._dispatch import forward_ad_active, functorch_transforms_active
@@ -40,19 +42,19 @@ class _FastForward:
     # forward (nextrec's, or nextrec_fast.reference's for the drop-in models) with the pooling op
     # still pooling the embeddings. At such sizes the batched plan's per-call Python (banks of
     # experts, concatenated biases, per-part hook checks) costs more than batching its small GEMMs
-    # saves: eval forward at batch 64, 2 threads, nextrec 0.6.14 / 0.3.1, ms (module-wise vs
-    # batched): PLE 1.85 vs 2.15 / 2.09 vs 2.21, MMOE 1.45 vs 1.57 / 1.64 vs 1.67, ESMM 0.60 vs
-    # 0.84 / 0.85 vs 1.13; at batch 96 batching wins for MMOE (2.34 vs 2.59) and at one thread for
-    # PLE (3.70 vs 3.88). docs/benchmarks.md has the table. 0 turns it off (per instance too).
-    module_wise_max_batch: int = 64
+    # saves. Eval forward at batch 64, 2 threads, nextrec 0.6.14 / 0.3.1, ms, module-wise vs
+    # batched: PLE 1.85 vs 2.15 / 2.09 vs 2.21, MMOE 1.45 vs 1.57 / 1.64 vs 1.67, ESMM 0.60 vs
+    # 0.84 / 0.85 vs 1.13; at batch 96 batching wins for MMOE (module-wise 2.59 vs batched 2.34),
+    # and at one thread for PLE (3.88 vs 3.70). docs/benchmarks.md has the table. 0 turns it off:
+    # per model (``model.module_wise_max_batch = 0``) or for all (NEXTREC_FAST_MODULE_WISE_MAX_BATCH=0).
+    module_wise_max_batch: int = int(os.environ.get("NEXTREC_FAST_MODULE_WISE_MAX_BATCH", "64"))
 
     def _module_wise_call(self, x) -> bool:
         """Whether this call runs the module-wise forward (see ``module_wise_max_batch``): no
-        autograd (``torch.no_grad``, inference mode), not traced, a dict batch on the CPU of at
-        most ``module_wise_max_batch`` rows (read from its first tensor; the embedding layer
-        checks the others)."""
-        if (torch.is_grad_enabled() or self.module_wise_max_batch <= 0 or not isinstance(x, dict)
-                or torch.compiler.is_compiling()):
+        autograd (``torch.no_grad``, inference mode), not traced (torch.compile, export, the JIT
+        tracer), a dict batch on the CPU of at most ``module_wise_max_batch`` rows (read from its
+        first tensor; the embedding layer checks the others)."""
+        if torch.is_grad_enabled() or self.module_wise_max_batch <= 0 or not isinstance(x, dict) or _tracing():
             return False
         for value in x.values():
             if isinstance(value, torch.Tensor) and value.dim() >= 1:
