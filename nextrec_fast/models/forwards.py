@@ -61,6 +61,19 @@ class _FastForward:
                 return value.device.type == "cpu" and value.shape[0] <= self.module_wise_max_batch
         return False
 
+    def _model_forward(self, x):
+        """The model's own forward when this call takes it, else None: under ``_use_plain_forward``
+        nextrec's whole forward (its embedding layer's too); for ``_module_wise_call`` its module
+        calls with our embedding layer. ``super(_FastForward, ...)`` is the model class the fast
+        forward mixes into (nextrec's, or the reference's for the drop-in models)."""
+        if self._use_plain_forward():
+            with use_backend("reference"):
+                return super(_FastForward, self).forward(x)
+        if self._module_wise_call(x):
+            with record_function("nextrec_fast.module_wise"):
+                return super(_FastForward, self).forward(x)
+        return None
+
     def _embed(self, x) -> torch.Tensor:
         with record_function("nextrec_fast.embedding"):
             return self.embedding(x=x, features=self.all_features, squeeze_dim=True)
@@ -76,12 +89,9 @@ class _FastForward:
 
 class FastESMMForward(_FastForward):
     def forward(self, x):
-        if self._use_plain_forward():
-            with use_backend("reference"):  # nextrec's forward, its embedding layer's too
-                return super().forward(x)
-        if self._module_wise_call(x):
-            with record_function("nextrec_fast.module_wise"):  # its module calls, our embedding layer
-                return super().forward(x)
+        own = self._model_forward(x)
+        if own is not None:
+            return own
         features = self._embed(x)
         with record_function("nextrec_fast.towers"):
             logits = run_experts([self.ctr_tower, self.cvr_tower], [features]).flatten(1)  # [B, 2]
@@ -93,12 +103,9 @@ class FastESMMForward(_FastForward):
 
 class FastMMOEForward(_FastForward):
     def forward(self, x):
-        if self._use_plain_forward():
-            with use_backend("reference"):  # nextrec's forward, its embedding layer's too
-                return super().forward(x)
-        if self._module_wise_call(x):
-            with record_function("nextrec_fast.module_wise"):  # its module calls, our embedding layer
-                return super().forward(x)
+        own = self._model_forward(x)
+        if own is not None:
+            return own
         features = self._embed(x)
         with record_function("nextrec_fast.experts"):
             experts = run_experts(self.experts, [features])  # [B, E, D]
@@ -119,12 +126,9 @@ class FastMMOEForward(_FastForward):
 
 class FastPLEForward(_FastForward):
     def forward(self, x):
-        if self._use_plain_forward():
-            with use_backend("reference"):  # nextrec's forward, its embedding layer's too
-                return super().forward(x)
-        if self._module_wise_call(x):
-            with record_function("nextrec_fast.module_wise"):  # its module calls, our embedding layer
-                return super().forward(x)
+        own = self._model_forward(x)
+        if own is not None:
+            return own
         features = self._embed(x)
         tasks = self._compat.num_tasks(self)
         n_shared, n_specific = self.num_shared_experts, self.num_specific_experts
