@@ -28,6 +28,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_clones.h"
 #include "output_cache.h"
 #include "prefetch.h"
 
@@ -113,15 +114,6 @@ int64_t chunk_rows(int64_t batch) {
   return std::max(kMinRows, (rows + kMinRows - 1) / kMinRows * kMinRows);
 }
 
-// Inner loops are compiled for AVX-512 and AVX2 besides the baseline and picked at load time
-// (the extension is built without -march flags). Everything a clone runs must be inlined into
-// it, hence always_inline on the helpers.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NEXTREC_FAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NEXTREC_FAST_CPU_CLONES
-#endif
-#define NEXTREC_FAST_INLINE inline __attribute__((always_inline))
 
 // Rows summed in T (vectorises without widening) before each flush into double accumulators.
 constexpr int64_t kFlushRows = 32;

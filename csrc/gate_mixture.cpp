@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_clones.h"
 #include "output_cache.h"
 
 #include <cstdint>
@@ -56,15 +57,7 @@ at::Tensor empty_like_layout(const at::Tensor& like) {
 
 constexpr int64_t kRowsPerTask = 64;
 
-// Inner loops compiled for AVX-512 and AVX2 besides the baseline, picked at load time (the
-// extension is built without -march flags; see batch_norm_act.cpp). The template bodies are
-// inlined into each clone.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define NEXTREC_FAST_MIX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define NEXTREC_FAST_MIX_CLONES
-#endif
-#define NEXTREC_FAST_MIX_INLINE inline __attribute__((always_inline))
+// Inner loops: one clone set per dtype below (cpu_clones.h), the template bodies inlined into each.
 
 struct Shape {
   int64_t G, E, D;
@@ -73,7 +66,7 @@ struct Shape {
 };
 
 template <typename T>
-NEXTREC_FAST_MIX_INLINE void mix_rows(const T* w, const T* x, T* o, const Shape& s, int64_t b0, int64_t b1) {
+NEXTREC_FAST_INLINE void mix_rows(const T* w, const T* x, T* o, const Shape& s, int64_t b0, int64_t b1) {
   const int64_t G = s.G, E = s.E, D = s.D;
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t g = 0; g < G; ++g) {
@@ -94,7 +87,7 @@ NEXTREC_FAST_MIX_INLINE void mix_rows(const T* w, const T* x, T* o, const Shape&
 // <a, b> over D in 16 running partial sums (vectorisable without reassociating; a fixed order,
 // so the result does not depend on the CPU the clone runs on).
 template <typename T>
-NEXTREC_FAST_MIX_INLINE T dot(const T* a, const T* b, int64_t D) {
+NEXTREC_FAST_INLINE T dot(const T* a, const T* b, int64_t D) {
   constexpr int64_t kLanes = 16;
   T lanes[kLanes] = {};
   int64_t d = 0;
@@ -107,7 +100,7 @@ NEXTREC_FAST_MIX_INLINE T dot(const T* a, const T* b, int64_t D) {
 }
 
 template <typename T>
-NEXTREC_FAST_MIX_INLINE void mix_backward_rows(const T* go, const T* w, const T* x, T* gw, T* gx, const Shape& s,
+NEXTREC_FAST_INLINE void mix_backward_rows(const T* go, const T* w, const T* x, T* gw, T* gx, const Shape& s,
                                                int64_t b0, int64_t b1) {
   const int64_t G = s.G, E = s.E, D = s.D;
   for (int64_t b = b0; b < b1; ++b) {
@@ -130,19 +123,19 @@ NEXTREC_FAST_MIX_INLINE void mix_backward_rows(const T* go, const T* w, const T*
 }
 
 // One clone set per dtype (overloads; each template body inlined into its clones).
-NEXTREC_FAST_MIX_CLONES void mix_rows_cpu(const float* w, const float* x, float* o, const Shape& s, int64_t b0,
+NEXTREC_FAST_CPU_CLONES void mix_rows_cpu(const float* w, const float* x, float* o, const Shape& s, int64_t b0,
                                           int64_t b1) {
   mix_rows<float>(w, x, o, s, b0, b1);
 }
-NEXTREC_FAST_MIX_CLONES void mix_rows_cpu(const double* w, const double* x, double* o, const Shape& s, int64_t b0,
+NEXTREC_FAST_CPU_CLONES void mix_rows_cpu(const double* w, const double* x, double* o, const Shape& s, int64_t b0,
                                           int64_t b1) {
   mix_rows<double>(w, x, o, s, b0, b1);
 }
-NEXTREC_FAST_MIX_CLONES void mix_backward_rows_cpu(const float* go, const float* w, const float* x, float* gw,
+NEXTREC_FAST_CPU_CLONES void mix_backward_rows_cpu(const float* go, const float* w, const float* x, float* gw,
                                                    float* gx, const Shape& s, int64_t b0, int64_t b1) {
   mix_backward_rows<float>(go, w, x, gw, gx, s, b0, b1);
 }
-NEXTREC_FAST_MIX_CLONES void mix_backward_rows_cpu(const double* go, const double* w, const double* x, double* gw,
+NEXTREC_FAST_CPU_CLONES void mix_backward_rows_cpu(const double* go, const double* w, const double* x, double* gw,
                                                    double* gx, const Shape& s, int64_t b0, int64_t b1) {
   mix_backward_rows<double>(go, w, x, gw, gx, s, b0, b1);
 }
