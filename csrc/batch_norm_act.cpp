@@ -239,7 +239,8 @@ constexpr int64_t kPrefetchRows = 8;
 // 1 thread and at 2 alike (compute-bound, not memory-bound). A block's sums live in registers
 // for the chunk instead. Each channel still adds its rows in row order from zero into the
 // chunk's partial, so the results are the bits the row-at-a-time loops gave. kWidth: the block
-// width as a constant (kBlock), or 0 for a narrower last block (width at run time).
+// width as a constant (kBlock), or 0 for a narrower last block (width at run time). acc1 / acc2
+// point at the block's first channel.
 template <typename S, typename T, bool kRelu, int kKind, int64_t kWidth>
 NEXTREC_FAST_INLINE void backward_block(const Pass<S, T>& p, int64_t e, int64_t n0, int64_t width, int64_t b0,
                                         int64_t b1, double* acc1, double* acc2) {
@@ -300,9 +301,9 @@ NEXTREC_FAST_INLINE void backward_block(const Pass<S, T>& p, int64_t e, int64_t 
       }
     }
   }
-  for (int64_t j = 0; j < w; ++j) acc1[c + j] += s1[j];
+  for (int64_t j = 0; j < w; ++j) acc1[j] += s1[j];
   if constexpr (kKind == kReduce)
-    for (int64_t j = 0; j < w; ++j) acc2[c + j] += s2[j];
+    for (int64_t j = 0; j < w; ++j) acc2[j] += s2[j];
 }
 
 // The five passes over rows [b0, b1). Column sums go to acc (one or two [C] double arrays of
@@ -341,9 +342,14 @@ NEXTREC_FAST_INLINE void run_rows(const Pass<S, T>& p, int64_t b0, int64_t b1, d
     // Column blocks of kBlock channels, walked down the chunk's rows, so that the block's column
     // sums stay in registers (see backward_block); a narrower last block per expert.
     for (int64_t e = 0; e < E; ++e) {
-      int64_t n0 = 0;
-      for (; n0 + kBlock <= N; n0 += kBlock) backward_block<S, T, kRelu, kKind, kBlock>(p, e, n0, kBlock, b0, b1, acc1, acc2);
-      if (n0 < N) backward_block<S, T, kRelu, kKind, 0>(p, e, n0, N - n0, b0, b1, acc1, acc2);
+      for (int64_t n0 = 0; n0 < N; n0 += kBlock) {
+        const int64_t c = e * N + n0;
+        double* a2 = kKind == kReduce ? acc2 + c : nullptr;
+        if (n0 + kBlock <= N)
+          backward_block<S, T, kRelu, kKind, kBlock>(p, e, n0, kBlock, b0, b1, acc1 + c, a2);
+        else
+          backward_block<S, T, kRelu, kKind, 0>(p, e, n0, N - n0, b0, b1, acc1 + c, a2);
+      }
     }
   }
 }
@@ -368,6 +374,83 @@ NEXTREC_FAST_PASS_ENTRIES(double, double, double)
 NEXTREC_FAST_PASS_ENTRIES(bf16, c10::BFloat16, float)
 #undef NEXTREC_FAST_PASS_ENTRIES
 #undef NEXTREC_FAST_PASS_ENTRY
+
+// The backward of one column block (expert e, channels n0 .. n0 + width) over all B rows: the
+// reduce pass, the block's k_mean / k_xc, then the input-gradient pass, in row chunks of `rows`.
+// Run block by block, the second pass finds the block's x and grad_out (2 x 256 KiB at batch
+// 2048) still in L2, where the pass-by-pass order (every channel's reduce, then every channel's
+// input gradient) reads them from L3 or memory twice. Each channel's arithmetic is the
+// pass-by-pass order's: a partial per row chunk from zero, partials added in chunk order, so
+// the two orders give the same bits. Writes sum0 / sum1 (sum(dz), sum(dz * (x - mean))),
+// k_mean / k_xc and sum_dx (sum of grad_x) at the block's channels.
+template <typename S, typename T, bool kRelu, int64_t kWidth>
+NEXTREC_FAST_INLINE void backward_column(const Pass<S, T>& p, int64_t e, int64_t n0, int64_t width, int64_t B,
+                                         int64_t rows, const double* invstd, double* sum0, double* sum1,
+                                         double* k_mean, double* k_xc, double* sum_dx) {
+  const int64_t w = kWidth > 0 ? kWidth : width;
+  const int64_t c = e * p.width + n0;
+  double s0[kBlock], s1[kBlock], sd[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) s0[j] = s1[j] = sd[j] = 0.0;
+  for (int64_t b0 = 0; b0 < B; b0 += rows) {
+    double a1[kBlock], a2[kBlock];
+    for (int64_t j = 0; j < kBlock; ++j) a1[j] = a2[j] = 0.0;
+    backward_block<S, T, kRelu, kReduce, kWidth>(p, e, n0, width, b0, std::min(B, b0 + rows), a1, a2);
+    for (int64_t j = 0; j < w; ++j) {
+      s0[j] += a1[j];
+      s1[j] += a2[j];
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    sum0[c + j] = s0[j];
+    sum1[c + j] = s1[j];
+    k_mean[c + j] = p.batch_stats ? s0[j] / static_cast<double>(B) : 0.0;
+    k_xc[c + j] = p.batch_stats ? s1[j] * invstd[c + j] * invstd[c + j] / static_cast<double>(B) : 0.0;
+  }
+  for (int64_t b0 = 0; b0 < B; b0 += rows) {
+    double a1[kBlock];
+    for (int64_t j = 0; j < kBlock; ++j) a1[j] = 0.0;
+    backward_block<S, T, kRelu, kInputGrad, kWidth>(p, e, n0, width, b0, std::min(B, b0 + rows), a1, nullptr);
+    for (int64_t j = 0; j < w; ++j) sd[j] += a1[j];
+  }
+  for (int64_t j = 0; j < w; ++j) sum_dx[c + j] = sd[j];
+}
+
+// Column blocks [u0, u1) (kBlock channels of one expert each, experts in order).
+#define NEXTREC_FAST_COLUMN_ENTRY(suffix, S, T)                                                                    \
+  NEXTREC_FAST_CPU_CLONES void backward_columns_##suffix(                                                          \
+      const Pass<S, T>& p, bool relu, int64_t u0, int64_t u1, int64_t B, int64_t rows, const double* invstd,       \
+      double* sum0, double* sum1, double* k_mean, double* k_xc, double* sum_dx) {                                  \
+    const int64_t per_expert = (p.width + kBlock - 1) / kBlock;                                                    \
+    for (int64_t u = u0; u < u1; ++u) {                                                                            \
+      const int64_t e = u / per_expert, n0 = (u % per_expert) * kBlock, w = std::min(kBlock, p.width - n0);       \
+      if (w == kBlock) {                                                                                           \
+        if (relu)                                                                                                  \
+          backward_column<S, T, true, kBlock>(p, e, n0, w, B, rows, invstd, sum0, sum1, k_mean, k_xc, sum_dx);    \
+        else                                                                                                       \
+          backward_column<S, T, false, kBlock>(p, e, n0, w, B, rows, invstd, sum0, sum1, k_mean, k_xc, sum_dx);   \
+      } else if (relu) {                                                                                           \
+        backward_column<S, T, true, 0>(p, e, n0, w, B, rows, invstd, sum0, sum1, k_mean, k_xc, sum_dx);           \
+      } else {                                                                                                     \
+        backward_column<S, T, false, 0>(p, e, n0, w, B, rows, invstd, sum0, sum1, k_mean, k_xc, sum_dx);          \
+      }                                                                                                            \
+    }                                                                                                              \
+  }
+NEXTREC_FAST_COLUMN_ENTRY(float, float, float)
+NEXTREC_FAST_COLUMN_ENTRY(double, double, double)
+NEXTREC_FAST_COLUMN_ENTRY(bf16, c10::BFloat16, float)
+#undef NEXTREC_FAST_COLUMN_ENTRY
+
+template <typename S, typename T>
+void backward_columns(const Pass<S, T>& p, bool relu, int64_t u0, int64_t u1, int64_t B, int64_t rows,
+                      const double* invstd, double* sum0, double* sum1, double* k_mean, double* k_xc,
+                      double* sum_dx) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>)
+    backward_columns_bf16(p, relu, u0, u1, B, rows, invstd, sum0, sum1, k_mean, k_xc, sum_dx);
+  else if constexpr (std::is_same_v<T, float>)
+    backward_columns_float(p, relu, u0, u1, B, rows, invstd, sum0, sum1, k_mean, k_xc, sum_dx);
+  else
+    backward_columns_double(p, relu, u0, u1, B, rows, invstd, sum0, sum1, k_mean, k_xc, sum_dx);
+}
 
 template <typename S, typename T>
 using PassFn = void (*)(const Pass<S, T>&, bool, int64_t, int64_t, double*, double*, T*);
@@ -418,14 +501,10 @@ std::vector<std::vector<double>> run_pass(PassKind kind, const Pass<S, T>& p, in
 // forward and the backward both call this, so the backward's recomputed z (for the ReLU mask)
 // is bit-identical.
 template <typename T>
-void affine_params(int64_t C, const double* mean_x, const double* var, const T* weight, const T* bias, double eps,
-                   std::vector<T>& scale, std::vector<T>& shift, std::vector<double>& scale_d,
-                   std::vector<double>& invstd) {
-  scale.resize(C);
-  shift.resize(C);
-  scale_d.resize(C);
-  invstd.resize(C);
-  for (int64_t c = 0; c < C; ++c) {
+NEXTREC_FAST_INLINE void affine_channels(int64_t c0, int64_t c1, const double* mean_x, const double* var,
+                                         const T* weight, const T* bias, double eps, T* scale, T* shift,
+                                         double* scale_d, double* invstd) {
+  for (int64_t c = c0; c < c1; ++c) {
     invstd[c] = 1.0 / std::sqrt(var[c] + eps);
     const double w = weight != nullptr ? static_cast<double>(weight[c]) : 1.0;
     const double b = bias != nullptr ? static_cast<double>(bias[c]) : 0.0;
@@ -433,6 +512,142 @@ void affine_params(int64_t C, const double* mean_x, const double* var, const T* 
     scale[c] = static_cast<T>(scale_d[c]);
     shift[c] = static_cast<T>(b - mean_x[c] * scale_d[c]);
   }
+}
+
+template <typename T>
+void affine_params(int64_t C, const double* mean_x, const double* var, const T* weight, const T* bias, double eps,
+                   std::vector<T>& scale, std::vector<T>& shift, std::vector<double>& scale_d,
+                   std::vector<double>& invstd) {
+  scale.resize(C);
+  shift.resize(C);
+  scale_d.resize(C);
+  invstd.resize(C);
+  affine_channels<T>(0, C, mean_x, var, weight, bias, eps, scale.data(), shift.data(), scale_d.data(), invstd.data());
+}
+
+// The training forward of one column block (expert e, channels n0 .. n0 + width) over all B
+// rows: the sum, the moments about x0, the block's statistics and affine form, then the
+// normalisation. Block by block, x's block (256 KiB at batch 2048) is read from memory once and
+// from L2 twice, where the pass-by-pass order reads all of x three times from L3 or memory.
+// Each channel's arithmetic is the pass-by-pass order's (run_rows: T partials of kFlushRows
+// rows flushed into a double partial per row chunk, chunk partials added in chunk order), so
+// the two orders give the same bits.
+template <typename S, typename T, bool kRelu, int64_t kWidth>
+NEXTREC_FAST_INLINE void forward_column(const Pass<S, T>& p, int64_t e, int64_t n0, int64_t width, int64_t B,
+                                        int64_t rows, const T* weight, const T* bias, double eps, T* x0,
+                                        double* mean_x, double* var, T* scale, T* shift, double* scale_d,
+                                        double* invstd) {
+  const int64_t w = kWidth > 0 ? kWidth : width;
+  const int64_t c = e * p.width + n0;
+  double total[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) total[j] = 0.0;
+  for (int64_t b0 = 0; b0 < B; b0 += rows) {
+    const int64_t b1 = std::min(B, b0 + rows);
+    double acc[kBlock];
+    T part[kBlock];
+    for (int64_t j = 0; j < kBlock; ++j) {
+      acc[j] = 0.0;
+      part[j] = T(0);
+    }
+    for (int64_t f0 = b0; f0 < b1; f0 += kFlushRows) {
+      for (int64_t b = f0; b < std::min(b1, f0 + kFlushRows); ++b) {
+        // A row stride apart down the block: prefetch a few rows ahead (see kPrefetchRows).
+        if (b + kPrefetchRows < B) prefetch_row<false>(p.x.at(e, b + kPrefetchRows, n0), w);
+        sum_row<S, T>(p.x.at(e, b, n0), part, w);
+      }
+      flush(part, acc, w);
+    }
+    for (int64_t j = 0; j < w; ++j) total[j] += acc[j];
+  }
+  for (int64_t j = 0; j < w; ++j) x0[c + j] = static_cast<T>(total[j] / static_cast<double>(B));
+  double m1[kBlock], m2[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) m1[j] = m2[j] = 0.0;
+  const T* __restrict shift0 = x0 + c;
+  for (int64_t b0 = 0; b0 < B; b0 += rows) {
+    const int64_t b1 = std::min(B, b0 + rows);
+    double acc1[kBlock], acc2[kBlock];
+    T part1[kBlock], part2[kBlock];
+    for (int64_t j = 0; j < kBlock; ++j) {
+      acc1[j] = acc2[j] = 0.0;
+      part1[j] = part2[j] = T(0);
+    }
+    for (int64_t f0 = b0; f0 < b1; f0 += kFlushRows) {
+      for (int64_t b = f0; b < std::min(b1, f0 + kFlushRows); ++b) {
+        if (b + kPrefetchRows < B) prefetch_row<false>(p.x.at(e, b + kPrefetchRows, n0), w);
+        moments_row<S, T>(p.x.at(e, b, n0), shift0, part1, part2, w);
+      }
+      flush(part1, acc1, w);
+      flush(part2, acc2, w);
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      m1[j] += acc1[j];
+      m2[j] += acc2[j];
+    }
+  }
+  for (int64_t j = 0; j < w; ++j) {
+    const double m = m1[j] / static_cast<double>(B);
+    mean_x[c + j] = static_cast<double>(x0[c + j]) + m;
+    var[c + j] = std::max(m2[j] / static_cast<double>(B) - m * m, 0.0);
+  }
+  affine_channels<T>(c, c + w, mean_x, var, weight, bias, eps, scale, shift, scale_d, invstd);
+  const T* __restrict sc = scale + c;
+  const T* __restrict sh = shift + c;
+  for (int64_t b = 0; b < B; ++b) {
+    if (b + kPrefetchRows < B) {
+      prefetch_row<false>(p.x.at(e, b + kPrefetchRows, n0), w);
+      prefetch_row<true>(p.out.at(e, b + kPrefetchRows, n0), w);
+    }
+    normalize_row<S, T, kRelu>(p.x.at(e, b, n0), sc, sh, p.out.at(e, b, n0), w);
+  }
+}
+
+// Column blocks [u0, u1) of the training forward (kBlock channels of one expert each).
+#define NEXTREC_FAST_FORWARD_COLUMNS(suffix, S, T)                                                                 \
+  NEXTREC_FAST_CPU_CLONES void forward_columns_##suffix(                                                           \
+      const Pass<S, T>& p, bool relu, int64_t u0, int64_t u1, int64_t B, int64_t rows, const T* weight,            \
+      const T* bias, double eps, T* x0, double* mean_x, double* var, T* scale, T* shift, double* scale_d,          \
+      double* invstd) {                                                                                            \
+    const int64_t per_expert = (p.width + kBlock - 1) / kBlock;                                                    \
+    for (int64_t u = u0; u < u1; ++u) {                                                                            \
+      const int64_t e = u / per_expert, n0 = (u % per_expert) * kBlock, w = std::min(kBlock, p.width - n0);       \
+      if (w == kBlock && relu)                                                                                     \
+        forward_column<S, T, true, kBlock>(p, e, n0, w, B, rows, weight, bias, eps, x0, mean_x, var, scale, shift, \
+                                           scale_d, invstd);                                                       \
+      else if (w == kBlock)                                                                                        \
+        forward_column<S, T, false, kBlock>(p, e, n0, w, B, rows, weight, bias, eps, x0, mean_x, var, scale,       \
+                                            shift, scale_d, invstd);                                               \
+      else if (relu)                                                                                               \
+        forward_column<S, T, true, 0>(p, e, n0, w, B, rows, weight, bias, eps, x0, mean_x, var, scale, shift,      \
+                                      scale_d, invstd);                                                            \
+      else                                                                                                         \
+        forward_column<S, T, false, 0>(p, e, n0, w, B, rows, weight, bias, eps, x0, mean_x, var, scale, shift,     \
+                                       scale_d, invstd);                                                           \
+    }                                                                                                              \
+  }
+NEXTREC_FAST_FORWARD_COLUMNS(float, float, float)
+NEXTREC_FAST_FORWARD_COLUMNS(double, double, double)
+NEXTREC_FAST_FORWARD_COLUMNS(bf16, c10::BFloat16, float)
+#undef NEXTREC_FAST_FORWARD_COLUMNS
+
+template <typename S, typename T>
+void forward_columns(const Pass<S, T>& p, bool relu, int64_t u0, int64_t u1, int64_t B, int64_t rows,
+                     const T* weight, const T* bias, double eps, T* x0, double* mean_x, double* var, T* scale,
+                     T* shift, double* scale_d, double* invstd) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>)
+    forward_columns_bf16(p, relu, u0, u1, B, rows, weight, bias, eps, x0, mean_x, var, scale, shift, scale_d, invstd);
+  else if constexpr (std::is_same_v<T, float>)
+    forward_columns_float(p, relu, u0, u1, B, rows, weight, bias, eps, x0, mean_x, var, scale, shift, scale_d,
+                          invstd);
+  else
+    forward_columns_double(p, relu, u0, u1, B, rows, weight, bias, eps, x0, mean_x, var, scale, shift, scale_d,
+                           invstd);
+}
+
+// Whether a kernel runs column block by column block (each thread a run of blocks, all rows)
+// rather than pass by pass (each thread a run of row chunks, all channels): enough blocks to
+// share out evenly. Both orders give the same bits.
+bool by_column_blocks(int64_t experts, int64_t width) {
+  return experts * ((width + kBlock - 1) / kBlock) >= 4 * at::get_num_threads();
 }
 
 template <typename S, typename T>
@@ -445,6 +660,16 @@ void forward_kernel(const at::Tensor& x, const Shape& s, const T* weight, const 
   p.x = blocks_of<const S>(x.data_ptr<S>(), s.x_groups, E, B, N);
   p.out = blocks_of<S>(out, out_expert_major ? E : 1, E, B, N);
   std::vector<T> x0(C);
+  if (training && by_column_blocks(E, N)) {
+    std::vector<T> scale(C), shift(C);
+    std::vector<double> scale_d(C), invstd(C);
+    const int64_t rows = chunk_rows(B), units = E * ((N + kBlock - 1) / kBlock);
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+      forward_columns<S, T>(p, relu, u0, u1, B, rows, weight, bias, eps, x0.data(), mean_x, var, scale.data(),
+                            shift.data(), scale_d.data(), invstd.data());
+    });
+    return;
+  }
   if (training) {
     // Two passes: the mean, then sums of (x - x0) and (x - x0)^2 about x0 = the mean rounded
     // to T (the sum of x - x0 corrects for that rounding). A one-pass shift by the first row lost
@@ -488,21 +713,34 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
   p.mean = mean_x;
   // sum(dz) and sum(dz * (x - mean)), dz = grad_out * relu'(z).
   p.batch_stats = training;
-  const auto sums = run_pass<S, T>(kReduce, p, B, relu, 2);
   // grad_x = scale * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)))  (batch stats)
   //        = scale * dz                                                                 (running stats)
-  std::vector<double> k_mean(C), k_xc(C);
-  for (int64_t c = 0; c < C; ++c) {
-    k_mean[c] = training ? sums[0][c] / static_cast<double>(B) : 0.0;
-    k_xc[c] = training ? sums[1][c] * invstd[c] * invstd[c] / static_cast<double>(B) : 0.0;
-  }
+  std::vector<double> k_mean(C), k_xc(C), sum0(C), sum1(C), sum_dx(C);
   p.k_mean = k_mean.data();
   p.k_xc = k_xc.data();
-  const auto sum_dx = run_pass<S, T>(kInputGrad, p, B, relu, 1);
+  if (by_column_blocks(E, N)) {
+    const int64_t units = E * ((N + kBlock - 1) / kBlock);
+    // Column block by column block (see backward_column): the same bits as the passes below.
+    const int64_t rows = chunk_rows(B);
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+      backward_columns<S, T>(p, relu, u0, u1, B, rows, invstd.data(), sum0.data(), sum1.data(), k_mean.data(),
+                             k_xc.data(), sum_dx.data());
+    });
+  } else {
+    // Few column blocks per thread: row chunks in parallel, pass by pass.
+    const auto sums = run_pass<S, T>(kReduce, p, B, relu, 2);
+    for (int64_t c = 0; c < C; ++c) {
+      sum0[c] = sums[0][c];
+      sum1[c] = sums[1][c];
+      k_mean[c] = training ? sums[0][c] / static_cast<double>(B) : 0.0;
+      k_xc[c] = training ? sums[1][c] * invstd[c] * invstd[c] / static_cast<double>(B) : 0.0;
+    }
+    sum_dx = run_pass<S, T>(kInputGrad, p, B, relu, 1)[0];
+  }
   for (int64_t c = 0; c < C; ++c) {
-    grad_linear_bias[c] = static_cast<T>(sum_dx[0][c]);  // sum of grad_x: the bias came before the norm
-    grad_weight[c] = static_cast<T>(sums[1][c] * invstd[c]);
-    grad_bias[c] = static_cast<T>(sums[0][c]);
+    grad_linear_bias[c] = static_cast<T>(sum_dx[c]);  // sum of grad_x: the bias came before the norm
+    grad_weight[c] = static_cast<T>(sum1[c] * invstd[c]);
+    grad_bias[c] = static_cast<T>(sum0[c]);
   }
 }
 
