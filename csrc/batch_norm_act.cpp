@@ -19,10 +19,12 @@
 // nn.BatchNorm1d does under autocast: half the bytes of each pass, and no casting passes
 // around the op.
 //
-// Work is split over chunks of rows (every pass streams whole rows: walking down a column
-// block of a large row-major matrix costs a TLB miss per row). Column sums are taken per chunk
-// and combined in chunk order, and the chunking does not depend on the thread count, so
-// results are deterministic.
+// Work is split over chunks of rows (every pass streams whole rows), or, with at least 4
+// blocks of 32 channels per thread, over those blocks (all rows of a block through every pass,
+// then the next: the block stays in L2 between passes; rows prefetched a few ahead, as a column
+// walk crosses a page per row). Either way column sums are taken per row chunk and combined in
+// chunk order, and the chunking does not depend on the thread count, so results are
+// deterministic and the same bits in both orders.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -38,6 +40,7 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace nextrec_fast {
@@ -224,10 +227,11 @@ NEXTREC_FAST_INLINE void flush(T* __restrict part, double* __restrict acc, int64
 // The five passes over rows (run_rows).
 enum PassKind { kMoments, kNormalize, kReduce, kInputGrad, kSum };
 
-// Channels per block of the backward passes.
+// Channels per block of the column walks (the backward's passes; the training forward's with
+// enough blocks, see by_column_blocks).
 constexpr int64_t kBlock = 32;
 
-// Rows ahead the backward prefetches. It walks a column block down the rows, a row stride apart
+// Rows ahead a column walk prefetches. The backward walks a column block down the rows, a row stride apart
 // (8 KiB for batch-major [2048, 2048] float32; N values expert-major), and hardware prefetchers
 // do not follow such strides across pages: without this each row's block was a demand miss and
 // the [2048, 2048] backward ran ~10x the forward's time.
@@ -240,10 +244,11 @@ constexpr int64_t kPrefetchRows = 8;
 // for the chunk instead. Each channel still adds its rows in row order from zero into the
 // chunk's partial, so the results are the bits the row-at-a-time loops gave. kWidth: the block
 // width as a constant (kBlock), or 0 for a narrower last block (width at run time). acc1 / acc2
-// point at the block's first channel.
+// point at the block's first channel. Rows are prefetched up to prefetch_end (b1, or B when the
+// same thread walks on into the next chunk).
 template <typename S, typename T, bool kRelu, int kKind, int64_t kWidth>
 NEXTREC_FAST_INLINE void backward_block(const Pass<S, T>& p, int64_t e, int64_t n0, int64_t width, int64_t b0,
-                                        int64_t b1, double* acc1, double* acc2) {
+                                        int64_t b1, int64_t prefetch_end, double* acc1, double* acc2) {
   const int64_t w = kWidth > 0 ? kWidth : width;
   const int64_t c = e * p.width + n0;
   const T* __restrict scale = p.scale + c;
@@ -255,7 +260,7 @@ NEXTREC_FAST_INLINE void backward_block(const Pass<S, T>& p, int64_t e, int64_t 
   for (int64_t b = b0; b < b1; ++b) {
     const S* __restrict x = p.x.at(e, b, n0);
     const S* __restrict g = p.grad_out.at(e, b, n0);
-    if (b + kPrefetchRows < b1) {
+    if (b + kPrefetchRows < prefetch_end) {
       prefetch_row<false>(p.x.at(e, b + kPrefetchRows, n0), w);
       prefetch_row<false>(p.grad_out.at(e, b + kPrefetchRows, n0), w);
       if constexpr (kKind != kReduce) prefetch_row<true>(p.out.at(e, b + kPrefetchRows, n0), w);
@@ -274,8 +279,6 @@ NEXTREC_FAST_INLINE void backward_block(const Pass<S, T>& p, int64_t e, int64_t 
       // grad_x = scale * (dz - mean(dz) - (x - mean) * k_xc), formed in double; its column sum
       // (the sum of what grad_x holds) is the linear bias's gradient.
       const double* __restrict scale_d = p.scale_d + c;
-      const double* __restrict k_mean = p.k_mean + c;
-      const double* __restrict k_xc = p.k_xc + c;
       S* __restrict dx = p.out.at(e, b, n0);
       // Under running statistics the terms in k_mean and k_xc are not formed at all: they are 0,
       // and (x - mean) * 0 would turn an infinite x into a NaN gradient where torch gives scale * dz.
@@ -284,6 +287,8 @@ NEXTREC_FAST_INLINE void backward_block(const Pass<S, T>& p, int64_t e, int64_t 
         for (int64_t j = 0; j < w; ++j) dx[j] = store<S>(dz[j]);
         for (int64_t j = 0; j < w; ++j) s1[j] += static_cast<double>(load<T>(dx[j]));
       } else if constexpr (std::is_same_v<S, T>) {
+        const double* __restrict k_mean = p.k_mean + c;  // set only under batch statistics
+        const double* __restrict k_xc = p.k_xc + c;
         for (int64_t j = 0; j < w; ++j) {
           const T r = static_cast<T>(scale_d[j] * (static_cast<double>(dz[j]) - k_mean[j] -
                                                    (static_cast<double>(x[j]) - mean[j]) * k_xc[j]));
@@ -293,6 +298,8 @@ NEXTREC_FAST_INLINE void backward_block(const Pass<S, T>& p, int64_t e, int64_t 
       } else {
         // Three loops: in one (double, float and 16-bit lanes together) GCC vectorised nothing,
         // and the bfloat16 backward ran 2.7x slower than the float32 one.
+        const double* __restrict k_mean = p.k_mean + c;
+        const double* __restrict k_xc = p.k_xc + c;
         for (int64_t j = 0; j < w; ++j)
           dz[j] = static_cast<T>(scale_d[j] * (static_cast<double>(dz[j]) - k_mean[j] -
                                                (static_cast<double>(load<T>(x[j])) - mean[j]) * k_xc[j]));
@@ -346,9 +353,9 @@ NEXTREC_FAST_INLINE void run_rows(const Pass<S, T>& p, int64_t b0, int64_t b1, d
         const int64_t c = e * N + n0;
         double* a2 = kKind == kReduce ? acc2 + c : nullptr;
         if (n0 + kBlock <= N)
-          backward_block<S, T, kRelu, kKind, kBlock>(p, e, n0, kBlock, b0, b1, acc1 + c, a2);
+          backward_block<S, T, kRelu, kKind, kBlock>(p, e, n0, kBlock, b0, b1, b1, acc1 + c, a2);
         else
-          backward_block<S, T, kRelu, kKind, 0>(p, e, n0, N - n0, b0, b1, acc1 + c, a2);
+          backward_block<S, T, kRelu, kKind, 0>(p, e, n0, N - n0, b0, b1, b1, acc1 + c, a2);
       }
     }
   }
@@ -394,7 +401,7 @@ NEXTREC_FAST_INLINE void backward_column(const Pass<S, T>& p, int64_t e, int64_t
   for (int64_t b0 = 0; b0 < B; b0 += rows) {
     double a1[kBlock], a2[kBlock];
     for (int64_t j = 0; j < kBlock; ++j) a1[j] = a2[j] = 0.0;
-    backward_block<S, T, kRelu, kReduce, kWidth>(p, e, n0, width, b0, std::min(B, b0 + rows), a1, a2);
+    backward_block<S, T, kRelu, kReduce, kWidth>(p, e, n0, width, b0, std::min(B, b0 + rows), B, a1, a2);
     for (int64_t j = 0; j < w; ++j) {
       s0[j] += a1[j];
       s1[j] += a2[j];
@@ -409,7 +416,7 @@ NEXTREC_FAST_INLINE void backward_column(const Pass<S, T>& p, int64_t e, int64_t
   for (int64_t b0 = 0; b0 < B; b0 += rows) {
     double a1[kBlock];
     for (int64_t j = 0; j < kBlock; ++j) a1[j] = 0.0;
-    backward_block<S, T, kRelu, kInputGrad, kWidth>(p, e, n0, width, b0, std::min(B, b0 + rows), a1, nullptr);
+    backward_block<S, T, kRelu, kInputGrad, kWidth>(p, e, n0, width, b0, std::min(B, b0 + rows), B, a1, nullptr);
     for (int64_t j = 0; j < w; ++j) sd[j] += a1[j];
   }
   for (int64_t j = 0; j < w; ++j) sum_dx[c + j] = sd[j];
@@ -562,7 +569,7 @@ NEXTREC_FAST_INLINE void forward_column(const Pass<S, T>& p, int64_t e, int64_t 
   for (int64_t j = 0; j < w; ++j) x0[c + j] = static_cast<T>(total[j] / static_cast<double>(B));
   double m1[kBlock], m2[kBlock];
   for (int64_t j = 0; j < kBlock; ++j) m1[j] = m2[j] = 0.0;
-  const T* __restrict shift0 = x0 + c;
+  const T* shift0 = x0 + c;
   for (int64_t b0 = 0; b0 < B; b0 += rows) {
     const int64_t b1 = std::min(B, b0 + rows);
     double acc1[kBlock], acc2[kBlock];
@@ -590,8 +597,8 @@ NEXTREC_FAST_INLINE void forward_column(const Pass<S, T>& p, int64_t e, int64_t 
     var[c + j] = std::max(m2[j] / static_cast<double>(B) - m * m, 0.0);
   }
   affine_channels<T>(c, c + w, mean_x, var, weight, bias, eps, scale, shift, scale_d, invstd);
-  const T* __restrict sc = scale + c;
-  const T* __restrict sh = shift + c;
+  const T* sc = scale + c;
+  const T* sh = shift + c;
   for (int64_t b = 0; b < B; ++b) {
     if (b + kPrefetchRows < B) {
       prefetch_row<false>(p.x.at(e, b + kPrefetchRows, n0), w);
@@ -650,6 +657,12 @@ bool by_column_blocks(int64_t experts, int64_t width) {
   return experts * ((width + kBlock - 1) / kBlock) >= 4 * at::get_num_threads();
 }
 
+// Blocks per task of a column walk: at least at::internal::GRAIN_SIZE elements each, so that a
+// small batch runs on one thread, as its single row chunk did.
+int64_t column_grain(int64_t batch) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, batch * kBlock));
+}
+
 template <typename S, typename T>
 void forward_kernel(const at::Tensor& x, const Shape& s, const T* weight, const T* bias, double eps, bool training,
                     bool relu, bool out_expert_major, S* out, double* mean_x, double* var) {
@@ -664,7 +677,7 @@ void forward_kernel(const at::Tensor& x, const Shape& s, const T* weight, const 
     std::vector<T> scale(C), shift(C);
     std::vector<double> scale_d(C), invstd(C);
     const int64_t rows = chunk_rows(B), units = E * ((N + kBlock - 1) / kBlock);
-    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    at::parallel_for(0, units, column_grain(B), [&](int64_t u0, int64_t u1) {
       forward_columns<S, T>(p, relu, u0, u1, B, rows, weight, bias, eps, x0.data(), mean_x, var, scale.data(),
                             shift.data(), scale_d.data(), invstd.data());
     });
@@ -711,8 +724,8 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
   p.shift = shift.data();
   p.scale_d = scale_d.data();
   p.mean = mean_x;
-  // sum(dz) and sum(dz * (x - mean)), dz = grad_out * relu'(z).
   p.batch_stats = training;
+  // sum0 = sum(dz), sum1 = sum(dz * (x - mean)), dz = grad_out * relu'(z); then
   // grad_x = scale * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)))  (batch stats)
   //        = scale * dz                                                                 (running stats)
   std::vector<double> k_mean(C), k_xc(C), sum0(C), sum1(C), sum_dx(C);
@@ -722,7 +735,7 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
     const int64_t units = E * ((N + kBlock - 1) / kBlock);
     // Column block by column block (see backward_column): the same bits as the passes below.
     const int64_t rows = chunk_rows(B);
-    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    at::parallel_for(0, units, column_grain(B), [&](int64_t u0, int64_t u1) {
       backward_columns<S, T>(p, relu, u0, u1, B, rows, invstd.data(), sum0.data(), sum1.data(), k_mean.data(),
                              k_xc.data(), sum_dx.data());
     });
@@ -735,7 +748,7 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
       k_mean[c] = training ? sums[0][c] / static_cast<double>(B) : 0.0;
       k_xc[c] = training ? sums[1][c] * invstd[c] * invstd[c] / static_cast<double>(B) : 0.0;
     }
-    sum_dx = run_pass<S, T>(kInputGrad, p, B, relu, 1)[0];
+    sum_dx = std::move(run_pass<S, T>(kInputGrad, p, B, relu, 1)[0]);
   }
   for (int64_t c = 0; c < C; ++c) {
     grad_linear_bias[c] = static_cast<T>(sum_dx[c]);  // sum of grad_x: the bias came before the norm

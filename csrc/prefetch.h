@@ -1,5 +1,5 @@
 // Software prefetch of a whole row, for loops whose next rows lie a large stride or a random row
-// away: hardware prefetchers follow neither across pages. Shared by the BatchNorm backward (a
+// away: hardware prefetchers follow neither across pages. Shared by the BatchNorm kernels (a
 // column block down the rows) and the pooling backward (scattered table rows).
 #pragma once
 
