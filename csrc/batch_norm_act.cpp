@@ -382,6 +382,17 @@ NEXTREC_FAST_PASS_ENTRIES(bf16, c10::BFloat16, float)
 #undef NEXTREC_FAST_PASS_ENTRIES
 #undef NEXTREC_FAST_PASS_ENTRY
 
+// The entry of a (storage, compute) type pair among its bfloat16 / float / double instances.
+template <typename S, typename T>
+constexpr auto for_types(auto bf16, auto float32, auto float64) {
+  if constexpr (std::is_same_v<S, c10::BFloat16>)
+    return bf16;
+  else if constexpr (std::is_same_v<T, float>)
+    return float32;
+  else
+    return float64;
+}
+
 // The backward of one column block (expert e, channels n0 .. n0 + width) over all B rows: the
 // reduce pass, the block's k_mean / k_xc, then the input-gradient pass, in row chunks of `rows`.
 // Run block by block, the second pass finds the block's x and grad_out (2 x 256 KiB at batch
@@ -448,33 +459,16 @@ NEXTREC_FAST_COLUMN_ENTRY(bf16, c10::BFloat16, float)
 #undef NEXTREC_FAST_COLUMN_ENTRY
 
 template <typename S, typename T>
-void backward_columns(const Pass<S, T>& p, bool relu, int64_t u0, int64_t u1, int64_t B, int64_t rows,
-                      const double* invstd, double* sum0, double* sum1, double* k_mean, double* k_xc,
-                      double* sum_dx) {
-  if constexpr (std::is_same_v<S, c10::BFloat16>)
-    backward_columns_bf16(p, relu, u0, u1, B, rows, invstd, sum0, sum1, k_mean, k_xc, sum_dx);
-  else if constexpr (std::is_same_v<T, float>)
-    backward_columns_float(p, relu, u0, u1, B, rows, invstd, sum0, sum1, k_mean, k_xc, sum_dx);
-  else
-    backward_columns_double(p, relu, u0, u1, B, rows, invstd, sum0, sum1, k_mean, k_xc, sum_dx);
-}
-
-template <typename S, typename T>
 using PassFn = void (*)(const Pass<S, T>&, bool, int64_t, int64_t, double*, double*, T*);
 
 template <typename S, typename T>
 PassFn<S, T> pass_fn(PassKind kind) {
-  if constexpr (std::is_same_v<S, c10::BFloat16>) {
-    const PassFn<c10::BFloat16, float> fns[] = {moments_bf16, normalize_bf16, reduce_bf16, input_grad_bf16, sum_bf16};
-    return fns[kind];
-  } else if constexpr (std::is_same_v<T, float>) {
-    const PassFn<float, float> fns[] = {moments_float, normalize_float, reduce_float, input_grad_float, sum_float};
-    return fns[kind];
-  } else {
-    const PassFn<double, double> fns[] = {moments_double, normalize_double, reduce_double, input_grad_double,
-                                          sum_double};
-    return fns[kind];
-  }
+  const PassFn<S, T> fns[] = {for_types<S, T>(moments_bf16, moments_float, moments_double),
+                              for_types<S, T>(normalize_bf16, normalize_float, normalize_double),
+                              for_types<S, T>(reduce_bf16, reduce_float, reduce_double),
+                              for_types<S, T>(input_grad_bf16, input_grad_float, input_grad_double),
+                              for_types<S, T>(sum_bf16, sum_float, sum_double)};
+  return fns[kind];
 }
 
 // Runs one pass over all rows, chunk-parallel. Returns the column sums (num_sums arrays of C
@@ -636,20 +630,6 @@ NEXTREC_FAST_FORWARD_COLUMNS(double, double, double)
 NEXTREC_FAST_FORWARD_COLUMNS(bf16, c10::BFloat16, float)
 #undef NEXTREC_FAST_FORWARD_COLUMNS
 
-template <typename S, typename T>
-void forward_columns(const Pass<S, T>& p, bool relu, int64_t u0, int64_t u1, int64_t B, int64_t rows,
-                     const T* weight, const T* bias, double eps, T* x0, double* mean_x, double* var, T* scale,
-                     T* shift, double* scale_d, double* invstd) {
-  if constexpr (std::is_same_v<S, c10::BFloat16>)
-    forward_columns_bf16(p, relu, u0, u1, B, rows, weight, bias, eps, x0, mean_x, var, scale, shift, scale_d, invstd);
-  else if constexpr (std::is_same_v<T, float>)
-    forward_columns_float(p, relu, u0, u1, B, rows, weight, bias, eps, x0, mean_x, var, scale, shift, scale_d,
-                          invstd);
-  else
-    forward_columns_double(p, relu, u0, u1, B, rows, weight, bias, eps, x0, mean_x, var, scale, shift, scale_d,
-                           invstd);
-}
-
 // Whether a kernel runs column block by column block (each thread a run of blocks, all rows)
 // rather than pass by pass (each thread a run of row chunks, all channels): enough blocks to
 // share out evenly. Both orders give the same bits.
@@ -678,8 +658,9 @@ void forward_kernel(const at::Tensor& x, const Shape& s, const T* weight, const 
     std::vector<double> scale_d(C), invstd(C);
     const int64_t rows = chunk_rows(B), units = E * ((N + kBlock - 1) / kBlock);
     at::parallel_for(0, units, column_grain(B), [&](int64_t u0, int64_t u1) {
-      forward_columns<S, T>(p, relu, u0, u1, B, rows, weight, bias, eps, x0.data(), mean_x, var, scale.data(),
-                            shift.data(), scale_d.data(), invstd.data());
+      for_types<S, T>(forward_columns_bf16, forward_columns_float, forward_columns_double)(
+          p, relu, u0, u1, B, rows, weight, bias, eps, x0.data(), mean_x, var, scale.data(), shift.data(),
+          scale_d.data(), invstd.data());
     });
     return;
   }
@@ -736,8 +717,9 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
     // Column block by column block (see backward_column): the same bits as the passes below.
     const int64_t rows = chunk_rows(B);
     at::parallel_for(0, units, column_grain(B), [&](int64_t u0, int64_t u1) {
-      backward_columns<S, T>(p, relu, u0, u1, B, rows, invstd.data(), sum0.data(), sum1.data(), k_mean.data(),
-                             k_xc.data(), sum_dx.data());
+      for_types<S, T>(backward_columns_bf16, backward_columns_float, backward_columns_double)(
+          p, relu, u0, u1, B, rows, invstd.data(), sum0.data(), sum1.data(), k_mean.data(), k_xc.data(),
+          sum_dx.data());
     });
   } else {
     // Few column blocks per thread: row chunks in parallel, pass by pass.
