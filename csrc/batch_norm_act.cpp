@@ -393,6 +393,22 @@ constexpr auto for_types(auto bf16, auto float32, auto float64) {
     return float64;
 }
 
+// Per-channel formulas both orders share (one definition, so both give the same bits).
+// The forward: x's mean and biased variance from the sums of (x - x0) and (x - x0)^2.
+NEXTREC_FAST_INLINE void channel_stats(double x0, double sum1, double sum2, int64_t B, double& mean, double& var) {
+  const double m = sum1 / static_cast<double>(B);
+  mean = x0 + m;
+  var = std::max(sum2 / static_cast<double>(B) - m * m, 0.0);
+}
+
+// The backward: mean(dz) and invstd^2 * mean(dz * (x - mean)) from their sums (0 under running
+// statistics, where grad_x = scale * dz).
+NEXTREC_FAST_INLINE void grad_coefficients(double sum0, double sum1, double invstd, int64_t B, bool batch_stats,
+                                           double& k_mean, double& k_xc) {
+  k_mean = batch_stats ? sum0 / static_cast<double>(B) : 0.0;
+  k_xc = batch_stats ? sum1 * invstd * invstd / static_cast<double>(B) : 0.0;
+}
+
 // The backward of one column block (expert e, channels n0 .. n0 + width) over all B rows: the
 // reduce pass, the block's k_mean / k_xc, then the input-gradient pass, in row chunks of `rows`.
 // Run block by block, the second pass finds the block's x and grad_out (2 x 256 KiB at batch
@@ -421,8 +437,7 @@ NEXTREC_FAST_INLINE void backward_column(const Pass<S, T>& p, int64_t e, int64_t
   for (int64_t j = 0; j < w; ++j) {
     sum0[c + j] = s0[j];
     sum1[c + j] = s1[j];
-    k_mean[c + j] = p.batch_stats ? s0[j] / static_cast<double>(B) : 0.0;
-    k_xc[c + j] = p.batch_stats ? s1[j] * invstd[c + j] * invstd[c + j] / static_cast<double>(B) : 0.0;
+    grad_coefficients(s0[j], s1[j], invstd[c + j], B, p.batch_stats, k_mean[c + j], k_xc[c + j]);
   }
   for (int64_t b0 = 0; b0 < B; b0 += rows) {
     double a1[kBlock];
@@ -526,44 +541,17 @@ void affine_params(int64_t C, const double* mean_x, const double* var, const T* 
   affine_channels<T>(0, C, mean_x, var, weight, bias, eps, scale.data(), shift.data(), scale_d.data(), invstd.data());
 }
 
-// The training forward of one column block (expert e, channels n0 .. n0 + width) over all B
-// rows: the sum, the moments about x0, the block's statistics and affine form, then the
-// normalisation. Block by block, x's block (256 KiB at batch 2048) is read from memory once and
-// from L2 twice, where the pass-by-pass order reads all of x three times from L3 or memory.
-// Each channel's arithmetic is the pass-by-pass order's (run_rows: T partials of kFlushRows
-// rows flushed into a double partial per row chunk, chunk partials added in chunk order), so
-// the two orders give the same bits.
-template <typename S, typename T, bool kRelu, int64_t kWidth>
-NEXTREC_FAST_INLINE void forward_column(const Pass<S, T>& p, int64_t e, int64_t n0, int64_t width, int64_t B,
-                                        int64_t rows, const T* weight, const T* bias, double eps, T* x0,
-                                        double* mean_x, double* var, T* scale, T* shift, double* scale_d,
-                                        double* invstd) {
+// The forward's column sums of one block over all B rows, as run_rows takes them (of x; with
+// kMoments, of x - x0 and its square): T partials of kFlushRows rows flushed into a double partial
+// per row chunk, the chunk partials added in chunk order into total1 (and total2).
+template <typename S, typename T, bool kMoments, int64_t kWidth>
+NEXTREC_FAST_INLINE void column_sums(const Pass<S, T>& p, int64_t e, int64_t n0, int64_t width, int64_t B,
+                                     int64_t rows, const T* x0, double* total1, double* total2) {
   const int64_t w = kWidth > 0 ? kWidth : width;
-  const int64_t c = e * p.width + n0;
-  double total[kBlock];
-  for (int64_t j = 0; j < kBlock; ++j) total[j] = 0.0;
-  for (int64_t b0 = 0; b0 < B; b0 += rows) {
-    const int64_t b1 = std::min(B, b0 + rows);
-    double acc[kBlock];
-    T part[kBlock];
-    for (int64_t j = 0; j < kBlock; ++j) {
-      acc[j] = 0.0;
-      part[j] = T(0);
-    }
-    for (int64_t f0 = b0; f0 < b1; f0 += kFlushRows) {
-      for (int64_t b = f0; b < std::min(b1, f0 + kFlushRows); ++b) {
-        // A row stride apart down the block: prefetch a few rows ahead (see kPrefetchRows).
-        if (b + kPrefetchRows < B) prefetch_row<false>(p.x.at(e, b + kPrefetchRows, n0), w);
-        sum_row<S, T>(p.x.at(e, b, n0), part, w);
-      }
-      flush(part, acc, w);
-    }
-    for (int64_t j = 0; j < w; ++j) total[j] += acc[j];
+  for (int64_t j = 0; j < kBlock; ++j) {
+    total1[j] = 0.0;
+    if constexpr (kMoments) total2[j] = 0.0;
   }
-  for (int64_t j = 0; j < w; ++j) x0[c + j] = static_cast<T>(total[j] / static_cast<double>(B));
-  double m1[kBlock], m2[kBlock];
-  for (int64_t j = 0; j < kBlock; ++j) m1[j] = m2[j] = 0.0;
-  const T* shift0 = x0 + c;
   for (int64_t b0 = 0; b0 < B; b0 += rows) {
     const int64_t b1 = std::min(B, b0 + rows);
     double acc1[kBlock], acc2[kBlock];
@@ -574,22 +562,42 @@ NEXTREC_FAST_INLINE void forward_column(const Pass<S, T>& p, int64_t e, int64_t 
     }
     for (int64_t f0 = b0; f0 < b1; f0 += kFlushRows) {
       for (int64_t b = f0; b < std::min(b1, f0 + kFlushRows); ++b) {
+        // A row stride apart down the block: prefetch a few rows ahead (see kPrefetchRows).
         if (b + kPrefetchRows < B) prefetch_row<false>(p.x.at(e, b + kPrefetchRows, n0), w);
-        moments_row<S, T>(p.x.at(e, b, n0), shift0, part1, part2, w);
+        if constexpr (kMoments)
+          moments_row<S, T>(p.x.at(e, b, n0), x0, part1, part2, w);
+        else
+          sum_row<S, T>(p.x.at(e, b, n0), part1, w);
       }
       flush(part1, acc1, w);
-      flush(part2, acc2, w);
+      if constexpr (kMoments) flush(part2, acc2, w);
     }
     for (int64_t j = 0; j < w; ++j) {
-      m1[j] += acc1[j];
-      m2[j] += acc2[j];
+      total1[j] += acc1[j];
+      if constexpr (kMoments) total2[j] += acc2[j];
     }
   }
-  for (int64_t j = 0; j < w; ++j) {
-    const double m = m1[j] / static_cast<double>(B);
-    mean_x[c + j] = static_cast<double>(x0[c + j]) + m;
-    var[c + j] = std::max(m2[j] / static_cast<double>(B) - m * m, 0.0);
-  }
+}
+
+// The training forward of one column block (expert e, channels n0 .. n0 + width) over all B
+// rows: the sum, the moments about x0, the block's statistics and affine form, then the
+// normalisation. Block by block, x's block (256 KiB at batch 2048) is read from memory once and
+// from L2 twice, where the pass-by-pass order reads all of x three times from L3 or memory.
+// Each channel's arithmetic is the pass-by-pass order's (column_sums, channel_stats), so the
+// two orders give the same bits.
+template <typename S, typename T, bool kRelu, int64_t kWidth>
+NEXTREC_FAST_INLINE void forward_column(const Pass<S, T>& p, int64_t e, int64_t n0, int64_t width, int64_t B,
+                                        int64_t rows, const T* weight, const T* bias, double eps, T* x0,
+                                        double* mean_x, double* var, T* scale, T* shift, double* scale_d,
+                                        double* invstd) {
+  const int64_t w = kWidth > 0 ? kWidth : width;
+  const int64_t c = e * p.width + n0;
+  double total[kBlock], m1[kBlock], m2[kBlock];
+  column_sums<S, T, false, kWidth>(p, e, n0, width, B, rows, nullptr, total, nullptr);
+  for (int64_t j = 0; j < w; ++j) x0[c + j] = static_cast<T>(total[j] / static_cast<double>(B));
+  column_sums<S, T, true, kWidth>(p, e, n0, width, B, rows, x0 + c, m1, m2);
+  for (int64_t j = 0; j < w; ++j)
+    channel_stats(static_cast<double>(x0[c + j]), m1[j], m2[j], B, mean_x[c + j], var[c + j]);
   affine_channels<T>(c, c + w, mean_x, var, weight, bias, eps, scale, shift, scale_d, invstd);
   const T* sc = scale + c;
   const T* sh = shift + c;
@@ -630,11 +638,14 @@ NEXTREC_FAST_FORWARD_COLUMNS(double, double, double)
 NEXTREC_FAST_FORWARD_COLUMNS(bf16, c10::BFloat16, float)
 #undef NEXTREC_FAST_FORWARD_COLUMNS
 
+// Blocks of kBlock channels over all experts (the last of each expert may be narrower).
+int64_t column_blocks(int64_t experts, int64_t width) { return experts * ((width + kBlock - 1) / kBlock); }
+
 // Whether a kernel runs column block by column block (each thread a run of blocks, all rows)
 // rather than pass by pass (each thread a run of row chunks, all channels): enough blocks to
 // share out evenly. Both orders give the same bits.
 bool by_column_blocks(int64_t experts, int64_t width) {
-  return experts * ((width + kBlock - 1) / kBlock) >= 4 * at::get_num_threads();
+  return column_blocks(experts, width) >= 4 * at::get_num_threads();
 }
 
 // Blocks per task of a column walk: at least at::internal::GRAIN_SIZE elements each, so that a
@@ -656,8 +667,8 @@ void forward_kernel(const at::Tensor& x, const Shape& s, const T* weight, const 
   if (training && by_column_blocks(E, N)) {
     std::vector<T> scale(C), shift(C);
     std::vector<double> scale_d(C), invstd(C);
-    const int64_t rows = chunk_rows(B), units = E * ((N + kBlock - 1) / kBlock);
-    at::parallel_for(0, units, column_grain(B), [&](int64_t u0, int64_t u1) {
+    const int64_t rows = chunk_rows(B);
+    at::parallel_for(0, column_blocks(E, N), column_grain(B), [&](int64_t u0, int64_t u1) {
       for_types<S, T>(forward_columns_bf16, forward_columns_float, forward_columns_double)(
           p, relu, u0, u1, B, rows, weight, bias, eps, x0.data(), mean_x, var, scale.data(), shift.data(),
           scale_d.data(), invstd.data());
@@ -673,11 +684,8 @@ void forward_kernel(const at::Tensor& x, const Shape& s, const T* weight, const 
     for (int64_t c = 0; c < C; ++c) x0[c] = static_cast<T>(total[0][c] / static_cast<double>(B));
     p.x0 = x0.data();
     const auto sums = run_pass<S, T>(kMoments, p, B, relu, 2);
-    for (int64_t c = 0; c < C; ++c) {
-      const double m = sums[0][c] / static_cast<double>(B);
-      mean_x[c] = static_cast<double>(x0[c]) + m;
-      var[c] = std::max(sums[1][c] / static_cast<double>(B) - m * m, 0.0);
-    }
+    for (int64_t c = 0; c < C; ++c)
+      channel_stats(static_cast<double>(x0[c]), sums[0][c], sums[1][c], B, mean_x[c], var[c]);
   }
   std::vector<T> scale, shift;
   std::vector<double> scale_d, invstd;
@@ -713,10 +721,9 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
   p.k_mean = k_mean.data();
   p.k_xc = k_xc.data();
   if (by_column_blocks(E, N)) {
-    const int64_t units = E * ((N + kBlock - 1) / kBlock);
     // Column block by column block (see backward_column): the same bits as the passes below.
     const int64_t rows = chunk_rows(B);
-    at::parallel_for(0, units, column_grain(B), [&](int64_t u0, int64_t u1) {
+    at::parallel_for(0, column_blocks(E, N), column_grain(B), [&](int64_t u0, int64_t u1) {
       for_types<S, T>(backward_columns_bf16, backward_columns_float, backward_columns_double)(
           p, relu, u0, u1, B, rows, invstd.data(), sum0.data(), sum1.data(), k_mean.data(), k_xc.data(),
           sum_dx.data());
@@ -727,8 +734,7 @@ void backward_kernel(const at::Tensor& grad_out, bool grad_expert_major, const a
     for (int64_t c = 0; c < C; ++c) {
       sum0[c] = sums[0][c];
       sum1[c] = sums[1][c];
-      k_mean[c] = training ? sums[0][c] / static_cast<double>(B) : 0.0;
-      k_xc[c] = training ? sums[1][c] * invstd[c] * invstd[c] / static_cast<double>(B) : 0.0;
+      grad_coefficients(sums[0][c], sums[1][c], invstd[c], B, training, k_mean[c], k_xc[c]);
     }
     sum_dx = std::move(run_pass<S, T>(kInputGrad, p, B, relu, 1)[0]);
   }
