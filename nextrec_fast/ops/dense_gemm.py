@@ -1,10 +1,12 @@
 """``gemm_into``: the experts' float32 GEMMs on CPU, through oneDNN where it is the faster library.
 
 ``torch.mm`` runs float32 GEMMs through the BLAS PyTorch was built with (MKL in the PyPI
-wheels); PyTorch sends only bfloat16 / float16 (or reduced-precision float32) to oneDNN. On the
-AMD EPYC (AVX-512) the benchmarks run on, MKL's sgemm takes about 2.1x oneDNN's time for the
-expert shapes at batch >= 256 (forward, input-gradient and weight-gradient GEMMs, same
-threads). The C++ op ``nextrec_fast::onednn_gemm_out`` calls PyTorch's own oneDNN matmul
+wheels); PyTorch sends only bfloat16 / float16 (or reduced-precision float32) to oneDNN. On an
+AMD EPYC (AVX-512), MKL's sgemm took about 2.1x oneDNN's time for the expert shapes at batch
+>= 256 (forward, input-gradient and weight-gradient GEMMs, same threads); on an Intel Xeon
+(AVX-512, AMX) MKL was the faster one (oneDNN 1.04x MKL's time over a PLE training step's
+GEMMs, the step itself 4-5% slower). So float32 GEMMs go to oneDNN by default on x86 CPUs that
+are not Intel's (``routed()``). The C++ op ``nextrec_fast::onednn_gemm_out`` calls PyTorch's own oneDNN matmul
 (``at::native::mkldnn_matmul``) into the caller's output, so the reused buffers and strided
 column blocks of ``nextrec_fast.layers.experts`` keep working.
 
@@ -13,7 +15,8 @@ compares both with float64 (oneDNN's median relative error was 1.3-1.5x MKL's at
 the weight gradient's sum over 2048-8192 rows included).
 Small GEMMs (below ``ONEDNN_MIN_MACS`` multiply-adds, where oneDNN's per-call setup costs more
 than it saves), other dtypes, autocast, the ``torch`` / ``reference`` backends, a build without
-the extension, and ``NEXTREC_FAST_ONEDNN_GEMM=0`` all take ``torch.mm`` / ``torch.bmm`` as before.
+the extension, Intel CPUs, and ``NEXTREC_FAST_ONEDNN_GEMM=0`` all take ``torch.mm`` /
+``torch.bmm`` as before; ``NEXTREC_FAST_ONEDNN_GEMM=1`` sends them to oneDNN on Intel CPUs too.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import torch
 
 from nextrec_fast.backend import get_backend
 
-__all__ = ["gemm_into", "onednn_operand", "uses_onednn", "is_available", "ONEDNN_MIN_MACS"]
+__all__ = ["gemm_into", "onednn_operand", "uses_onednn", "is_available", "routed", "ONEDNN_MIN_MACS"]
 
 # 2 threads, this VM: oneDNN 1.4x at 64 x 477 x 256 (7.8M multiply-adds), even at 64 x 256 x 128
 # (2.1M), slower below (its primitive lookup costs ~10 us a call). NEXTREC_FAST_ONEDNN_MIN_MACS=0
@@ -56,6 +59,33 @@ def is_available() -> bool:
     return bool(torch.ops.nextrec_fast.onednn_gemm_available())
 
 
+@functools.cache
+def routed() -> bool:
+    """Whether float32 GEMMs go to oneDNN (where ``is_available()``): ``NEXTREC_FAST_ONEDNN_GEMM``
+    "1" yes, "0" no; unset (or "auto"): yes unless the CPU is Intel's, where MKL, the BLAS
+    ``torch.mm`` calls, is tuned for the CPU it runs on and was the faster one (module docstring)."""
+    setting = os.environ.get("NEXTREC_FAST_ONEDNN_GEMM", "auto").strip().lower()
+    if setting in ("0", "1"):
+        return setting == "1"
+    return cpu_vendor() != "GenuineIntel"
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The x86 vendor string (``vendor_id`` of /proc/cpuinfo: "GenuineIntel", "AuthenticAMD"), or
+    "" where it cannot be read: then oneDNN is used, as on the AMD CPUs it was measured on."""
+    if "intel" in platform.processor().lower():  # Windows names the vendor here ("..., GenuineIntel")
+        return "GenuineIntel"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 # Batched products with fewer output columns than this stay with torch.bmm: many tiny matrices
 # (the gates' mixture weight gradient, [2048, G, 128] @ [2048, 128, E] with E = 6 or 8) took
 # oneDNN 2.1-2.5x torch.bmm's time (2 threads), where wider ones (the mixture itself, N = 128)
@@ -72,7 +102,8 @@ def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     macs = a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
     if macs < ONEDNN_MIN_MACS:
         return False
-    return get_backend() in ("auto", "triton") and is_available()  # torch / reference: pure PyTorch
+    # torch / reference backends: pure PyTorch
+    return get_backend() in ("auto", "triton") and is_available() and routed()
 
 
 def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> None:
