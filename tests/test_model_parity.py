@@ -207,23 +207,40 @@ def test_k_padding_rule(onednn, monkeypatch):
 @pytest.mark.parametrize("model", list(MODELS))
 def test_k_padding_only_where_a_backward_runs(model, monkeypatch):
     """The first layer asks for padding with ``backward`` True exactly where autograd will run
-    a backward through its GEMM: not under ``torch.no_grad`` (the eval forward was 4-8% faster
-    unpadded), yes in a training forward."""
+    a backward through its GEMM: in a forward with gradients (train or eval mode), not under
+    ``torch.no_grad`` or ``inference_mode`` (the eval forward was 4-8% faster unpadded), nor
+    where neither the input nor the weights need a gradient."""
     from nextrec_fast.layers import experts
     seed = random.randrange(2**31)
     original, flags = experts._k_padding, []
     monkeypatch.setattr(experts, "_k_padding",
                         lambda x, n, backward=True: flags.append(backward) or original(x, n, backward=backward))
     _, fast, x = build_pair(model, seed, dtype=torch.float32, batch=300)  # above the per-expert GEMM batches
-    for training in (False, True):
+
+    def frozen():
+        fast.requires_grad_(False)
+        try:
+            fast(x)
+        finally:
+            fast.requires_grad_(True)
+
+    def no_grad():
+        with torch.no_grad():
+            fast(x)
+
+    def inference():
+        with torch.inference_mode():
+            fast(x)
+
+    cases = {"train": (True, lambda: fast(x).sum().backward(), True),
+             "eval, grad enabled": (False, lambda: fast(x).sum().backward(), True),
+             "eval, no_grad": (False, no_grad, False), "eval, inference_mode": (False, inference, False),
+             "train, frozen weights": (True, frozen, False)}
+    for case, (training, run, expected) in cases.items():
         fast.train(training)
         flags.clear()
-        if training:
-            fast(x).sum().backward()
-        else:
-            with torch.no_grad():
-                fast(x)
-        assert flags and all(f is training for f in flags), f"training={training}: {flags} (seed {seed})"
+        run()
+        assert flags and all(f is expected for f in flags), f"{case}: {flags} (seed {seed})"
 
 
 @pytest.mark.parametrize("model", list(MODELS))

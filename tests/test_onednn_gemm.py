@@ -58,8 +58,14 @@ def test_routing_follows_the_setting_and_the_cpu_vendor(monkeypatch):
         monkeypatch.setattr(dense_gemm, "cpu_vendor", lambda v=vendor: v)
         dense_gemm.routed.cache_clear()
         assert dense_gemm.routed() is expected, (setting, vendor)
+    monkeypatch.setenv("NEXTREC_FAST_ONEDNN_GEMM", "off")  # not a setting: a warning, then the rule
+    monkeypatch.setattr(dense_gemm, "cpu_vendor", lambda: "GenuineIntel")
+    dense_gemm.routed.cache_clear()
+    with pytest.warns(UserWarning, match="not 0, 1 or auto"):
+        assert dense_gemm.routed() is False
     monkeypatch.undo()
     dense_gemm.routed.cache_clear()
+    assert dense_gemm.float32_library() == ("oneDNN" if dense_gemm.routed() else "torch.mm")
     if os.path.exists("/proc/cpuinfo"):  # is_available() holds: an x86 CPU, whose vendor Linux names
         assert dense_gemm.cpu_vendor(), "vendor_id not read from /proc/cpuinfo"
 

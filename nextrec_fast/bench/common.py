@@ -205,10 +205,13 @@ def environment(device) -> dict:
     except Exception as exc:  # pragma: no cover - diagnostic only
         info["pooling_op"] = f"unavailable ({exc})"
     if torch.device(device).type == "cpu":
-        from nextrec_fast.ops import dense_gemm
-        info["cpu_vendor"] = dense_gemm.cpu_vendor() or None
-        # Which library the fast path's float32 GEMMs use here (nextrec's always go to torch.mm).
-        info["float32_gemm"] = "oneDNN" if dense_gemm.is_available() and dense_gemm.routed() else "torch.mm (MKL)"
+        try:
+            from nextrec_fast.ops import dense_gemm
+            info["cpu_vendor"] = dense_gemm.cpu_vendor() or None
+            # Which library the fast path's float32 GEMMs use here (nextrec's always go to torch.mm).
+            info["float32_gemm"] = dense_gemm.float32_library()
+        except Exception as exc:  # pragma: no cover - diagnostic only
+            info["float32_gemm"] = f"unknown ({exc})"
     try:
         import triton
         info["triton"] = triton.__version__

@@ -312,7 +312,8 @@ def format_table(result: dict) -> str:
     header = (f"nextrec-fast bench | device {env['device']} ({env['device_name']}) | torch {env['torch']} | "
               f"triton {env['triton']} | threads {env['threads']} of {env.get('cores', '?')} core(s) | "
               f"pooling: {env['pooling_op']} | config {env['config']}"
-              + (f" | {env['cpu_vendor']}, fast float32 GEMMs: {env['float32_gemm']}" if env.get("float32_gemm") else "")
+              + (f" | {env['cpu_vendor'] + ', ' if env.get('cpu_vendor') else ''}fast float32 GEMMs: {env['float32_gemm']}"
+                 if env.get("float32_gemm") else "")
               + (f" | autocast {env['autocast']}" if env.get("autocast", "none") != "none" else ""))
     if nextrec_fit:
         header += f" | nextrec {env.get('nextrec', '?')}, {env.get('steps_per_epoch', '?')} steps per epoch"

@@ -23,17 +23,30 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import sys
+import warnings
 
 import torch
 
 from nextrec_fast.backend import get_backend
 
-__all__ = ["gemm_into", "onednn_operand", "uses_onednn", "is_available", "routed", "ONEDNN_MIN_MACS"]
+__all__ = ["gemm_into", "onednn_operand", "uses_onednn", "is_available", "routed", "float32_library", "ONEDNN_MIN_MACS"]
 
 # 2 threads, this VM: oneDNN 1.4x at 64 x 477 x 256 (7.8M multiply-adds), even at 64 x 256 x 128
 # (2.1M), slower below (its primitive lookup costs ~10 us a call). NEXTREC_FAST_ONEDNN_MIN_MACS=0
 # sends every float32 GEMM there (the tests use it to run the small models through oneDNN).
 ONEDNN_MIN_MACS = int(os.environ.get("NEXTREC_FAST_ONEDNN_MIN_MACS", 1 << 22))
+
+
+def _setting() -> str:
+    """``NEXTREC_FAST_ONEDNN_GEMM``: "1" (oneDNN wherever it runs), "0" (never) or "auto" (unset:
+    ``routed()``'s rule). Any other value warns and counts as "auto". Read once per process (the
+    callers are cached)."""
+    value = os.environ.get("NEXTREC_FAST_ONEDNN_GEMM", "auto").strip().lower()
+    if value not in ("0", "1", "auto"):
+        warnings.warn(f"NEXTREC_FAST_ONEDNN_GEMM={value!r} is not 0, 1 or auto: taken as auto", stacklevel=3)
+        return "auto"
+    return value
 
 
 @functools.cache
@@ -42,7 +55,7 @@ def is_available() -> bool:
     runs on (AVX-512), a torch built with oneDNN, the extension built, a libtorch that exports
     PyTorch's oneDNN matmul, and ``NEXTREC_FAST_ONEDNN_GEMM`` not 0. Probed once (one tiny GEMM),
     which also registers the op's fake (the extension is loaded lazily, never at import)."""
-    if os.environ.get("NEXTREC_FAST_ONEDNN_GEMM", "1") == "0":
+    if _setting() == "0":
         return False
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False  # measured on x86 only; on Arm oneDNN's float32 matmul is a different (ACL) library
@@ -63,19 +76,19 @@ def is_available() -> bool:
 def routed() -> bool:
     """Whether float32 GEMMs go to oneDNN (where ``is_available()``): ``NEXTREC_FAST_ONEDNN_GEMM``
     "1" yes, "0" no; unset (or "auto"): yes unless the CPU is Intel's, where MKL, the BLAS
-    ``torch.mm`` calls, is tuned for the CPU it runs on and was the faster one (module docstring)."""
-    setting = os.environ.get("NEXTREC_FAST_ONEDNN_GEMM", "auto").strip().lower()
-    if setting in ("0", "1"):
+    ``torch.mm`` calls, is tuned for the CPU it runs on and was the faster one (module docstring).
+    A CPU whose vendor is not known (``cpu_vendor()`` "": not Linux or Windows, e.g. macOS)
+    counts as not Intel's."""
+    setting = _setting()
+    if setting != "auto":
         return setting == "1"
     return cpu_vendor() != "GenuineIntel"
 
 
 @functools.cache
 def cpu_vendor() -> str:
-    """The x86 vendor string (``vendor_id`` of /proc/cpuinfo: "GenuineIntel", "AuthenticAMD"), or
-    "" where it cannot be read: then oneDNN is used, as on the AMD CPUs it was measured on."""
-    if "intel" in platform.processor().lower():  # Windows names the vendor here ("..., GenuineIntel")
-        return "GenuineIntel"
+    """The x86 vendor string ("GenuineIntel", "AuthenticAMD"): ``vendor_id`` of /proc/cpuinfo on
+    Linux, ``PROCESSOR_IDENTIFIER`` on Windows; "" where neither says."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -83,7 +96,17 @@ def cpu_vendor() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    if sys.platform == "win32":  # e.g. "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel"
+        identifier = os.environ.get("PROCESSOR_IDENTIFIER", "")
+        return identifier.rsplit(",", 1)[-1].strip() if "," in identifier else ""
     return ""
+
+
+def float32_library() -> str:
+    """What runs the fast path's large float32 CPU GEMMs here (from ``ONEDNN_MIN_MACS``
+    multiply-adds up): "oneDNN" or "torch.mm" (the BLAS torch was built with: MKL in the x86
+    wheels). For benchmark reports."""
+    return "oneDNN" if get_backend() in ("auto", "triton") and is_available() and routed() else "torch.mm"
 
 
 # Batched products with fewer output columns than this stay with torch.bmm: many tiny matrices
