@@ -102,11 +102,17 @@ def cpu_vendor() -> str:
     return ""
 
 
+def _onednn_on() -> bool:
+    """Whether large float32 CPU GEMMs go to oneDNN at all: not under the ``torch`` / ``reference``
+    backends (pure PyTorch), where oneDNN runs here and ``routed()`` sends them there."""
+    return get_backend() in ("auto", "triton") and is_available() and routed()
+
+
 def float32_library() -> str:
     """What runs the fast path's large float32 CPU GEMMs here (from ``ONEDNN_MIN_MACS``
     multiply-adds up): "oneDNN" or "torch.mm" (the BLAS torch was built with: MKL in the x86
     wheels). For benchmark reports."""
-    return "oneDNN" if get_backend() in ("auto", "triton") and is_available() and routed() else "torch.mm"
+    return "oneDNN" if _onednn_on() else "torch.mm"
 
 
 # Batched products with fewer output columns than this stay with torch.bmm: many tiny matrices
@@ -125,8 +131,7 @@ def uses_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     macs = a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
     if macs < ONEDNN_MIN_MACS:
         return False
-    # torch / reference backends: pure PyTorch
-    return get_backend() in ("auto", "triton") and is_available() and routed()
+    return _onednn_on()
 
 
 def gemm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> None:
