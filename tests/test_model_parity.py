@@ -463,7 +463,7 @@ def test_runs_linear_float32_strided_inputs_through_onednn_and_double_backward(m
     from nextrec_fast.layers import experts
     from nextrec_fast.ops import dense_gemm
     if not dense_gemm.is_available():
-        pytest.skip("oneDNN's float32 GEMM is not available here")
+        pytest.skip(f"oneDNN's float32 GEMM is not available here: {dense_gemm.unavailable_reason()}")
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
     batch, groups, k, n = 64, 3, 24, 16

@@ -210,6 +210,8 @@ def environment(device) -> dict:
             info["cpu_vendor"] = dense_gemm.cpu_vendor() or None
             # Which library the fast path's float32 GEMMs use here (nextrec's always go to torch.mm).
             info["float32_gemm"] = dense_gemm.float32_library()
+            if info["float32_gemm"] != "oneDNN":  # why not, where oneDNN cannot take them at all
+                info["onednn_unavailable"] = dense_gemm.unavailable_reason()
         except Exception as exc:  # pragma: no cover - diagnostic only
             info["float32_gemm"] = f"unknown ({exc})"
     try:

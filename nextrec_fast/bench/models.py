@@ -313,6 +313,7 @@ def format_table(result: dict) -> str:
               f"triton {env['triton']} | threads {env['threads']} of {env.get('cores', '?')} core(s) | "
               f"pooling: {env['pooling_op']} | config {env['config']}"
               + (f" | {env['cpu_vendor'] + ', ' if env.get('cpu_vendor') else ''}fast float32 GEMMs: {env['float32_gemm']}"
+                 + (f" (oneDNN: {env['onednn_unavailable']})" if env.get("onednn_unavailable") else "")
                  if env.get("float32_gemm") else "")
               + (f" | autocast {env['autocast']}" if env.get("autocast", "none") != "none" else ""))
     if nextrec_fit:

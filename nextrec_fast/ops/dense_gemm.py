@@ -30,7 +30,8 @@ import torch
 
 from nextrec_fast.backend import get_backend
 
-__all__ = ["gemm_into", "onednn_operand", "uses_onednn", "is_available", "routed", "float32_library", "ONEDNN_MIN_MACS"]
+__all__ = ["gemm_into", "onednn_operand", "uses_onednn", "is_available", "unavailable_reason", "routed",
+           "float32_library", "ONEDNN_MIN_MACS"]
 
 # 2 threads, this VM: oneDNN 1.4x at 64 x 477 x 256 (7.8M multiply-adds), even at 64 x 256 x 128
 # (2.1M), slower below (its primitive lookup costs ~10 us a call). NEXTREC_FAST_ONEDNN_MIN_MACS=0
@@ -72,6 +73,29 @@ def is_available() -> bool:
     return bool(torch.ops.nextrec_fast.onednn_gemm_available())
 
 
+def unavailable_reason() -> str | None:
+    """None where ``is_available()``; else why float32 GEMMs cannot reach oneDNN here, in words
+    (for skip messages and the bench header)."""
+    if is_available():
+        return None
+    if _setting() == "0":
+        return "NEXTREC_FAST_ONEDNN_GEMM=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not an x86-64 CPU ({platform.machine()})"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch is built without oneDNN"
+    from nextrec_fast import _extension
+    if not _extension.is_available():
+        return f"the C++ extension is unavailable: {_extension.unavailable_reason()}"
+    if not hasattr(torch.ops.nextrec_fast, "onednn_gemm_out"):
+        return "the C++ extension was built from sources without onednn_gemm_out: rebuild it"
+    flags = cpu_flags()
+    if flags and not ({"avx512f", "avx_ne_convert"} & flags):
+        return ("PyTorch's oneDNN matmul takes float32 only on CPUs with AVX-512 or AVX-NE-CONVERT; "
+                "this one has neither (its float32 GEMMs stay with torch.mm)")
+    return "PyTorch's oneDNN matmul refused float32 on this CPU, or this libtorch lacks at::native::mkldnn_matmul"
+
+
 @functools.cache
 def routed() -> bool:
     """Whether float32 GEMMs go to oneDNN (where ``is_available()``): ``NEXTREC_FAST_ONEDNN_GEMM``
@@ -100,6 +124,20 @@ def cpu_vendor() -> str:
         identifier = os.environ.get("PROCESSOR_IDENTIFIER", "")
         return identifier.rsplit(",", 1)[-1].strip() if "," in identifier else ""
     return ""
+
+
+@functools.cache
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags from /proc/cpuinfo ("avx2", "avx512f", ...); empty where it is not
+    readable (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def _onednn_on() -> bool:
