@@ -113,13 +113,9 @@ def routed() -> bool:
 def cpu_vendor() -> str:
     """The x86 vendor string ("GenuineIntel", "AuthenticAMD"): ``vendor_id`` of /proc/cpuinfo on
     Linux, ``PROCESSOR_IDENTIFIER`` on Windows; "" where neither says."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    vendor = _cpuinfo_field("vendor_id")
+    if vendor is not None:
+        return vendor
     if sys.platform == "win32":  # e.g. "Intel64 Family 6 Model 85 Stepping 7, GenuineIntel"
         identifier = os.environ.get("PROCESSOR_IDENTIFIER", "")
         return identifier.rsplit(",", 1)[-1].strip() if "," in identifier else ""
@@ -130,14 +126,20 @@ def cpu_vendor() -> str:
 def cpu_flags() -> frozenset:
     """The CPU's feature flags from /proc/cpuinfo ("avx2", "avx512f", ...); empty where it is not
     readable (not Linux)."""
+    return frozenset((_cpuinfo_field("flags") or "").split())
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name : value`` line's value in /proc/cpuinfo; None where there is none."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return None
 
 
 def _onednn_on() -> bool:
