@@ -50,6 +50,9 @@ def _setting() -> str:
     return value
 
 
+_FAKE_REGISTERED = False
+
+
 @functools.cache
 def is_available() -> bool:
     """Whether float32 GEMMs can reach oneDNN here: an x86-64 CPU that oneDNN's float32 matmul
@@ -66,9 +69,12 @@ def is_available() -> bool:
     if not _extension.is_available() or not hasattr(torch.ops.nextrec_fast, "onednn_gemm_out"):
         return False
 
-    @torch.library.register_fake("nextrec_fast::onednn_gemm_out")
-    def _fake(a, b, out, accumulate=False):  # writes ``out`` only
-        return None
+    global _FAKE_REGISTERED
+    if not _FAKE_REGISTERED:  # once: older torch refuses a second fake (a cleared cache calls again)
+        @torch.library.register_fake("nextrec_fast::onednn_gemm_out")
+        def _fake(a, b, out, accumulate=False):  # writes ``out`` only
+            return None
+        _FAKE_REGISTERED = True
 
     return bool(torch.ops.nextrec_fast.onednn_gemm_available())
 
@@ -90,9 +96,9 @@ def unavailable_reason() -> str | None:
     if not hasattr(torch.ops.nextrec_fast, "onednn_gemm_out"):
         return "the C++ extension was built from sources without onednn_gemm_out: rebuild it"
     flags = cpu_flags()
-    if flags and not ({"avx512f", "avx_ne_convert"} & flags):
-        return ("PyTorch's oneDNN matmul takes float32 only on CPUs with AVX-512 or AVX-NE-CONVERT; "
-                "this one has neither (its float32 GEMMs stay with torch.mm)")
+    if flags and "avx512f" not in flags:  # (/proc/cpuinfo does not list AVX-NE-CONVERT)
+        return ("PyTorch's oneDNN matmul takes float32 only on CPUs with AVX-512 (or AVX-NE-CONVERT); "
+                "this one reports no AVX-512 (its float32 GEMMs stay with torch.mm)")
     return "PyTorch's oneDNN matmul refused float32 on this CPU, or this libtorch lacks at::native::mkldnn_matmul"
 
 
