@@ -43,18 +43,21 @@ def test_unavailable_reason_names_the_cause(monkeypatch):
     assert (dense_gemm.unavailable_reason() is None) == dense_gemm.is_available()
     try:
         monkeypatch.setenv("NEXTREC_FAST_ONEDNN_GEMM", "0")
-        dense_gemm.is_available.cache_clear()
+        dense_gemm.unavailable_reason.cache_clear()
         assert not dense_gemm.is_available()
         assert dense_gemm.unavailable_reason() == "NEXTREC_FAST_ONEDNN_GEMM=0"
         monkeypatch.delenv("NEXTREC_FAST_ONEDNN_GEMM")
         if _extension.is_available() and torch.backends.mkldnn.is_available() and X86:
-            monkeypatch.setattr(dense_gemm, "is_available", lambda: False)
+            monkeypatch.setattr(dense_gemm, "_onednn_runs_float32", lambda: False)  # the probe refuses
             monkeypatch.setattr(dense_gemm, "cpu_flags", lambda: frozenset({"sse2", "avx2", "fma"}))
+            dense_gemm.unavailable_reason.cache_clear()
+            assert not dense_gemm.is_available()
             assert "AVX-512" in dense_gemm.unavailable_reason()
             monkeypatch.setattr(dense_gemm, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+            dense_gemm.unavailable_reason.cache_clear()
             assert "refused" in dense_gemm.unavailable_reason()
     finally:
         monkeypatch.undo()
-        dense_gemm.is_available.cache_clear()
+        dense_gemm.unavailable_reason.cache_clear()
     if X86 and os.path.exists("/proc/cpuinfo"):
         assert "sse2" in dense_gemm.cpu_flags(), "flags not read from /proc/cpuinfo"

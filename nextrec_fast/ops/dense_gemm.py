@@ -53,40 +53,23 @@ def _setting() -> str:
 _FAKE_REGISTERED = False
 
 
-@functools.cache
 def is_available() -> bool:
     """Whether float32 GEMMs can reach oneDNN here: an x86-64 CPU that oneDNN's float32 matmul
     runs on (AVX-512), a torch built with oneDNN, the extension built, a libtorch that exports
-    PyTorch's oneDNN matmul, and ``NEXTREC_FAST_ONEDNN_GEMM`` not 0. Probed once (one tiny GEMM),
-    which also registers the op's fake (the extension is loaded lazily, never at import)."""
-    if _setting() == "0":
-        return False
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False  # measured on x86 only; on Arm oneDNN's float32 matmul is a different (ACL) library
-    if not torch.backends.mkldnn.is_available():
-        return False
-    from nextrec_fast import _extension
-    if not _extension.is_available() or not hasattr(torch.ops.nextrec_fast, "onednn_gemm_out"):
-        return False
-
-    global _FAKE_REGISTERED
-    if not _FAKE_REGISTERED:  # once: older torch refuses a second fake (a cleared cache calls again)
-        @torch.library.register_fake("nextrec_fast::onednn_gemm_out")
-        def _fake(a, b, out, accumulate=False):  # writes ``out`` only
-            return None
-        _FAKE_REGISTERED = True
-
-    return bool(torch.ops.nextrec_fast.onednn_gemm_available())
+    PyTorch's oneDNN matmul, and ``NEXTREC_FAST_ONEDNN_GEMM`` not 0 (``unavailable_reason()``
+    None: probed once per process)."""
+    return unavailable_reason() is None
 
 
+@functools.cache
 def unavailable_reason() -> str | None:
-    """None where ``is_available()``; else why float32 GEMMs cannot reach oneDNN here, in words
-    (for skip messages and the bench header)."""
-    if is_available():
-        return None
+    """None where float32 GEMMs can reach oneDNN here; else why not, in words (for skip messages
+    and the bench header). Probed once (one tiny GEMM), which also registers the op's fake (the
+    extension is loaded lazily, never at import)."""
     if _setting() == "0":
         return "NEXTREC_FAST_ONEDNN_GEMM=0"
     if platform.machine().lower() not in ("x86_64", "amd64"):
+        # measured on x86 only; on Arm oneDNN's float32 matmul is a different (ACL) library
         return f"not an x86-64 CPU ({platform.machine()})"
     if not torch.backends.mkldnn.is_available():
         return "this torch is built without oneDNN"
@@ -95,11 +78,26 @@ def unavailable_reason() -> str | None:
         return f"the C++ extension is unavailable: {_extension.unavailable_reason()}"
     if not hasattr(torch.ops.nextrec_fast, "onednn_gemm_out"):
         return "the C++ extension was built from sources without onednn_gemm_out: rebuild it"
+
+    global _FAKE_REGISTERED
+    if not _FAKE_REGISTERED:  # once: older torch refuses a second fake (a cleared cache calls again)
+        @torch.library.register_fake("nextrec_fast::onednn_gemm_out")
+        def _fake(a, b, out, accumulate=False):  # writes ``out`` only
+            return None
+        _FAKE_REGISTERED = True
+
+    if _onednn_runs_float32():
+        return None
     flags = cpu_flags()
     if flags and "avx512f" not in flags:  # (/proc/cpuinfo does not list AVX-NE-CONVERT)
         return ("PyTorch's oneDNN matmul takes float32 only on CPUs with AVX-512 (or AVX-NE-CONVERT); "
-                "this one reports no AVX-512 (its float32 GEMMs stay with torch.mm)")
+                "this one reports no AVX-512")
     return "PyTorch's oneDNN matmul refused float32 on this CPU, or this libtorch lacks at::native::mkldnn_matmul"
+
+
+def _onednn_runs_float32() -> bool:
+    """The extension's probe: one tiny float32 GEMM through PyTorch's oneDNN matmul."""
+    return bool(torch.ops.nextrec_fast.onednn_gemm_available())
 
 
 @functools.cache
