@@ -50,9 +50,6 @@ def _setting() -> str:
     return value
 
 
-_FAKE_REGISTERED = False
-
-
 def is_available() -> bool:
     """Whether float32 GEMMs can reach oneDNN here: an x86-64 CPU that oneDNN's float32 matmul
     runs on (AVX-512), a torch built with oneDNN, the extension built, a libtorch that exports
@@ -79,13 +76,7 @@ def unavailable_reason() -> str | None:
     if not hasattr(torch.ops.nextrec_fast, "onednn_gemm_out"):
         return "the C++ extension was built from sources without onednn_gemm_out: rebuild it"
 
-    global _FAKE_REGISTERED
-    if not _FAKE_REGISTERED:  # once: older torch refuses a second fake (a cleared cache calls again)
-        @torch.library.register_fake("nextrec_fast::onednn_gemm_out")
-        def _fake(a, b, out, accumulate=False):  # writes ``out`` only
-            return None
-        _FAKE_REGISTERED = True
-
+    _register_fake()
     if _onednn_runs_float32():
         return None
     flags = cpu_flags()
@@ -93,6 +84,15 @@ def unavailable_reason() -> str | None:
         return ("PyTorch's oneDNN matmul takes float32 only on CPUs with AVX-512 (or AVX-NE-CONVERT); "
                 "this one reports no AVX-512")
     return "PyTorch's oneDNN matmul refused float32 on this CPU, or this libtorch lacks at::native::mkldnn_matmul"
+
+
+@functools.cache
+def _register_fake() -> None:
+    """The op's fake, once per process: its own cache, because older torch refuses a second fake
+    and the tests clear ``unavailable_reason``'s."""
+    @torch.library.register_fake("nextrec_fast::onednn_gemm_out")
+    def _fake(a, b, out, accumulate=False):  # writes ``out`` only
+        return None
 
 
 def _onednn_runs_float32() -> bool:
